@@ -1,0 +1,147 @@
+"""Entities of the cluster as the policies see them: nodes, models, replicas and their states.
+
+All are frozen dataclasses; the store and the bus convert to and from them. Times are
+seconds since the epoch (float) so policies can be tested with a fixed `now`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from corral.domain.sizes import MemoryBudget
+
+
+class NodeStatus(StrEnum):
+    """Lifecycle of a worker node."""
+
+    PENDING = "pending"  # registered, no heartbeat seen yet; takes no work
+    HEALTHY = "healthy"  # heartbeats arrive on time; takes new replicas
+    UNHEALTHY = "unhealthy"  # heartbeat late; keeps serving its replicas, takes no new ones
+    OFFLINE = "offline"  # heartbeat long gone; its replicas are removed from the registry
+    DRAINING = "draining"  # an operator asked it to empty; serves in-flight work, takes no new
+
+
+class ReplicaState(StrEnum):
+    """Lifecycle of one replica (one backend process serving one model on one node)."""
+
+    SCHEDULED = "scheduled"  # placed; the start command is being sent
+    STAGING = "staging"  # the node copies the model's artifact
+    LOADING = "loading"  # the backend process runs and loads the model
+    LOADED = "loaded"  # health check passed; takes requests
+    UNLOADING = "unloading"  # being stopped; takes no new requests
+    FAILED = "failed"  # the start failed; `load_error` says why
+
+
+#: Replica states that hold (or are about to hold) memory on their node.
+ACTIVE_REPLICA_STATES = frozenset(
+    {ReplicaState.SCHEDULED, ReplicaState.STAGING, ReplicaState.LOADING, ReplicaState.LOADED}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Gpu:
+    """One GPU of a node, as its worker reported it."""
+
+    index: int
+    name: str
+    memory_total: int  # bytes
+    memory_free: int  # bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What a node reported in its latest heartbeat."""
+
+    cpu_count: int = 0
+    ram_total: int = 0  # bytes
+    ram_free: int = 0  # bytes
+    disk_free: int = 0  # bytes, on the worker's data directory
+    gpus: tuple[Gpu, ...] = ()
+
+    @property
+    def vram_total(self) -> int:
+        return sum(g.memory_total for g in self.gpus)
+
+    @property
+    def vram_free(self) -> int:
+        return sum(g.memory_free for g in self.gpus)
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A worker machine as the scheduler sees it."""
+
+    id: str
+    name: str
+    status: NodeStatus
+    address: str = "127.0.0.1"  # host the node's backends are reachable at
+    labels: Mapping[str, str] = field(default_factory=dict)
+    resources: Resources = Resources()
+    memory_budget: MemoryBudget = MemoryBudget(fraction=0.8)
+    max_replicas_per_model: int = 0  # 0 = no cap
+    backends: frozenset[str] = frozenset()  # backends this node can run
+    artifacts: frozenset[str] = frozenset()  # artifact references/digests it already holds
+    last_heartbeat: float = 0.0
+
+    @property
+    def schedulable(self) -> bool:
+        """True when the node may take new replicas."""
+        return self.status == NodeStatus.HEALTHY
+
+    @property
+    def servable(self) -> bool:
+        """True when requests may still be routed to replicas already loaded on this node."""
+        return self.status in (NodeStatus.HEALTHY, NodeStatus.DRAINING)
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduling:
+    """How many replicas of a model to keep, and where."""
+
+    min_replicas: int = 0
+    max_replicas: int = 0  # 0 = no cap
+    spread_all: bool = False  # exactly one replica on every matching node
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    scale_down_delay: float = 300.0  # seconds a replica above the minimum may stay idle
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        """True when a node with `labels` satisfies the node selector."""
+        return all(labels.get(k) == v for k, v in self.node_selector.items())
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A declared model: what to run and how to schedule it."""
+
+    name: str
+    backend: str
+    artifact: str | None = None  # path on the model store, hf:// reference, or shared path
+    options: Mapping[str, Any] = field(default_factory=dict)
+    memory: int | None = None  # declared memory estimate in bytes
+    scheduling: Scheduling = Scheduling()
+    revision: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """One replica of a model on a node."""
+
+    model: str
+    index: int  # unique per model across the cluster
+    node_id: str
+    state: ReplicaState
+    address: str | None = None  # host:port of the backend once loaded
+    memory: int = 0  # bytes reserved on the node
+    last_used: float = 0.0
+    load_error: str | None = None
+
+    @property
+    def key(self) -> ReplicaKey:
+        return (self.model, self.index)
+
+
+#: Identity of a replica: (model name, replica index).
+ReplicaKey = tuple[str, int]
