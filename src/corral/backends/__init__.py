@@ -1,0 +1,1 @@
+"""Backend catalog and the backend servers that ship with Corral."""

@@ -1,0 +1,1 @@
+"""Messaging over NATS: subjects, message models and the one wrapper around nats-py."""

@@ -1,0 +1,1 @@
+"""The frontend: OpenAI API, admin API, router, scheduler, reconciler and health monitor."""

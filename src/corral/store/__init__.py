@@ -1,0 +1,1 @@
+"""The registry in PostgreSQL: tables, queries and Alembic migrations."""

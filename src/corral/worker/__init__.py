@@ -1,0 +1,1 @@
+"""The worker: registers with a frontend, heartbeats, and supervises backend processes."""
