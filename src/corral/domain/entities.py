@@ -80,7 +80,7 @@ class Node:
     address: str = "127.0.0.1"  # host the node's backends are reachable at
     labels: Mapping[str, str] = field(default_factory=dict)
     resources: Resources = Resources()
-    memory_budget: MemoryBudget = MemoryBudget(fraction=0.8)
+    memory_budget: MemoryBudget = MemoryBudget(fraction=0.8)  # noqa: RUF009 - frozen
     max_replicas_per_model: int = 0  # 0 = no cap
     backends: frozenset[str] = frozenset()  # backends this node can run
     artifacts: frozenset[str] = frozenset()  # artifact references/digests it already holds
@@ -137,6 +137,7 @@ class Replica:
     memory: int = 0  # bytes reserved on the node
     last_used: float = 0.0
     load_error: str | None = None
+    updated: float = 0.0  # when the row last changed state (seconds since the epoch); 0 = unknown
 
     @property
     def key(self) -> ReplicaKey:

@@ -1,0 +1,488 @@
+"""Reconcile plan: the actions one tick returns, per rule and in combination."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from corral.domain.entities import (
+    ModelSpec,
+    Node,
+    NodeStatus,
+    Replica,
+    ReplicaKey,
+    ReplicaState,
+    Resources,
+    Scheduling,
+)
+from corral.domain.reconcile import (
+    Action,
+    ClusterState,
+    MarkNode,
+    ReconcileConfig,
+    RemoveNodeReplicas,
+    RemoveReplicaRow,
+    ReportWaiting,
+    RunningProcess,
+    SetCooldown,
+    StartReplica,
+    StopOrphan,
+    StopReplica,
+    plan,
+)
+from corral.domain.sizes import MemoryBudget
+
+GB = 1000**3
+NOW = 10_000.0
+CFG = ReconcileConfig()  # stale after 15 s, offline after 60 s, graces 30 s, cooldown 30 s
+LOADED, LOADING, FAILED = ReplicaState.LOADED, ReplicaState.LOADING, ReplicaState.FAILED
+
+
+def node(
+    nid: str,
+    *,
+    status: NodeStatus = NodeStatus.HEALTHY,
+    age: float = 1.0,
+    budget: int = 10 * GB,
+    **labels: str,
+) -> Node:
+    return Node(
+        id=nid,
+        name=nid,
+        status=status,
+        labels=labels,
+        resources=Resources(ram_total=100 * GB),
+        memory_budget=MemoryBudget(size=budget),
+        backends=frozenset({"llama"}),
+        last_heartbeat=NOW - age,
+    )
+
+
+def model(
+    name: str = "m",
+    *,
+    backend: str = "llama",
+    min_replicas: int = 0,
+    max_replicas: int = 0,
+    spread_all: bool = False,
+    selector: dict[str, str] | None = None,
+) -> ModelSpec:
+    sched = Scheduling(
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        spread_all=spread_all,
+        node_selector=selector or {},
+        scale_down_delay=300.0,
+    )
+    return ModelSpec(name=name, backend=backend, memory=4 * GB, scheduling=sched)
+
+
+def rep(
+    index: int,
+    nid: str = "a",
+    state: ReplicaState = LOADED,
+    *,
+    name: str = "m",
+    idle: float = 0.0,
+    age: float = 1000.0,
+) -> Replica:
+    return Replica(
+        name,
+        index,
+        nid,
+        state,
+        address=f"{nid}:{9000 + index}",
+        memory=4 * GB,
+        last_used=NOW - idle,
+        updated=NOW - age,
+    )
+
+
+def proc(index: int, nid: str = "a", *, name: str = "m", age: float = 1000.0) -> RunningProcess:
+    return RunningProcess(name, index, f"{nid}:{9000 + index}", NOW - age)
+
+
+def state(
+    nodes: list[Node],
+    models: list[ModelSpec],
+    replicas: list[Replica] | None = None,
+    *,
+    inflight: dict[ReplicaKey, int] | None = None,
+    processes: dict[str, list[RunningProcess]] | None = None,
+    load_info: frozenset[str] | None = None,
+    cooldowns: dict[str, float] | None = None,
+    reported: frozenset[str] = frozenset(),
+) -> ClusterState:
+    return ClusterState(
+        nodes=nodes,
+        models=models,
+        replicas=replicas or [],
+        inflight=inflight or {},
+        processes=processes or {},
+        load_info=frozenset(m.name for m in models) if load_info is None else load_info,
+        cooldowns=cooldowns or {},
+        already_reported=reported,
+    )
+
+
+def start(nid: str, index: int, reason: str = "below minimum", name: str = "m") -> StartReplica:
+    return StartReplica(name, nid, index, "llama", 4 * GB, reason)
+
+
+def stop(r: Replica, reason: str) -> StopReplica:
+    return StopReplica(r.model, r.index, r.node_id, r.address, reason)
+
+
+def cooldown(reason: str, name: str = "m") -> SetCooldown:
+    return SetCooldown(name, NOW + CFG.capacity_cooldown, reason)
+
+
+H, U, OFF, D = NodeStatus.HEALTHY, NodeStatus.UNHEALTHY, NodeStatus.OFFLINE, NodeStatus.DRAINING
+FULL = "no node fits m: a: needs 4.0 GB, 0 B free of 4.0 GB budget"
+
+CASES: list[tuple[str, ClusterState, list[Action]]] = [
+    # --- nodes ---------------------------------------------------------------------------
+    ("steady-nothing-to-do", state([node("a")], [model(min_replicas=1)], [rep(0)]), []),
+    ("late-node-unhealthy", state([node("a", age=20)], []), [MarkNode("a", U, H)]),
+    ("fresh-node-healthy-again", state([node("a", status=U)], []), [MarkNode("a", H, U)]),
+    (
+        "offline-node-replicas-removed-and-replaced",
+        state([node("a", age=100), node("b")], [model(min_replicas=1)], [rep(0, "a")]),
+        [MarkNode("a", OFF, H), RemoveNodeReplicas("a"), start("b", 1)],
+    ),
+    (
+        "already-offline-leftover-rows-removed",
+        state([node("a", status=OFF, age=100)], [], [rep(0, "a")]),
+        [RemoveNodeReplicas("a")],
+    ),
+    (
+        "unhealthy-node-replicas-not-counted",
+        state([node("a", status=U, age=20), node("b")], [model(min_replicas=1)], [rep(0, "a")]),
+        [start("b", 1)],
+    ),
+    (
+        "draining-node-replicas-still-count",
+        state([node("a", status=D), node("b")], [model(min_replicas=1)], [rep(0, "a")]),
+        [],
+    ),
+    # --- below minimum -------------------------------------------------------------------
+    (
+        "below-minimum-starts-lowest-free-indexes",
+        state([node("a", budget=20 * GB)], [model(min_replicas=3)], [rep(1)]),
+        [start("a", 0), start("a", 2)],
+    ),
+    (
+        "failed-row-keeps-its-index",
+        state([node("a")], [model(min_replicas=1)], [rep(0, state=FAILED)]),
+        [start("a", 1)],
+    ),
+    (
+        "min-above-capacity-starts-what-fits-and-cools-down",
+        state([node("a", budget=8 * GB)], [model(min_replicas=3)]),
+        [
+            start("a", 0),
+            start("a", 1),
+            cooldown("no node fits m: a: needs 4.0 GB, 0 B free of 8.0 GB budget"),
+        ],
+    ),
+    (
+        "other-models-memory-counts",
+        state([node("a")], [model(min_replicas=1)], [rep(0, name="o"), rep(1, name="o")]),
+        [cooldown("no node fits m: a: needs 4.0 GB, 2.0 GB free of 10.0 GB budget")],
+    ),
+    (
+        "cooldown-active-no-start",
+        state([node("a")], [model(min_replicas=1)], cooldowns={"m": NOW + 1}),
+        [],
+    ),
+    (
+        "cooldown-expired-starts",
+        state([node("a")], [model(min_replicas=1)], cooldowns={"m": NOW - 1}),
+        [start("a", 0)],
+    ),
+    (
+        "no-healthy-node-cools-down",
+        state([node("a", status=U, age=20)], [model(min_replicas=1)]),
+        [cooldown("no healthy node: a: node is unhealthy")],
+    ),
+    (
+        "never-loaded-reports-waiting",
+        state([node("a")], [model(min_replicas=1)], load_info=frozenset()),
+        [ReportWaiting("m", "no load information yet: waiting for a first load")],
+    ),
+    (
+        "never-loaded-reported-once",
+        state(
+            [node("a")], [model(min_replicas=1)], load_info=frozenset(), reported=frozenset({"m"})
+        ),
+        [],
+    ),
+    (
+        "empty-backend-never-started",
+        state([node("a")], [model(backend="", min_replicas=1)]),
+        [ReportWaiting("m", "the model has no backend configured")],
+    ),
+    (
+        "min-zero-never-loaded-says-nothing",
+        state([node("a")], [model()], load_info=frozenset()),
+        [],
+    ),
+    # --- selector ------------------------------------------------------------------------
+    (
+        "relabelled-node-replica-stopped-and-replaced",
+        state(
+            [node("a", gpu="t4"), node("b", gpu="a100")],
+            [model(min_replicas=1, selector={"gpu": "a100"})],
+            [rep(0, "a")],
+        ),
+        [stop(rep(0, "a"), "node labels no longer match the selector"), start("b", 1)],
+    ),
+    (
+        "relabelled-busy-replica-kept-but-not-counted",
+        state(
+            [node("a", gpu="t4"), node("b", gpu="a100")],
+            [model(min_replicas=1, selector={"gpu": "a100"})],
+            [rep(0, "a")],
+            inflight={("m", 0): 1},
+        ),
+        [start("b", 1)],
+    ),
+    # --- spread_all ----------------------------------------------------------------------
+    (
+        "spread-all-one-per-matching-node",
+        state(
+            [node("a", zone="x"), node("b", zone="x"), node("c", zone="x"), node("d", zone="y")],
+            [model(spread_all=True, selector={"zone": "x"})],
+            [rep(0, "a"), rep(1, "b"), rep(2, "b", LOADING)],
+        ),
+        [
+            stop(rep(2, "b", LOADING), "spread_all keeps one replica per node"),
+            start("c", 3, "spread_all"),
+        ],
+    ),
+    (
+        "spread-all-keeps-loaded-duplicate-over-lower-index",
+        state([node("a")], [model(spread_all=True)], [rep(0, "a", LOADING), rep(1, "a")]),
+        [stop(rep(0, "a", LOADING), "spread_all keeps one replica per node")],
+    ),
+    (
+        "spread-all-busy-duplicate-kept",
+        state([node("a")], [model(spread_all=True)], [rep(0), rep(1)], inflight={("m", 1): 1}),
+        [],
+    ),
+    (
+        "spread-all-node-without-room-cools-down-others-start",
+        state([node("a", budget=GB), node("b")], [model(spread_all=True)]),
+        [
+            start("b", 0, "spread_all"),
+            cooldown("no node fits m: a: needs 4.0 GB, 1.0 GB free of 1.0 GB budget"),
+        ],
+    ),
+    (
+        "spread-all-ignores-scale-down",
+        state(
+            [node("a"), node("b")],
+            [model(spread_all=True)],
+            [rep(0, "a", idle=1e6), rep(1, "b", idle=1e6)],
+        ),
+        [],
+    ),
+    # --- scale up ------------------------------------------------------------------------
+    (
+        "all-busy-one-more",
+        state(
+            [node("a", budget=20 * GB)],
+            [model(min_replicas=1)],
+            [rep(0), rep(1)],
+            inflight={("m", 0): 1, ("m", 1): 3},
+        ),
+        [start("a", 2, "all replicas busy")],
+    ),
+    (
+        "all-busy-at-max-nothing",
+        state(
+            [node("a")], [model(min_replicas=1, max_replicas=1)], [rep(0)], inflight={("m", 0): 5}
+        ),
+        [],
+    ),
+    (
+        "one-idle-nothing",
+        state([node("a")], [model(min_replicas=1)], [rep(0), rep(1)], inflight={("m", 0): 1}),
+        [],
+    ),
+    (
+        "all-busy-but-one-starting-nothing",
+        state(
+            [node("a", budget=20 * GB)],
+            [model(min_replicas=1)],
+            [rep(0), rep(1, state=LOADING)],
+            inflight={("m", 0): 1},
+        ),
+        [],
+    ),
+    (
+        "all-busy-no-room-cools-down",
+        state(
+            [node("a", budget=4 * GB)], [model(min_replicas=1)], [rep(0)], inflight={("m", 0): 1}
+        ),
+        [cooldown(FULL)],
+    ),
+    (
+        "min-zero-with-busy-replica-scales-up",
+        state([node("a")], [model()], [rep(0)], inflight={("m", 0): 1}),
+        [start("a", 1, "all replicas busy")],
+    ),
+    # --- scale down ----------------------------------------------------------------------
+    (
+        "idle-above-minimum-stops-highest-index",
+        state(
+            [node("a", budget=20 * GB)],
+            [model(min_replicas=1)],
+            [rep(0, idle=400), rep(1, idle=400), rep(2, idle=400)],
+        ),
+        [stop(rep(2, idle=400), "idle above minimum")],
+    ),
+    (
+        "idle-within-delay-kept",
+        state([node("a")], [model(min_replicas=1)], [rep(0, idle=400), rep(1, idle=100)]),
+        [stop(rep(0, idle=400), "idle above minimum")],
+    ),
+    (
+        "recent-state-change-counts-as-activity",
+        state(
+            [node("a")], [model(min_replicas=1)], [rep(0, idle=400, age=5), rep(1, idle=400, age=5)]
+        ),
+        [],
+    ),
+    (
+        "at-minimum-kept",
+        state([node("a")], [model(min_replicas=2)], [rep(0, idle=400), rep(1, idle=400)]),
+        [],
+    ),
+    # --- rows whose process is gone -----------------------------------------------------
+    (
+        "row-without-process-removed-and-replaced",
+        state([node("a")], [model(min_replicas=1)], [rep(0)], processes={"a": []}),
+        [RemoveReplicaRow("m", 0, "a", "process not running"), start("a", 1)],
+    ),
+    (
+        "row-without-process-within-grace-kept",
+        state([node("a")], [model(min_replicas=1)], [rep(0, age=10)], processes={"a": []}),
+        [],
+    ),
+    (
+        "row-on-node-without-report-kept",
+        state([node("a")], [model(min_replicas=1)], [rep(0)], processes={}),
+        [],
+    ),
+    (
+        "row-on-unhealthy-node-kept",
+        state([node("a", status=U, age=20)], [], [rep(0)], processes={"a": []}),
+        [],
+    ),
+    (
+        "row-on-draining-node-removed",
+        state([node("a", status=D)], [], [rep(0)], processes={"a": []}),
+        [RemoveReplicaRow("m", 0, "a", "process not running")],
+    ),
+    (
+        "loading-row-without-process-kept",
+        state([node("a")], [model(min_replicas=1)], [rep(0, state=LOADING)], processes={"a": []}),
+        [],
+    ),
+    (
+        "row-matches-its-process",
+        state([node("a")], [model(min_replicas=1)], [rep(0)], processes={"a": [proc(0)]}),
+        [],
+    ),
+    # --- processes without a row --------------------------------------------------------
+    (
+        "orphan-past-grace-stopped",
+        state([node("a")], [], processes={"a": [proc(7, name="old")]}),
+        [StopOrphan("a", "old", 7, "a:9007")],
+    ),
+    (
+        "orphan-younger-than-grace-nothing",
+        state([node("a")], [], processes={"a": [proc(7, name="old", age=10)]}),
+        [],
+    ),
+    (
+        "process-with-failed-row-is-orphan",
+        state([node("a")], [], [rep(0, state=FAILED)], processes={"a": [proc(0)]}),
+        [StopOrphan("a", "m", 0, "a:9000")],
+    ),
+    (
+        "row-on-other-node-does-not-claim-process",
+        state(
+            [node("a"), node("b")],
+            [model(min_replicas=1)],
+            [rep(0, "b")],
+            processes={"a": [proc(0, "b")]},
+        ),
+        [StopOrphan("a", "m", 0, "b:9000")],
+    ),
+    (
+        "address-mismatch-row-removed-and-process-stopped",
+        state(
+            [node("a")],
+            [model(min_replicas=1)],
+            [rep(0)],
+            processes={"a": [RunningProcess("m", 0, "a:1234", NOW - 100)]},
+        ),
+        [
+            RemoveReplicaRow("m", 0, "a", "process not running"),
+            StopOrphan("a", "m", 0, "a:1234"),
+            start("a", 1),
+        ],
+    ),
+    (
+        "orphan-index-not-reused",
+        state([node("a")], [model(min_replicas=1)], processes={"a": [proc(0, age=10)]}),
+        [start("a", 1)],
+    ),
+]
+
+
+@pytest.mark.parametrize(("st", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_plan(st: ClusterState, expected: list[Action]) -> None:
+    assert list(plan(st, NOW, CFG).actions) == expected
+
+
+def test_busy_threshold_from_config() -> None:
+    st = state([node("a")], [model(min_replicas=1)], [rep(0)], inflight={("m", 0): 1})
+    assert plan(st, NOW, CFG).of(StartReplica) == [start("a", 1, "all replicas busy")]
+    assert plan(st, NOW, replace(CFG, busy_inflight=2)).actions == ()
+
+
+def test_spread_strategy_from_config() -> None:
+    st = state([node("a", budget=20 * GB), node("b")], [model(min_replicas=2)])
+    assert plan(st, NOW, CFG).of(StartReplica) == [start("b", 0), start("b", 1)]
+    spread = replace(CFG, placement="spread")
+    assert plan(st, NOW, spread).of(StartReplica) == [start("a", 0), start("b", 1)]
+
+
+def test_plan_is_deterministic_whatever_the_input_order() -> None:
+    nodes = [node("a", age=100), node("b"), node("c", age=20), node("d", zone="y")]
+    models = [model("m", min_replicas=2), model("n", spread_all=True), model("o", min_replicas=1)]
+    replicas = [rep(0, "a"), rep(1, "b", idle=400), rep(0, "b", name="n"), rep(5, "d", name="o")]
+    processes = {"b": [proc(1, "b"), proc(0, "b", name="n"), proc(9, "b", name="z")]}
+    expected = plan(state(nodes, models, replicas, processes=processes), NOW, CFG)
+    assert len(expected.actions) >= 5
+    rng = random.Random(7)
+    for _ in range(20):
+        shuffled = state(
+            rng.sample(nodes, len(nodes)),
+            rng.sample(models, len(models)),
+            rng.sample(replicas, len(replicas)),
+            processes={"b": rng.sample(processes["b"], 3)},
+        )
+        assert plan(shuffled, NOW, CFG) == expected
+
+
+def test_plan_of_filters_by_kind() -> None:
+    st = state([node("a", age=100), node("b")], [model(min_replicas=1)], [rep(0, "a")])
+    p = plan(st, NOW, CFG)
+    assert p.of(MarkNode) == [MarkNode("a", OFF, H)]
+    assert p.of(StartReplica) == [start("b", 1)]
