@@ -143,6 +143,13 @@ class UpstreamError(CorralError):
     code = "upstream_error"
 
 
+class UpstreamTimeout(UpstreamError):
+    """A backend did not answer in time (HTTP 504)."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
 # --- internal (not client-facing) --------------------------------------------------------
 
 

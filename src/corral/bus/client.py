@@ -1,0 +1,184 @@
+"""The one wrapper around nats-py: connect, publish, request/reply and typed subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from corral.bus.messages import Message
+from corral.bus.subjects import Subjects
+from corral.errors import NodeUnreachable
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+R = TypeVar("R", bound=Message)
+
+
+class Bus:
+    """A NATS connection that speaks Corral's typed messages under one subject prefix."""
+
+    def __init__(self, url: str, *, prefix: str = "corral", name: str = "corral") -> None:
+        self.url = url
+        self.subjects = Subjects(prefix)
+        self.name = name
+        self._nc: NatsClient | None = None
+        self._subs: list[Subscription] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise RuntimeError("Bus.connect() was not called")
+        return self._nc
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def connect(self, *, connect_timeout: float = 5.0) -> None:
+        """Connect, reconnecting forever after a connection loss."""
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("NATS %s: %s", self.name, exc)
+
+        async def on_disconnect() -> None:
+            log.warning("NATS %s: disconnected", self.name)
+
+        async def on_reconnect() -> None:
+            log.info("NATS %s: reconnected", self.name)
+
+        self._nc = await nats.connect(
+            servers=[self.url],
+            name=self.name,
+            connect_timeout=int(max(1, connect_timeout)),
+            reconnect_time_wait=1,
+            max_reconnect_attempts=-1,
+            allow_reconnect=True,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+        )
+
+    async def close(self) -> None:
+        """Stop subscriptions, wait for running handlers, and close the connection."""
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:
+                pass
+        self._subs.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                await self._nc.drain()
+            except (TimeoutError, nats.errors.Error):
+                await self._nc.close()
+        self._nc = None
+
+    async def publish(self, subject: str, message: Message) -> None:
+        """Publish a message; a lost connection is logged, not raised (events are not truth)."""
+        try:
+            await self.nc.publish(subject, message.model_dump_json().encode())
+        except nats.errors.Error as exc:
+            log.warning("publish %s failed: %s", subject, exc)
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        await self.nc.flush(timeout=int(max(1, timeout)))
+
+    async def request(
+        self, subject: str, message: Message, reply_type: type[R], *, timeout: float
+    ) -> R:
+        """Send a request and parse the reply.
+
+        Raises NodeUnreachable when nobody subscribes (`no_responders=True` on the error)
+        or when no reply arrives within `timeout` (`timed_out=True`).
+        """
+        try:
+            msg = await self.nc.request(
+                subject, message.model_dump_json().encode(), timeout=timeout
+            )
+        except nats.errors.NoRespondersError:
+            raise NodeUnreachable(f"no responder on {subject}", no_responders=True) from None
+        except nats.errors.TimeoutError:
+            raise NodeUnreachable(
+                f"no reply on {subject} within {timeout:g}s", timed_out=True
+            ) from None
+        return reply_type.model_validate_json(msg.data)
+
+    async def subscribe(
+        self,
+        subject: str,
+        handler: Callable[[bytes], Awaitable[None]],
+        *,
+        queue: str = "",
+    ) -> Subscription:
+        """Call `handler(payload)` for each message, one at a time, logging its exceptions."""
+
+        async def cb(msg: Msg) -> None:
+            try:
+                await handler(msg.data)
+            except Exception:
+                log.exception("handler for %s failed", msg.subject)
+
+        sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
+        self._subs.append(sub)
+        return sub
+
+    async def serve(
+        self,
+        subject: str,
+        request_type: type[M],
+        handler: Callable[[M], Awaitable[Message]],
+        *,
+        error_reply: Callable[[str], Message],
+        concurrent: bool = True,
+    ) -> Subscription:
+        """Answer requests on `subject` with `handler`'s reply.
+
+        With `concurrent`, each request runs in its own task, so a slow request never delays
+        the next one on the same subject. A handler exception becomes `error_reply(text)`.
+        """
+
+        async def answer(msg: Msg) -> None:
+            try:
+                request = request_type.model_validate_json(msg.data)
+                reply = await handler(request)
+            except Exception as exc:
+                log.exception("request on %s failed", msg.subject)
+                reply = error_reply(f"{type(exc).__name__}: {exc}")
+            if msg.reply:
+                try:
+                    await msg.respond(reply.model_dump_json().encode())
+                except nats.errors.Error as exc:
+                    log.warning("reply on %s failed: %s", msg.subject, exc)
+
+        async def cb(msg: Msg) -> None:
+            if not concurrent:
+                await answer(msg)
+                return
+            task = asyncio.create_task(answer(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        sub = await self.nc.subscribe(subject, cb=cb)
+        self._subs.append(sub)
+        return sub
+
+
+def decode(payload: bytes, message_type: type[M]) -> M | None:
+    """Parse a payload, returning None (and logging) when it does not match the type."""
+    try:
+        return message_type.model_validate_json(payload)
+    except ValueError as exc:
+        log.warning("dropping malformed %s: %s", message_type.__name__, exc)
+        return None

@@ -1,0 +1,154 @@
+"""Wire messages carried over NATS; each has a schema version, and new fields get defaults."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class Message(BaseModel):
+    """Base of every NATS payload; `v` lets a newer frontend and an older worker tell apart."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    v: int = SCHEMA_VERSION
+
+
+# --- node commands ------------------------------------------------------------------------
+
+
+class StartReplica(Message):
+    """Ask a node to start one backend process for (model, index)."""
+
+    model: str
+    index: int
+    backend: str = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    artifact: str | None = None
+    artifact_url: str | None = None  # where to fetch a frontend-store artifact from
+    artifact_digest: str | None = None
+    artifact_size: int | None = None
+    memory: int = 0
+    ready_timeout: float = 900.0
+
+
+class StartReplicaReply(Message):
+    ok: bool
+    address: str | None = None
+    pid: int | None = None
+    error: str | None = None
+
+
+class StopReplica(Message):
+    """Stop exactly one replica: its model, index and (when known) the address it serves on."""
+
+    model: str
+    index: int
+    address: str | None = None
+
+
+class StopReplicaReply(Message):
+    ok: bool
+    stopped: bool = False
+    error: str | None = None
+
+
+class ProcessInfo(BaseModel):
+    """One backend process a worker runs, as it reports it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    index: int
+    backend: str
+    address: str | None = None
+    pid: int | None = None
+    state: str = "ready"  # "starting" or "ready"
+    started_at: float = 0.0
+
+
+class ListReplicas(Message):
+    pass
+
+
+class ListReplicasReply(Message):
+    ok: bool = True
+    processes: list[ProcessInfo] = Field(default_factory=list)
+
+
+class InstallBackend(Message):
+    backend: str
+    force: bool = False
+
+
+class InstallBackendReply(Message):
+    ok: bool
+    state: str = "installed"
+    error: str | None = None
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+class ReplicaEvent(Message):
+    """A replica changed: loaded, removed, failed or updated."""
+
+    kind: Literal["loaded", "removed", "failed", "updated"]
+    model: str
+    index: int
+    node_id: str | None = None
+    address: str | None = None
+    state: str | None = None
+    memory: int = 0
+    error: str | None = None
+    origin: str | None = None  # id of the frontend that announced it
+
+
+class NodeEvent(Message):
+    """A node joined, changed status or labels, or left."""
+
+    kind: Literal["joined", "updated", "status", "labels", "removed"]
+    node_id: str
+    origin: str | None = None
+
+
+class ModelEvent(Message):
+    """A model was declared, changed or removed."""
+
+    kind: Literal["updated", "removed", "scheduling"]
+    name: str
+    origin: str | None = None
+
+
+class LoadProgress(Message):
+    """Progress of one model load, published while it runs and when it ends."""
+
+    model: str
+    state: Literal["placing", "evicting", "staging", "installing", "loading", "loaded", "failed"]
+    phase: str | None = None
+    percent: float | None = None
+    node_id: str | None = None
+    index: int | None = None
+    error: str | None = None
+    origin: str | None = None
+
+
+class InstallProgress(Message):
+    """Progress of a backend install on a node."""
+
+    node_id: str
+    backend: str
+    state: Literal["resolving", "downloading", "installing", "installed", "failed"]
+    percent: float | None = None
+    error: str | None = None
+
+
+class LoadReport(Message):
+    """One frontend's in-flight counts per replica, broadcast a few times a second."""
+
+    frontend_id: str
+    inflight: list[tuple[str, int, int]] = Field(default_factory=list)  # (model, index, count)
+    at: float = 0.0

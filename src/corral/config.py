@@ -1,0 +1,130 @@
+"""Settings of the frontend and the worker: CORRAL_* environment variables, overridden by CLI flags.
+
+Settings are built once at process start and passed down; nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from corral.domain.sizes import MemoryBudget
+
+
+def default_data_dir() -> Path:
+    """The per-user data directory Corral uses when --data-dir is not given."""
+    return Path(platformdirs.user_data_dir("corral", appauthor=False))
+
+
+class FrontendSettings(BaseSettings):
+    """Everything `corral serve` needs; see `corral serve --help` for the meaning of each."""
+
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore")
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/corral"
+    nats_url: str = "nats://127.0.0.1:4222"
+    public_nats_url: str | None = None  # the NATS URL told to workers; defaults to nats_url
+    nats_prefix: str = "corral"  # subject prefix; lets several clusters share one NATS
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models_dir: Path | None = None
+    token: SecretStr | None = None  # registration token workers join with
+    api_keys: list[SecretStr] = Field(default_factory=list)  # empty: the OpenAI API is open
+    frontend_id: str = Field(default_factory=lambda: f"fe-{secrets.token_hex(4)}")
+
+    # cold path
+    wait_budget: float = 60.0  # seconds a request waits for a model load before 503
+    placement: Literal["binpack", "spread"] = "binpack"
+    start_timeout: float = 900.0  # seconds a replica start may take on its node
+    load_job_ttl: float = 30.0  # seconds a load job's claim lives without renewal
+
+    # warm path
+    health_ttl: float = 30.0  # seconds a successful backend probe stays valid
+    request_timeout: float = 600.0  # seconds a backend may take to answer
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_inflight: int = 0  # per frontend; 0 = unlimited, else 429 past it
+    load_report_interval: float = 0.2  # seconds between in-flight reports to other frontends
+    resync_interval: float = 10.0  # seconds between full snapshot refreshes from PostgreSQL
+    last_used_flush_interval: float = 2.0
+
+    # control loops
+    heartbeat_interval: float = 5.0  # told to workers at registration
+    unhealthy_after: int = 3  # heartbeat intervals before a node is unhealthy
+    offline_after: float = 60.0  # seconds without heartbeat before a node is offline
+    reconcile_interval: float = 10.0
+    capacity_cooldown: float = 30.0
+    orphan_grace: float = 30.0
+    drain_timeout: float = 120.0
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k for k in (s.strip() for s in value.split(",")) if k]
+        return value
+
+    @property
+    def async_database_url(self) -> str:
+        return to_async_url(self.database_url)
+
+
+class WorkerSettings(BaseSettings):
+    """Everything `corral worker` needs; see `corral worker --help`."""
+
+    model_config = SettingsConfigDict(env_prefix="CORRAL_WORKER_", extra="ignore")
+
+    join: str = "http://127.0.0.1:8000"  # URL of a frontend (or a load balancer in front)
+    token: SecretStr | None = None
+    name: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    advertise_host: str | None = None
+    bind_host: str | None = None
+    data_dir: Path = Field(default_factory=lambda: default_data_dir() / "worker")
+    nats_url: str | None = None  # overrides the URL the frontend tells us
+    memory_budget: str = "80%"
+    max_replicas_per_model: int = 0
+    backends_dir: Path | None = None  # extra backend catalog entries
+    stop_grace: float = 10.0
+    ready_timeout: float = 900.0
+    port_low: int = 20000
+    port_high: int = 29999
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _parse_labels(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_labels(value)
+        return value
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _check_budget(cls, value: str) -> str:
+        MemoryBudget.parse(value)
+        return value
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """Parse "k=v,k2=v2" into a dict; raise ValueError naming the bad pair."""
+    labels: dict[str, str] = {}
+    for raw in text.split(","):
+        pair = raw.strip()
+        if not pair:
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"label {pair!r} is not of the form key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def to_async_url(url: str) -> str:
+    """Turn postgresql:// or postgres:// into the SQLAlchemy asyncpg form."""
+    for scheme in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+asyncpg://" + url[len(scheme) :]
+    raise ValueError(f"not a PostgreSQL URL: {url.split('@')[-1]!r}")

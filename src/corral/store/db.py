@@ -1,0 +1,55 @@
+"""The one door to PostgreSQL: engine creation and schema migration under an advisory lock."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from corral.config import to_async_url
+
+log = logging.getLogger(__name__)
+
+#: Advisory lock keys (arbitrary constants, unique within Corral).
+MIGRATION_LOCK = 0x636F7272_616C0001
+RECONCILER_LOCK = 0x636F7272_616C0002
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
+    """Create the async engine for a postgresql:// (or postgresql+asyncpg://) URL."""
+    return create_async_engine(
+        to_async_url(database_url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )
+
+
+def alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Bring the schema to the newest revision.
+
+    Runs inside one transaction holding a transaction-level advisory lock, so any number of
+    frontends starting at once serialize here and all come up on the same schema.
+    """
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+        await conn.run_sync(_upgrade)
+
+
+def _upgrade(connection: Connection) -> None:
+    cfg = alembic_config()
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "head")

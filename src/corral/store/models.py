@@ -1,0 +1,125 @@
+"""Queries on declared models and their scheduling settings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from corral.domain.entities import ModelSpec, Scheduling
+from corral.store.tables import models
+
+
+class ModelStore:
+    """Rows of `models` as domain ModelSpecs."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def upsert(self, spec: ModelSpec, *, source: str) -> bool:
+        """Create or replace a model; returns True when anything changed (revision bumped)."""
+        values = spec_to_row(spec)
+        values["source"] = source
+        async with self.engine.begin() as conn:
+            current = (
+                await conn.execute(
+                    select(models).where(models.c.name == spec.name).with_for_update()
+                )
+            ).first()
+            if current is None:
+                await conn.execute(insert(models).values(name=spec.name, revision=1, **values))
+                return True
+            old = current._mapping
+            if all(old[k] == v for k, v in values.items()):
+                return False
+            await conn.execute(
+                update(models)
+                .where(models.c.name == spec.name)
+                .values(revision=old["revision"] + 1, updated_at=func.now(), **values)
+            )
+            return True
+
+    async def set_scheduling(self, name: str, scheduling: Scheduling) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(models)
+                .where(models.c.name == name)
+                .values(
+                    revision=models.c.revision + 1,
+                    updated_at=func.now(),
+                    **scheduling_to_row(scheduling),
+                )
+            )
+            return bool(result.rowcount)
+
+    async def delete(self, name: str) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(models).where(models.c.name == name))
+            return bool(result.rowcount)
+
+    async def delete_from_sources(self, prefix: str, keep: set[str]) -> list[str]:
+        """Delete models whose source starts with `prefix` and whose name is not in `keep`."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                delete(models)
+                .where(models.c.source.startswith(prefix, autoescape=True))
+                .where(models.c.name.not_in(keep) if keep else models.c.name.is_not(None))
+                .returning(models.c.name)
+            )
+            return [r.name for r in result]
+
+    async def get(self, name: str) -> ModelSpec | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(models).where(models.c.name == name))).first()
+        return row_to_spec(row._mapping) if row else None
+
+    async def all(self) -> list[ModelSpec]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(models).order_by(models.c.name))).all()
+        return [row_to_spec(r._mapping) for r in rows]
+
+    async def sources(self) -> dict[str, str]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(models.c.name, models.c.source))).all()
+        return {r.name: r.source for r in rows}
+
+
+def scheduling_to_row(s: Scheduling) -> dict[str, Any]:
+    return {
+        "min_replicas": s.min_replicas,
+        "max_replicas": s.max_replicas,
+        "spread_all": s.spread_all,
+        "node_selector": dict(s.node_selector),
+        "scale_down_delay": s.scale_down_delay,
+    }
+
+
+def spec_to_row(spec: ModelSpec) -> dict[str, Any]:
+    return {
+        "backend": spec.backend,
+        "artifact": spec.artifact,
+        "options": dict(spec.options),
+        "memory": spec.memory,
+        **scheduling_to_row(spec.scheduling),
+    }
+
+
+def row_to_spec(row: Mapping[Any, Any]) -> ModelSpec:
+    return ModelSpec(
+        name=row["name"],
+        backend=row["backend"],
+        artifact=row["artifact"],
+        options=dict(row["options"] or {}),
+        memory=row["memory"],
+        scheduling=Scheduling(
+            min_replicas=row["min_replicas"],
+            max_replicas=row["max_replicas"],
+            spread_all=row["spread_all"],
+            node_selector=dict(row["node_selector"] or {}),
+            scale_down_delay=row["scale_down_delay"],
+        ),
+        revision=row["revision"],
+    )

@@ -1,0 +1,221 @@
+"""Queries on nodes and their labels."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from corral.domain.entities import Gpu, Node, NodeStatus, Resources
+from corral.domain.sizes import MemoryBudget
+from corral.store.tables import node_labels, nodes
+
+
+class NodeStore:
+    """Rows of `nodes` and `node_labels` as domain Nodes."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def upsert(
+        self,
+        *,
+        node_id: str,
+        name: str,
+        address: str,
+        token_hash: str,
+        labels: Mapping[str, str],
+        memory_budget: str,
+        max_replicas_per_model: int,
+        backends: Sequence[str],
+    ) -> None:
+        """Create the node or update what its worker declares; status becomes pending."""
+        values: dict[str, Any] = {
+            "name": name,
+            "address": address,
+            "token_hash": token_hash,
+            "memory_budget": memory_budget,
+            "max_replicas_per_model": max_replicas_per_model,
+            "backends": list(backends),
+            "status": NodeStatus.PENDING.value,
+        }
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                insert(nodes)
+                .values(id=node_id, **values)
+                .on_conflict_do_update(index_elements=[nodes.c.id], set_=values)
+            )
+            await _write_labels(conn, node_id, labels)
+
+    async def token_hash(self, node_id: str) -> str | None:
+        async with self.engine.connect() as conn:
+            row = await conn.execute(select(nodes.c.token_hash).where(nodes.c.id == node_id))
+            return row.scalar_one_or_none()
+
+    async def id_by_token_hash(self, token_hash: str) -> str | None:
+        async with self.engine.connect() as conn:
+            row = await conn.execute(select(nodes.c.id).where(nodes.c.token_hash == token_hash))
+            return row.scalar_one_or_none()
+
+    async def heartbeat(
+        self,
+        node_id: str,
+        *,
+        resources: Mapping[str, Any],
+        processes: Sequence[Mapping[str, Any]],
+        backends: Sequence[str],
+        artifacts: Sequence[str],
+        now: float | None = None,
+    ) -> NodeStatus | None:
+        """Record a heartbeat; a pending, unhealthy or offline node becomes healthy.
+
+        Returns the status before the heartbeat (None if the node does not exist).
+        """
+        now = time.time() if now is None else now
+        async with self.engine.begin() as conn:
+            row = await conn.execute(
+                select(nodes.c.status).where(nodes.c.id == node_id).with_for_update()
+            )
+            before = row.scalar_one_or_none()
+            if before is None:
+                return None
+            status = before if before == NodeStatus.DRAINING else NodeStatus.HEALTHY.value
+            await conn.execute(
+                update(nodes)
+                .where(nodes.c.id == node_id)
+                .values(
+                    resources=dict(resources),
+                    processes=[dict(p) for p in processes],
+                    backends=list(backends),
+                    artifacts=list(artifacts),
+                    last_heartbeat=now,
+                    status=status,
+                )
+            )
+            return NodeStatus(before)
+
+    async def processes(self, node_id: str) -> list[dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            row = await conn.execute(select(nodes.c.processes).where(nodes.c.id == node_id))
+            value = row.scalar_one_or_none()
+            return list(value or [])
+
+    async def all_processes(self) -> dict[str, list[dict[str, Any]]]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(nodes.c.id, nodes.c.processes))
+            return {r.id: list(r.processes or []) for r in rows}
+
+    async def set_status(
+        self, node_id: str, status: NodeStatus, *, only_from: Sequence[NodeStatus] = ()
+    ) -> bool:
+        """Set a node's status (only when its current status is in `only_from`, if given)."""
+        stmt = update(nodes).where(nodes.c.id == node_id).values(status=status.value)
+        if only_from:
+            stmt = stmt.where(nodes.c.status.in_([s.value for s in only_from]))
+        async with self.engine.begin() as conn:
+            result = await conn.execute(stmt)
+            return bool(result.rowcount)
+
+    async def set_labels(self, node_id: str, labels: Mapping[str, str]) -> bool:
+        async with self.engine.begin() as conn:
+            found = await conn.execute(select(nodes.c.id).where(nodes.c.id == node_id))
+            if found.scalar_one_or_none() is None:
+                return False
+            await _write_labels(conn, node_id, labels)
+            return True
+
+    async def delete(self, node_id: str) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(nodes).where(nodes.c.id == node_id))
+            return bool(result.rowcount)
+
+    async def get(self, node_id: str) -> Node | None:
+        found = await self._load(node_id)
+        return found[0] if found else None
+
+    async def all(self) -> list[Node]:
+        return await self._load(None)
+
+    async def _load(self, node_id: str | None) -> list[Node]:
+        query = select(nodes)
+        label_query = select(node_labels)
+        if node_id is not None:
+            query = query.where(nodes.c.id == node_id)
+            label_query = label_query.where(node_labels.c.node_id == node_id)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query.order_by(nodes.c.name, nodes.c.id))).all()
+            label_rows = (await conn.execute(label_query)).all()
+        labels: dict[str, dict[str, str]] = {}
+        for lr in label_rows:
+            labels.setdefault(lr.node_id, {})[lr.key] = lr.value
+        return [row_to_node(row._mapping, labels.get(row.id, {})) for row in rows]
+
+
+async def _write_labels(conn: AsyncConnection, node_id: str, labels: Mapping[str, str]) -> None:
+    await conn.execute(delete(node_labels).where(node_labels.c.node_id == node_id))
+    if labels:
+        await conn.execute(
+            insert(node_labels),
+            [{"node_id": node_id, "key": k, "value": v} for k, v in labels.items()],
+        )
+
+
+def resources_from_json(data: Mapping[str, Any]) -> Resources:
+    gpus = tuple(
+        Gpu(
+            index=int(g.get("index", i)),
+            name=str(g.get("name", "")),
+            memory_total=int(g.get("memory_total", 0)),
+            memory_free=int(g.get("memory_free", 0)),
+        )
+        for i, g in enumerate(data.get("gpus") or [])
+    )
+    return Resources(
+        cpu_count=int(data.get("cpu_count", 0)),
+        ram_total=int(data.get("ram_total", 0)),
+        ram_free=int(data.get("ram_free", 0)),
+        disk_free=int(data.get("disk_free", 0)),
+        gpus=gpus,
+    )
+
+
+def resources_to_json(resources: Resources) -> dict[str, Any]:
+    return {
+        "cpu_count": resources.cpu_count,
+        "ram_total": resources.ram_total,
+        "ram_free": resources.ram_free,
+        "disk_free": resources.disk_free,
+        "gpus": [
+            {
+                "index": g.index,
+                "name": g.name,
+                "memory_total": g.memory_total,
+                "memory_free": g.memory_free,
+            }
+            for g in resources.gpus
+        ],
+    }
+
+
+def row_to_node(row: Mapping[Any, Any], labels: Mapping[str, str]) -> Node:
+    try:
+        budget = MemoryBudget.parse(row["memory_budget"])
+    except ValueError:
+        budget = MemoryBudget(fraction=0.8)
+    return Node(
+        id=row["id"],
+        name=row["name"],
+        status=NodeStatus(row["status"]),
+        address=row["address"],
+        labels=dict(labels),
+        resources=resources_from_json(row["resources"] or {}),
+        memory_budget=budget,
+        max_replicas_per_model=row["max_replicas_per_model"],
+        backends=frozenset(row["backends"] or []),
+        artifacts=frozenset(row["artifacts"] or []),
+        last_heartbeat=row["last_heartbeat"],
+    )
