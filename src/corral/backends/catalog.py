@@ -1,0 +1,152 @@
+"""The backend catalog: which inference engines a worker can run, and how to launch them."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from corral.domain.entities import ModelSpec
+from corral.domain.sizes import parse_size
+from corral.errors import ConfigError
+
+Capability = Literal["chat", "completions", "embeddings", "rerank", "audio"]
+
+
+class BackendEntry(BaseModel):
+    """One backend of the catalog (see catalog.yaml for the meaning of each field)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    version: str = "0"
+    requirements: tuple[str, ...] = ()
+    command: tuple[str, ...]
+    options: Literal["flags", "none"] = "flags"
+    capabilities: tuple[Capability, ...] = ("chat", "completions")
+    health: str = "/health"
+    memory: str | int | None = None
+    gpu: bool = False
+    env: dict[str, str] = Field(default_factory=dict)
+    install_timeout: float = 1800.0
+
+    @property
+    def needs_install(self) -> bool:
+        return bool(self.requirements)
+
+    @property
+    def default_memory(self) -> int | None:
+        return None if self.memory is None else parse_size(self.memory)
+
+    def argv(
+        self,
+        *,
+        python: str,
+        host: str,
+        port: int | str,
+        model: str,
+        model_path: str | None,
+        options: Mapping[str, Any],
+    ) -> list[str]:
+        """The launch command with placeholders filled and model options turned into flags."""
+        values = {
+            "python": python,
+            "host": host,
+            "port": str(port),
+            "model": model,
+            "model_path": model_path or "",
+        }
+        argv = [part.format(**values) for part in self.command]
+        if self.options == "flags":
+            argv += option_flags(options)
+        return argv
+
+
+def option_flags(options: Mapping[str, Any]) -> list[str]:
+    """{"foo_bar": 1, "fast": True, "off": False} → ["--foo-bar", "1", "--fast"]."""
+    flags: list[str] = []
+    for key, value in options.items():
+        if key in RESERVED_OPTIONS or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                flags += [flag, str(item)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+#: Model options Corral itself interprets; never passed to a backend as flags.
+RESERVED_OPTIONS = frozenset({"gpu", "context_length", "ready_timeout", "env"})
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Backend entries by name; later sources override earlier ones."""
+
+    entries: Mapping[str, BackendEntry] = field(default_factory=dict)
+
+    @classmethod
+    def builtin(cls) -> Catalog:
+        text = resources.files("corral.backends").joinpath("catalog.yaml").read_text()
+        return cls(_parse(text, "corral/backends/catalog.yaml"))
+
+    def with_dir(self, directory: Path | None) -> Catalog:
+        """This catalog plus the entries of every *.yaml file in `directory`."""
+        if directory is None:
+            return self
+        merged = dict(self.entries)
+        for path in sorted(directory.glob("*.y*ml")):
+            merged.update(_parse(path.read_text(), str(path)))
+        return Catalog(merged)
+
+    def get(self, name: str) -> BackendEntry | None:
+        return self.entries.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def gpu_backends(self) -> frozenset[str]:
+        return frozenset(n for n, e in self.entries.items() if e.gpu)
+
+    def runnable(self, has_gpu: bool) -> list[str]:
+        """Backends a node can run: everything, minus GPU backends on a node without GPU."""
+        return sorted(n for n, e in self.entries.items() if has_gpu or not e.gpu)
+
+    def check_model(self, spec: ModelSpec) -> str | None:
+        """A reason the model cannot run, or None."""
+        if spec.backend not in self.entries:
+            return f"unknown backend {spec.backend!r} (known: {', '.join(self.names())})"
+        return None
+
+
+def _parse(text: str, path: str) -> dict[str, BackendEntry]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", path=path) from None
+    items: Iterable[Any] = data.get("backends", []) if isinstance(data, dict) else data
+    entries: dict[str, BackendEntry] = {}
+    for i, item in enumerate(items):
+        try:
+            entry = BackendEntry.model_validate(item)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(first["msg"], path=path, field=f"backends[{i}].{where}") from None
+        entries[entry.name] = entry
+    return entries
+
+
+def self_python() -> str:
+    """The interpreter Corral runs under (for backends that need no install)."""
+    return sys.executable

@@ -1,0 +1,242 @@
+"""The `corral` command line: up, serve, worker, sim, and operator commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from pydantic import ValidationError
+
+from corral import __version__
+from corral.config import FrontendSettings, WorkerSettings, default_data_dir, parse_labels
+
+app = typer.Typer(
+    name="corral",
+    help="One OpenAI-compatible endpoint in front of a cluster of model servers.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+backends_app = typer.Typer(help="Backend installs on worker nodes.", no_args_is_help=True)
+app.add_typer(backends_app, name="backends")
+
+LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")]
+AdminUrl = Annotated[
+    str,
+    typer.Option("--url", envvar="CORRAL_URL", help="A frontend's URL"),
+]
+ApiKey = Annotated[
+    str | None, typer.Option("--api-key", envvar="CORRAL_API_KEY", help="Admin API key")
+]
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _settings(cls: type[Any], **flags: Any) -> Any:
+    """Settings from CORRAL_* env, overridden by the flags that were given."""
+    try:
+        return cls(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        typer.echo(f"error: setting {field}: {first['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def version() -> None:
+    """Print Corral's version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def up(
+    data_dir: Annotated[Path | None, typer.Option(help="Where all state lives")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the OpenAI endpoint")] = 8000,
+    models_dir: Annotated[Path | None, typer.Option(help="Model YAML files")] = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Run a whole cluster on this machine: PostgreSQL, NATS, a frontend and a worker."""
+    from corral.runner import run_async
+    from corral.up import up as run_up
+
+    _logging(log_level)
+    directory = data_dir or default_data_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    run_async(lambda: run_up(directory, host=host, port=port, models_dir=models_dir))
+
+
+@app.command()
+def serve(
+    database_url: Annotated[str | None, typer.Option(help="postgresql://...")] = None,
+    nats_url: Annotated[str | None, typer.Option(help="nats://...")] = None,
+    public_nats_url: Annotated[
+        str | None, typer.Option(help="NATS URL told to workers (default: --nats-url)")
+    ] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+    models_dir: Annotated[Path | None, typer.Option(help="Model YAML files")] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="CORRAL_TOKEN", help="Registration token of workers")
+    ] = None,
+    api_keys: Annotated[
+        str | None, typer.Option(help="Comma-separated API keys (CORRAL_API_KEYS)")
+    ] = None,
+    wait_budget: Annotated[float | None, typer.Option(help="Seconds to wait for a load")] = None,
+    placement: Annotated[str | None, typer.Option(help="binpack or spread")] = None,
+    nats_prefix: Annotated[str | None, typer.Option(help="NATS subject prefix")] = None,
+    reconcile_interval: Annotated[float | None, typer.Option(help="Seconds per tick")] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run a frontend against an existing PostgreSQL and NATS."""
+    from corral.runner import install_stop_handler, run_async, serve_frontend
+
+    _logging(log_level)
+    settings: FrontendSettings = _settings(
+        FrontendSettings,
+        database_url=database_url,
+        nats_url=nats_url,
+        public_nats_url=public_nats_url,
+        host=host,
+        port=port,
+        models_dir=models_dir,
+        token=token,
+        api_keys=api_keys,
+        wait_budget=wait_budget,
+        placement=placement,
+        nats_prefix=nats_prefix,
+        reconcile_interval=reconcile_interval,
+    )
+    if settings.token is None:
+        typer.echo("warning: no --token/CORRAL_TOKEN: workers cannot join", err=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_stop_handler(stop)
+        await serve_frontend(settings, stop)
+
+    run_async(main)
+
+
+@app.command()
+def worker(
+    join: Annotated[str | None, typer.Option(help="URL of a frontend")] = None,
+    token: Annotated[str | None, typer.Option(envvar="CORRAL_TOKEN", help="Cluster token")] = None,
+    name: Annotated[str | None, typer.Option(help="Node name (default: hostname)")] = None,
+    labels: Annotated[str | None, typer.Option(help="k=v,k2=v2")] = None,
+    advertise_host: Annotated[str | None, typer.Option(help="Host others reach us at")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Identity, backends, logs")] = None,
+    nats_url: Annotated[str | None, typer.Option(help="Override the frontend's NATS URL")] = None,
+    memory_budget: Annotated[str | None, typer.Option(help='"80%" or "12GB"')] = None,
+    max_replicas_per_model: Annotated[int | None, typer.Option()] = None,
+    backends_dir: Annotated[Path | None, typer.Option(help="Extra backend entries")] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Join a cluster and run backends for it."""
+    from corral.runner import install_stop_handler, make_agent, run_async, serve_worker
+
+    _logging(log_level)
+    try:
+        parsed_labels = parse_labels(labels) if labels else None
+    except ValueError as exc:
+        typer.echo(f"error: --labels: {exc}", err=True)
+        raise typer.Exit(2) from None
+    settings: WorkerSettings = _settings(
+        WorkerSettings,
+        join=join,
+        token=token,
+        name=name,
+        labels=parsed_labels,
+        advertise_host=advertise_host,
+        data_dir=data_dir,
+        nats_url=nats_url,
+        memory_budget=memory_budget,
+        max_replicas_per_model=max_replicas_per_model,
+        backends_dir=backends_dir,
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_stop_handler(stop)
+        await serve_worker(make_agent(settings), stop)
+
+    run_async(main)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def sim(ctx: typer.Context) -> None:
+    """Run the simulator backend (see `corral sim --help`)."""
+    from corral.backends.sim.__main__ import main as sim_main
+
+    sim_main(list(ctx.args))
+
+
+# --- operator commands ------------------------------------------------------------------
+
+
+def _admin(method: str, url: str, path: str, api_key: str | None, **kw: Any) -> Any:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.request(
+            method, url.rstrip("/") + path, headers=headers, timeout=kw.pop("timeout", 30), **kw
+        )
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: {url} unreachable: {exc}", err=True)
+        raise typer.Exit(1) from None
+    data = response.json() if response.content else {}
+    if response.status_code >= 400:
+        message = data.get("error", {}).get("message", response.text)
+        typer.echo(f"error ({response.status_code}): {message}", err=True)
+        raise typer.Exit(1)
+    return data
+
+
+@app.command()
+def nodes(url: AdminUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
+    """List the nodes of the cluster."""
+    for n in _admin("GET", url, "/api/nodes", api_key)["nodes"]:
+        labels = ",".join(f"{k}={v}" for k, v in n["labels"].items())
+        typer.echo(f"{n['id']}  {n['name']:<16} {n['status']:<10} {n['address']:<16} {labels}")
+
+
+@app.command()
+def models(url: AdminUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
+    """List the declared models."""
+    for m in _admin("GET", url, "/api/models", api_key)["models"]:
+        s = m["scheduling"]
+        typer.echo(
+            f"{m['name']:<24} {m['backend']:<12} min={s['min_replicas']} max={s['max_replicas']}"
+        )
+
+
+@app.command()
+def drain(
+    node: Annotated[str, typer.Argument(help="Node id")],
+    url: AdminUrl = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+) -> None:
+    """Move every replica off a node, then stop them there."""
+    data = _admin("POST", url, f"/api/nodes/{node}/drain", api_key, timeout=600)
+    typer.echo(json.dumps(data))
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

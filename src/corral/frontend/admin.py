@@ -1,0 +1,236 @@
+"""Operator API under /api: models, scheduling, nodes, labels, replicas, loads and the audit log.
+
+Handlers are thin: validate, call the registry or the frontend's helpers, announce the change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from corral.domain.entities import ModelSpec, Node, NodeStatus, Replica
+from corral.errors import BadRequest, NotFound
+from corral.frontend.nodes_api import frontend_of
+from corral.frontend.service import Frontend
+from corral.modelfile import SchedulingDecl, parse_model
+
+
+def require_admin(request: Request) -> None:
+    frontend_of(request).authorizer.check(request.scope)
+
+
+class LabelsBody(BaseModel):
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+def node_json(node: Node) -> dict[str, Any]:
+    r = node.resources
+    return {
+        "id": node.id,
+        "name": node.name,
+        "status": node.status.value,
+        "address": node.address,
+        "labels": dict(node.labels),
+        "memory_budget": str(node.memory_budget),
+        "max_replicas_per_model": node.max_replicas_per_model,
+        "backends": sorted(node.backends),
+        "last_heartbeat": node.last_heartbeat,
+        "resources": {
+            "cpu_count": r.cpu_count,
+            "ram_total": r.ram_total,
+            "ram_free": r.ram_free,
+            "disk_free": r.disk_free,
+            "gpus": [
+                {
+                    "index": g.index,
+                    "name": g.name,
+                    "memory_total": g.memory_total,
+                    "memory_free": g.memory_free,
+                }
+                for g in r.gpus
+            ],
+        },
+    }
+
+
+def model_json(spec: ModelSpec) -> dict[str, Any]:
+    s = spec.scheduling
+    return {
+        "name": spec.name,
+        "backend": spec.backend,
+        "artifact": spec.artifact,
+        "options": dict(spec.options),
+        "memory": spec.memory,
+        "revision": spec.revision,
+        "scheduling": scheduling_json(spec),
+        "node_selector": dict(s.node_selector),
+    }
+
+
+def scheduling_json(spec: ModelSpec) -> dict[str, Any]:
+    s = spec.scheduling
+    return {
+        "min_replicas": s.min_replicas,
+        "max_replicas": s.max_replicas,
+        "spread_all": s.spread_all,
+        "node_selector": dict(s.node_selector),
+        "scale_down_delay": s.scale_down_delay,
+    }
+
+
+def replica_json(r: Replica, fe: Frontend | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "model": r.model,
+        "index": r.index,
+        "node_id": r.node_id,
+        "state": r.state.value,
+        "address": r.address,
+        "memory": r.memory,
+        "last_used": r.last_used,
+        "load_error": r.load_error,
+    }
+    if fe is not None:
+        out["inflight"] = fe.inflight.total(r.key)
+    return out
+
+
+def admin_router() -> APIRouter:
+    router = APIRouter(prefix="/api", tags=["admin"], dependencies=[Depends(require_admin)])
+
+    # --- models -------------------------------------------------------------------------
+    @router.get("/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        specs = await fe.registry.models.all()
+        return {"models": [model_json(s) for s in specs]}
+
+    @router.get("/models/{name:path}/scheduling")
+    async def get_scheduling(name: str, request: Request) -> dict[str, Any]:
+        spec = await _model(frontend_of(request), name)
+        return scheduling_json(spec)
+
+    @router.put("/models/{name:path}/scheduling")
+    async def put_scheduling(name: str, body: SchedulingDecl, request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        await _model(fe, name)
+        await fe.registry.models.set_scheduling(name, body.to_domain())
+        spec = await _model(fe, name)
+        await fe.publish_model(spec, name)
+        await fe.registry.audit.add(
+            "model.scheduling", f"{name}: {body.model_dump()}", subject=name
+        )
+        return scheduling_json(spec)
+
+    @router.get("/models/{name:path}")
+    async def get_model(name: str, request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        spec = await _model(fe, name)
+        out = model_json(spec)
+        out["replicas"] = [replica_json(r, fe) for r in await fe.registry.replicas.all(name)]
+        return out
+
+    @router.put("/models/{name:path}")
+    async def put_model(name: str, body: dict[str, Any], request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        spec = parse_model({**body, "name": name}, path="PUT /api/models")
+        problem = fe.catalog.check_model(spec)
+        if problem:
+            raise BadRequest(problem, param="backend")
+        await fe.registry.models.upsert(spec, source="api")
+        stored = await _model(fe, name)
+        await fe.publish_model(stored, name)
+        await fe.registry.audit.add("model.updated", f"{name} via API", subject=name)
+        return model_json(stored)
+
+    @router.delete("/models/{name:path}")
+    async def delete_model(name: str, request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        spec = await _model(fe, name)
+        for replica in await fe.registry.replicas.all(name):
+            await fe.actuator.stop(replica, "model deleted")
+        await fe.registry.models.delete(name)
+        await fe.publish_model(None, spec.name)
+        await fe.registry.audit.add("model.deleted", name, subject=name)
+        return {"deleted": name}
+
+    # --- nodes --------------------------------------------------------------------------
+    @router.get("/nodes")
+    async def list_nodes(request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        return {"nodes": [node_json(n) for n in await fe.registry.nodes.all()]}
+
+    @router.get("/nodes/{node_id}")
+    async def get_node(node_id: str, request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        node = await fe.registry.nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} not found")
+        out = node_json(node)
+        out["replicas"] = [
+            replica_json(r, fe) for r in await fe.registry.replicas.all() if r.node_id == node_id
+        ]
+        out["processes"] = await fe.registry.nodes.processes(node_id)
+        return out
+
+    @router.put("/nodes/{node_id}/labels")
+    async def put_labels(node_id: str, body: LabelsBody, request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        if not await fe.registry.nodes.set_labels(node_id, body.labels):
+            raise NotFound(f"node {node_id} not found")
+        await fe.publish_node(node_id, "labels")
+        await fe.registry.audit.add("node.labels", f"{node_id}: {body.labels}", subject=node_id)
+        return {"node_id": node_id, "labels": body.labels}
+
+    @router.post("/nodes/{node_id}/drain")
+    async def drain_node(node_id: str, request: Request, wait: bool = True) -> dict[str, Any]:
+        return await frontend_of(request).drain_node(node_id, wait=wait)
+
+    @router.post("/nodes/{node_id}/undrain")
+    async def undrain_node(node_id: str, request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        if not await fe.registry.nodes.set_status(
+            node_id, NodeStatus.HEALTHY, only_from=[NodeStatus.DRAINING]
+        ):
+            raise NotFound(f"node {node_id} is not draining")
+        await fe.publish_node(node_id, "status")
+        return {"node_id": node_id, "status": "healthy"}
+
+    # --- replicas and loads -----------------------------------------------------------
+    @router.get("/replicas")
+    async def list_replicas(request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        return {"replicas": [replica_json(r, fe) for r in await fe.registry.replicas.all()]}
+
+    @router.delete("/replicas/{model:path}/{index}")
+    async def stop_replica(model: str, index: int, request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        replica = await fe.registry.replicas.get(model, index)
+        if replica is None:
+            raise NotFound(f"replica {model}#{index} not found")
+        stopped = await fe.actuator.stop(replica, "stopped by operator")
+        return {"model": model, "index": index, "stopped": stopped}
+
+    @router.get("/loads")
+    async def list_loads(request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        jobs = await fe.registry.jobs.all()
+        return {
+            "jobs": [{"model": j.model, "owner": j.owner, **j.as_progress()} for j in jobs],
+            "progress": {m: p.model_dump() for m, p in fe.view.progress.items()},
+        }
+
+    @router.get("/events")
+    async def list_events(request: Request, limit: int = 100) -> dict[str, Any]:
+        fe = frontend_of(request)
+        return {"events": await fe.registry.audit.recent(min(max(limit, 1), 1000))}
+
+    return router
+
+
+async def _model(fe: Frontend, name: str) -> ModelSpec:
+    spec = await fe.registry.models.get(name)
+    if spec is None:
+        raise NotFound(f"model {name!r} not found", param="name")
+    return spec

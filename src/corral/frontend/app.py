@@ -1,0 +1,124 @@
+"""The frontend's ASGI application: a raw fast path for /v1 inference, FastAPI for the rest."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from corral import __version__
+from corral.errors import BadRequest, CorralError, MethodNotAllowed, ModelNotFound, NotFound
+from corral.frontend.admin import admin_router
+from corral.frontend.asgi import Receive, Scope, Send, error_headers, error_payload, send_error
+from corral.frontend.metrics import render_metrics
+from corral.frontend.nodes_api import node_router
+from corral.frontend.service import Frontend
+
+log = logging.getLogger(__name__)
+
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+
+
+def error_response(exc: CorralError) -> JSONResponse:
+    headers = {k.decode(): v.decode() for k, v in error_headers(exc) if k != b"content-type"}
+    return JSONResponse(error_payload(exc), status_code=exc.status, headers=headers)
+
+
+def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
+    """FastAPI app for everything but the inference fast path."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            await frontend.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await frontend.stop()
+
+    api = FastAPI(title="Corral", version=__version__, lifespan=lifespan)
+    api.state.frontend = frontend
+
+    @api.exception_handler(CorralError)
+    async def corral_error(_: Request, exc: CorralError) -> JSONResponse:
+        return error_response(exc)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = ".".join(str(p) for p in first["loc"] if p != "body")
+        msg = str(first["msg"])
+        return error_response(BadRequest(f"{field}: {msg}" if field else msg))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(NotFound("no such endpoint"))
+        if exc.status_code == 405:
+            return error_response(MethodNotAllowed("method not allowed on this endpoint"))
+        return error_response(BadRequest(str(exc.detail)))
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {
+            "status": "ok" if frontend.started else "starting",
+            "frontend_id": frontend.id,
+            "version": __version__,
+        }
+
+    @api.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        frontend.authorizer.check(request.scope)
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "corral"}
+                for name in sorted(frontend.view.models)
+            ],
+        }
+
+    @api.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request) -> dict[str, Any]:
+        frontend.authorizer.check(request.scope)
+        if name not in frontend.view.models:
+            raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+        return {"id": name, "object": "model", "created": 0, "owned_by": "corral"}
+
+    @api.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render_metrics(frontend, time.time()))
+
+    api.include_router(node_router())
+    api.include_router(admin_router())
+    return api
+
+
+class CorralApp:
+    """The ASGI callable: POST inference requests go straight to the proxy."""
+
+    def __init__(self, frontend: Frontend, api: FastAPI) -> None:
+        self.frontend = frontend
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in INFERENCE_PATHS:
+            if scope["method"] != "POST":
+                method = scope["method"]
+                await send_error(send, MethodNotAllowed(f"{method} is not allowed here; use POST"))
+                return
+            await self.frontend.proxy(scope, receive, send)
+            return
+        await self.api(scope, receive, send)
+
+
+def create_app(frontend: Frontend) -> CorralApp:
+    return CorralApp(frontend, build_api(frontend))

@@ -1,0 +1,59 @@
+"""API-key and node-credential checks; secrets are compared as digests in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+from typing import Any
+
+from corral.errors import Unauthorized
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def bearer(scope: Any) -> str | None:
+    """The token of an `Authorization: Bearer ...` header in an ASGI scope, if any."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
+        if name == b"authorization":
+            text: str = value.decode("latin-1")
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+def matches_any(secret: str, digests: Iterable[str]) -> bool:
+    """True when `secret`'s digest equals one of `digests`; every digest is compared."""
+    candidate = digest(secret).encode()
+    found = False
+    for d in digests:
+        found |= hmac.compare_digest(candidate, d.encode())
+    return found
+
+
+class Authorizer:
+    """Checks API keys on the OpenAI and admin APIs; with no key configured, the API is open."""
+
+    def __init__(self, digests: Iterable[str] = ()) -> None:
+        self.digests: frozenset[str] = frozenset(digests)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.digests)
+
+    def update(self, digests: Iterable[str]) -> None:
+        self.digests = frozenset(digests)
+
+    def check(self, scope: Any) -> None:
+        if not self.digests:
+            return
+        token = bearer(scope)
+        if token is None:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        if not matches_any(token, self.digests):
+            raise Unauthorized("invalid API key")

@@ -1,0 +1,48 @@
+"""Prometheus text exposition of the frontend's own counters and view."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from corral.frontend.service import Frontend
+
+
+def render_metrics(fe: Frontend, now: float) -> str:
+    view = fe.view
+    lines = [
+        "# HELP corral_inflight Requests in flight on this frontend, per replica.",
+        "# TYPE corral_inflight gauge",
+    ]
+    for (model, index), count in sorted(fe.inflight.local.items()):
+        lines.append(f'corral_inflight{{model="{model}",replica="{index}"}} {count}')
+    lines += [
+        "# HELP corral_replicas Replicas known to this frontend, by model and state.",
+        "# TYPE corral_replicas gauge",
+    ]
+    counts: dict[tuple[str, str], int] = {}
+    for r in view.replicas.values():
+        counts[(r.model, r.state.value)] = counts.get((r.model, r.state.value), 0) + 1
+    for (model, state), count in sorted(counts.items()):
+        lines.append(f'corral_replicas{{model="{model}",state="{state}"}} {count}')
+    lines += [
+        "# HELP corral_nodes Nodes known to this frontend, by status.",
+        "# TYPE corral_nodes gauge",
+    ]
+    status: dict[str, int] = {}
+    for n in view.nodes.values():
+        status[n.status.value] = status.get(n.status.value, 0) + 1
+    for name, count in sorted(status.items()):
+        lines.append(f'corral_nodes{{status="{name}"}} {count}')
+    lines += [
+        "# HELP corral_cold_loads_total Model loads this frontend performed.",
+        "# TYPE corral_cold_loads_total counter",
+        f"corral_cold_loads_total {fe.cold.starts}",
+        "# HELP corral_probes_total Backend health probes sent.",
+        "# TYPE corral_probes_total counter",
+        f"corral_probes_total {fe.probes.probes}",
+        "# HELP corral_view_age_seconds Seconds since the last full resync.",
+        "# TYPE corral_view_age_seconds gauge",
+        f"corral_view_age_seconds {max(0.0, now - view.synced_at):.3f}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,220 @@
+"""Worker-facing API: registration with the cluster token, heartbeats with a per-node credential.
+
+A node's credential lets it act only as itself: a heartbeat for another node's id with a
+valid credential is 403, an unknown or missing credential 401.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from corral.bus.messages import ProcessInfo
+from corral.domain.entities import NodeStatus
+from corral.domain.sizes import MemoryBudget
+from corral.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from corral.frontend.auth import bearer, digest
+from corral.frontend.service import Frontend
+
+
+class RegisterRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=255)
+    address: str = Field(min_length=1, max_length=255)
+    labels: dict[str, str] = Field(default_factory=dict)
+    memory_budget: str = "80%"
+    max_replicas_per_model: int = Field(default=0, ge=0)
+    backends: list[str] = Field(default_factory=list)
+    node_id: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    credential: str | None = None
+
+
+class RegisterReply(BaseModel):
+    node_id: str
+    credential: str | None = None  # only when a new credential was issued
+    nats_url: str
+    nats_prefix: str
+    heartbeat_interval: float
+
+
+class HeartbeatRequest(BaseModel):
+    resources: dict[str, Any] = Field(default_factory=dict)
+    processes: list[ProcessInfo] = Field(default_factory=list)
+    backends: list[str] = Field(default_factory=list)
+    artifacts: list[str] = Field(default_factory=list)
+
+
+class ExitReport(BaseModel):
+    model: str
+    index: int
+    address: str | None = None
+    returncode: int = 0
+    log_tail: str = ""
+
+
+class HeartbeatReply(BaseModel):
+    node_id: str
+    status: str
+    heartbeat_interval: float
+
+
+def frontend_of(request: Request) -> Frontend:
+    fe: Frontend = request.app.state.frontend
+    return fe
+
+
+def node_router() -> APIRouter:
+    router = APIRouter(prefix="/api/nodes", tags=["nodes"])
+
+    @router.post("/register")
+    async def register(body: RegisterRequest, request: Request) -> RegisterReply:
+        fe = frontend_of(request)
+        expected = fe.settings.token
+        token = bearer(request.scope)
+        if expected is None:
+            raise Forbidden("this frontend accepts no workers: start it with --token")
+        if token is None or not hmac.compare_digest(
+            token.encode(), expected.get_secret_value().encode()
+        ):
+            raise Unauthorized("invalid registration token")
+        try:
+            MemoryBudget.parse(body.memory_budget)
+        except ValueError as exc:
+            raise BadRequest(str(exc), param="memory_budget") from None
+        issued: str | None = None
+        node_id = body.node_id
+        if node_id is not None:
+            stored = await fe.registry.nodes.token_hash(node_id)
+            if stored is not None:
+                if body.credential is None or not hmac.compare_digest(
+                    digest(body.credential).encode(), stored.encode()
+                ):
+                    raise Forbidden(f"node id {node_id} belongs to another node")
+                token_hash = stored
+            elif body.credential:
+                token_hash = digest(body.credential)
+            else:
+                issued = secrets.token_urlsafe(32)
+                token_hash = digest(issued)
+        else:
+            node_id = uuid.uuid4().hex
+            issued = secrets.token_urlsafe(32)
+            token_hash = digest(issued)
+        await fe.registry.nodes.upsert(
+            node_id=node_id,
+            name=body.name,
+            address=body.address,
+            token_hash=token_hash,
+            labels=body.labels,
+            memory_budget=body.memory_budget,
+            max_replicas_per_model=body.max_replicas_per_model,
+            backends=body.backends,
+        )
+        await fe.registry.audit.add(
+            "node.registered", f"{body.name} ({node_id}) at {body.address}", subject=node_id
+        )
+        await fe.publish_node(node_id, "joined")
+        return RegisterReply(
+            node_id=node_id,
+            credential=issued,
+            nats_url=fe.settings.public_nats_url or fe.settings.nats_url,
+            nats_prefix=fe.settings.nats_prefix,
+            heartbeat_interval=fe.settings.heartbeat_interval,
+        )
+
+    @router.post("/{node_id}/heartbeat")
+    async def heartbeat(node_id: str, body: HeartbeatRequest, request: Request) -> HeartbeatReply:
+        fe = frontend_of(request)
+        await authenticate_node(fe, request, node_id)
+        previous = {
+            (p.get("model"), p.get("index"), p.get("address")): p.get("first_seen", 0.0)
+            for p in await fe.registry.nodes.processes(node_id)
+        }
+        now = time.time()
+        processes = []
+        for p in body.processes:
+            entry = p.model_dump()
+            entry["first_seen"] = previous.get((p.model, p.index, p.address), now)
+            processes.append(entry)
+        before = await fe.registry.nodes.heartbeat(
+            node_id,
+            resources=body.resources,
+            processes=processes,
+            backends=body.backends,
+            artifacts=body.artifacts,
+            now=now,
+        )
+        if before is None:
+            raise NotFound(f"node {node_id} is not registered")
+        node = await fe.registry.nodes.get(node_id)
+        status = node.status if node else NodeStatus.HEALTHY
+        if before != status:
+            await fe.publish_node(node_id, "status")
+        elif node is not None:
+            fe.view.put_node(node)
+        return HeartbeatReply(
+            node_id=node_id, status=status.value, heartbeat_interval=fe.settings.heartbeat_interval
+        )
+
+    @router.post("/{node_id}/replica-exited")
+    async def replica_exited(node_id: str, body: ExitReport, request: Request) -> dict[str, Any]:
+        """A node reports that one of its own backends died; only that exact row goes."""
+        fe = frontend_of(request)
+        await authenticate_node(fe, request, node_id)
+        removed = await fe.registry.replicas.remove(
+            body.model, body.index, node_id=node_id, address=body.address
+        )
+        if removed is not None:
+            reason = f"process exited with {body.returncode}: {body.log_tail[-500:]}"
+            await fe.actuator.announce_removed(removed, reason)
+            await fe.registry.audit.add(
+                "replica.exited",
+                f"{body.model}#{body.index} on {node_id}: {reason}",
+                subject=body.model,
+            )
+        return {"removed": removed is not None}
+
+    @router.post("/{node_id}/self-drain")
+    async def self_drain(node_id: str, request: Request) -> dict[str, Any]:
+        """A worker about to stop asks to have its replicas moved away first."""
+        fe = frontend_of(request)
+        await authenticate_node(fe, request, node_id)
+        return await fe.drain_node(node_id, wait=False)
+
+    @router.post("/{node_id}/deregister")
+    async def deregister(node_id: str, request: Request) -> dict[str, Any]:
+        """A worker leaving cleanly: offline now, its replica rows removed."""
+        fe = frontend_of(request)
+        await authenticate_node(fe, request, node_id)
+        await fe.registry.nodes.set_status(node_id, NodeStatus.OFFLINE)
+        removed = await fe.registry.replicas.remove_on_node(node_id)
+        for replica in removed:
+            fe.view.drop_replica(replica.model, replica.index)
+            await fe.actuator.announce_removed(replica, "node deregistered")
+        await fe.registry.audit.add("node.deregistered", node_id, subject=node_id)
+        await fe.publish_node(node_id, "status")
+        return {"node_id": node_id, "removed_replicas": len(removed)}
+
+    return router
+
+
+async def authenticate_node(fe: Frontend, request: Request, node_id: str) -> None:
+    """Allow only the node's own credential; another node's credential is 403."""
+    credential = bearer(request.scope)
+    if credential is None:
+        raise Unauthorized("missing node credential")
+    stored = await fe.registry.nodes.token_hash(node_id)
+    given = digest(credential)
+    if stored is not None and hmac.compare_digest(given.encode(), stored.encode()):
+        return
+    owner = await fe.registry.nodes.id_by_token_hash(given)
+    if owner is not None and owner != node_id:
+        raise Forbidden("this credential belongs to another node")
+    if stored is None:
+        raise NotFound(f"node {node_id} is not registered")
+    raise Unauthorized("invalid node credential")

@@ -1,0 +1,296 @@
+"""The frontend service: builds the parts, keeps the view fresh, and runs the background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from corral.backends.catalog import Catalog
+from corral.bus.client import Bus, decode
+from corral.bus.messages import LoadProgress, LoadReport, ModelEvent, NodeEvent, ReplicaEvent
+from corral.config import FrontendSettings
+from corral.domain.entities import ModelSpec, NodeStatus, Replica, ReplicaState
+from corral.errors import ConfigError, NotFound
+from corral.frontend.actuator import ReplicaActuator
+from corral.frontend.auth import Authorizer, digest
+from corral.frontend.coldpath import ColdLoader
+from corral.frontend.drain import Drainer
+from corral.frontend.inflight import InflightTracker
+from corral.frontend.probe import ProbeCache
+from corral.frontend.proxy import OpenAIProxy
+from corral.frontend.upstream import UpstreamPool
+from corral.frontend.view import ClusterView
+from corral.modelfile import load_models_dir
+from corral.store.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class Frontend:
+    """One frontend process: registry, bus, view, router, cold path and control loops."""
+
+    def __init__(self, settings: FrontendSettings) -> None:
+        self.settings = settings
+        self.id = settings.frontend_id
+        self.registry = Registry.from_url(settings.database_url)
+        self.bus = Bus(settings.nats_url, prefix=settings.nats_prefix, name=f"corral-{self.id}")
+        self.catalog = Catalog.builtin()
+        self.view = ClusterView()
+        self.inflight = InflightTracker(
+            self.id, stale_after=max(2.0, settings.load_report_interval * 10)
+        )
+        self.pool = UpstreamPool()
+        self.probes = ProbeCache(self.pool, ttl=settings.health_ttl)
+        self.authorizer = Authorizer(digest(k.get_secret_value()) for k in settings.api_keys)
+        self.actuator = ReplicaActuator(
+            registry=self.registry,
+            bus=self.bus,
+            view=self.view,
+            frontend_id=self.id,
+            start_timeout=settings.start_timeout,
+        )
+        self.cold = ColdLoader(
+            registry=self.registry,
+            view=self.view,
+            inflight=self.inflight,
+            actuator=self.actuator,
+            frontend_id=self.id,
+            wait_budget=settings.wait_budget,
+            job_ttl=settings.load_job_ttl,
+            strategy=settings.placement,
+            gpu_backends=self.catalog.gpu_backends(),
+        )
+        self.drainer = Drainer(
+            registry=self.registry,
+            view=self.view,
+            inflight=self.inflight,
+            actuator=self.actuator,
+            cold=self.cold,
+            timeout=settings.drain_timeout,
+        )
+        self.proxy = OpenAIProxy(
+            view=self.view,
+            inflight=self.inflight,
+            pool=self.pool,
+            probes=self.probes,
+            ensure_replica=self.cold.ensure_replica,
+            drop_replica=self.actuator.drop,
+            authorizer=self.authorizer,
+            max_body_bytes=settings.max_body_bytes,
+            request_timeout=settings.request_timeout,
+            max_inflight=settings.max_inflight,
+        )
+        self.started = False
+        self.extra_loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._static_key_digests = set(self.authorizer.digests)
+        self._drains: set[asyncio.Task[int]] = set()
+        self._reported_version = -1
+        self._quiet_reports = 0
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.registry.migrate()
+        await self.bus.connect()
+        if self.settings.models_dir is not None:
+            await self.sync_models_dir(self.settings.models_dir)
+        await self.refresh()
+        s = self.bus.subjects
+        await self.bus.subscribe(s.replica_events, self._on_replica_event)
+        await self.bus.subscribe(s.node_events, self._on_node_event)
+        await self.bus.subscribe(s.model_events, self._on_model_event)
+        await self.bus.subscribe(s.all_load_events, self._on_load_event)
+        await self.bus.subscribe(s.load_reports, self._on_load_report)
+        loops: list[tuple[str, Callable[[], Awaitable[None]], float]] = [
+            ("report-load", self._report_load, self.settings.load_report_interval),
+            ("flush-last-used", self._flush_last_used, self.settings.last_used_flush_interval),
+            ("resync", self.refresh, self.settings.resync_interval),
+        ]
+        for name, step, interval in loops:
+            self._tasks.append(asyncio.create_task(self._every(name, step, interval), name=name))
+        for loop in self.extra_loops:
+            self._tasks.append(asyncio.create_task(loop()))
+        self.started = True
+        log.info("frontend %s ready", self.id)
+
+    async def stop(self) -> None:
+        self.started = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for drain in list(self._drains):
+            drain.cancel()
+        await self.cold.close()
+        try:
+            await self._flush_last_used()
+        except Exception:
+            log.exception("final last-used flush failed")
+        await self.actuator.close()
+        await self.bus.close()
+        await self.pool.close()
+        await self.registry.close()
+
+    async def _every(self, name: str, step: Callable[[], Awaitable[None]], interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("loop %s failed", name)
+
+    # --- state ----------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Resync the view and API keys from PostgreSQL (repairs missed events)."""
+        await self.view.resync(self.registry)
+        stored = await self.registry.audit.api_key_hashes()
+        self.authorizer.update(self._static_key_digests | stored)
+        self.inflight.expire()
+
+    async def sync_models_dir(self, directory: Path) -> list[str]:
+        """Upsert the models declared in `directory`; remove models that left it.
+
+        Broken files are logged with their path and field; the other models still load.
+        Returns the error messages.
+        """
+        specs, errors = await asyncio.to_thread(load_models_dir, directory)
+        for error in errors:
+            log.error("model file error: %s", error.message)
+        source = f"file:{await asyncio.to_thread(directory.resolve)}"
+        for spec in specs:
+            problem = self.catalog.check_model(spec)
+            if problem:
+                error = ConfigError(problem, path=str(directory), field=f"{spec.name}.backend")
+                log.error("model file error: %s", error.message)
+                errors.append(error)
+                continue
+            if await self.registry.models.upsert(spec, source=f"{source}/{spec.name}"):
+                await self.bus.publish(
+                    self.bus.subjects.model_events, ModelEvent(kind="updated", name=spec.name)
+                )
+        kept = {s.name for s in specs}
+        sources = await self.registry.models.sources()
+        for name, src in sources.items():
+            if src.startswith(source + "/") and name not in kept:
+                await self.registry.models.delete(name)
+                await self.bus.publish(
+                    self.bus.subjects.model_events, ModelEvent(kind="removed", name=name)
+                )
+        return [e.message for e in errors]
+
+    # --- event handlers -------------------------------------------------------------------
+    async def _on_replica_event(self, payload: bytes) -> None:
+        event = decode(payload, ReplicaEvent)
+        if event is None or event.origin == self.id:
+            return
+        if event.kind in ("removed", "failed"):
+            gone = self.view.drop_replica(event.model, event.index)
+            if gone is not None and gone.address:
+                self.probes.forget(gone.node_id, gone.address)
+            return
+        if event.node_id is None or event.state is None:
+            return
+        self.view.put_replica(
+            Replica(
+                model=event.model,
+                index=event.index,
+                node_id=event.node_id,
+                state=ReplicaState(event.state),
+                address=event.address,
+                memory=event.memory,
+                last_used=time.time(),
+            )
+        )
+
+    async def _on_node_event(self, payload: bytes) -> None:
+        event = decode(payload, NodeEvent)
+        if event is None or event.origin == self.id:
+            return
+        node = await self.registry.nodes.get(event.node_id)
+        if node is None:
+            self.view.drop_node(event.node_id)
+        else:
+            self.view.put_node(node)
+            if event.kind == "removed" or node.status.value == "offline":
+                for replica in list(self.view.replicas.values()):
+                    if replica.node_id == node.id:
+                        self.view.drop_replica(replica.model, replica.index)
+
+    async def _on_model_event(self, payload: bytes) -> None:
+        event = decode(payload, ModelEvent)
+        if event is None or event.origin == self.id:
+            return
+        spec = await self.registry.models.get(event.name)
+        if spec is None:
+            self.view.drop_model(event.name)
+        else:
+            self.view.put_model(spec)
+
+    async def _on_load_event(self, payload: bytes) -> None:
+        event = decode(payload, LoadProgress)
+        if event is None or event.origin == self.id:
+            return
+        self.view.progress[event.model] = event
+        if event.state == "failed" and event.error:
+            self.cold.load_failed_elsewhere(event.model, event.error)
+
+    async def _on_load_report(self, payload: bytes) -> None:
+        report = decode(payload, LoadReport)
+        if report is not None:
+            self.inflight.merge(report)
+
+    # --- loops ----------------------------------------------------------------------------
+    async def _report_load(self) -> None:
+        version = self.inflight.version
+        if version == self._reported_version and not self.inflight.local:
+            self._quiet_reports += 1
+            if self._quiet_reports % 5:
+                return  # nothing in flight and nothing changed: report less often
+        self._reported_version = version
+        await self.bus.publish(self.bus.subjects.load_reports, self.inflight.report())
+
+    async def _flush_last_used(self) -> None:
+        used, self.proxy.used = self.proxy.used, {}
+        if used:
+            await self.registry.replicas.touch(used)
+
+    # --- helpers for the APIs -------------------------------------------------------------
+    async def publish_model(self, spec: ModelSpec | None, name: str) -> None:
+        if spec is None:
+            self.view.drop_model(name)
+        else:
+            self.view.put_model(spec)
+        await self.bus.publish(
+            self.bus.subjects.model_events,
+            ModelEvent(kind="updated" if spec else "removed", name=name, origin=self.id),
+        )
+
+    async def drain_node(self, node_id: str, *, wait: bool) -> dict[str, Any]:
+        """Mark a node draining and move its replicas away (now, or in the background)."""
+        if not await self.registry.nodes.set_status(node_id, NodeStatus.DRAINING):
+            raise NotFound(f"node {node_id} not found")
+        await self.publish_node(node_id, "status")
+        await self.registry.audit.add("node.draining", node_id, subject=node_id)
+        if wait:
+            stopped = await self.drainer.drain(node_id)
+            return {"node_id": node_id, "status": "drained", "stopped_replicas": stopped}
+        task = asyncio.create_task(self.drainer.drain(node_id), name=f"drain:{node_id}")
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+        return {"node_id": node_id, "status": "draining"}
+
+    async def publish_node(self, node_id: str, kind: Any) -> None:
+        node = await self.registry.nodes.get(node_id)
+        if node is None:
+            self.view.drop_node(node_id)
+        else:
+            self.view.put_node(node)
+        await self.bus.publish(
+            self.bus.subjects.node_events, NodeEvent(kind=kind, node_id=node_id, origin=self.id)
+        )

@@ -1,0 +1,340 @@
+"""The one door to backend HTTP: a pooled keep-alive HTTP/1.1 client on asyncio + httptools.
+
+Built for the proxy's hot path: one write per request, body bytes handed over as they
+arrive (no re-encoding), connections reused per (host, port). Errors are typed: a refused
+connection is `ReplicaGone` (the router drops the replica), a silent backend `UpstreamTimeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+
+import httptools
+
+from corral.errors import ReplicaGone, UpstreamError, UpstreamTimeout
+
+log = logging.getLogger(__name__)
+
+#: Headers of the backend's response that must not be copied to the client.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-connection",
+        b"date",
+        b"server",
+    }
+)
+
+_HIGH_WATER = 4 * 1024 * 1024
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection to a backend, parsing one response at a time."""
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.busy = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.status = 0
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.headers_done = False
+        self.complete = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.reading_paused = False
+        self.received_any = False
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.received_any = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"malformed response from backend: {exc}"))
+            self.close()
+            return
+        if self.buffered > _HIGH_WATER and not self.reading_paused and self.transport:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        if self.busy and not self.complete:
+            if self.headers_done and not self._framed():
+                self.complete = True  # body delimited by connection close
+                self._wake()
+            else:
+                self._fail(UpstreamError("backend closed the connection mid-response"))
+
+    # --- httptools callbacks --------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.headers_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # --- used by UpstreamResponse ---------------------------------------------------
+    def _framed(self) -> bool:
+        return any(k in (b"content-length", b"transfer-encoding") for k, _ in self.headers)
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.waiter = loop.create_future()
+        try:
+            if timeout is None:
+                await self.waiter
+            else:
+                async with asyncio.timeout(timeout):
+                    await self.waiter
+        finally:
+            self.waiter = None
+
+    def take(self) -> bytes:
+        if len(self.chunks) == 1:
+            data = self.chunks.popleft()
+        else:
+            data = b"".join(self.chunks)
+            self.chunks.clear()
+        self.buffered = 0
+        if self.reading_paused and self.transport:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def reset(self) -> None:
+        self.headers = []
+        self.status = 0
+        self.chunks.clear()
+        self.buffered = 0
+        self.headers_done = False
+        self.complete = False
+        self.error = None
+        self.received_any = False
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamResponse:
+    """A backend's response: status and headers now, the body as it arrives."""
+
+    __slots__ = ("_conn", "_done", "headers", "status", "timeout")
+
+    def __init__(self, conn: _Connection, timeout: float | None) -> None:
+        self._conn = conn
+        self.status = conn.status
+        self.headers = conn.headers
+        self.timeout = timeout
+        self._done = False
+
+    def forward_headers(self) -> list[tuple[bytes, bytes]]:
+        """Response headers a proxy may copy to its client."""
+        return [(k, v) for k, v in self.headers if k not in HOP_BY_HOP]
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        parts = []
+        async for chunk in self.iter_body():
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive (chunked framing removed); `timeout` applies per wait."""
+        conn = self._conn
+        try:
+            while True:
+                if conn.chunks:
+                    yield conn.take()
+                    continue
+                if conn.error is not None:
+                    raise conn.error
+                if conn.complete:
+                    break
+                try:
+                    await conn.wait(self.timeout)
+                except TimeoutError:
+                    raise UpstreamTimeout(
+                        f"backend sent nothing for {self.timeout:g}s mid-response"
+                    ) from None
+            self._done = True
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Return the connection to the pool if the body was read to the end, else close it."""
+        conn = self._conn
+        if not conn.busy:
+            return
+        conn.busy = False
+        if self._done and conn.complete and conn.parser.should_keep_alive() and not conn.closed:
+            conn.pool._give_back(conn)
+        else:
+            conn.close()
+
+    def abort(self) -> None:
+        """Drop the connection now (client went away); any reader sees an error."""
+        conn = self._conn
+        if conn.busy:
+            conn._fail(UpstreamError("request aborted"))
+            conn.busy = False
+            conn.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections to backends, keyed by (host, port)."""
+
+    def __init__(self, *, max_idle_per_host: int = 256, connect_timeout: float = 5.0) -> None:
+        self.max_idle_per_host = max_idle_per_host
+        self.connect_timeout = connect_timeout
+        self._idle: dict[tuple[str, int], deque[_Connection]] = {}
+        self._all: set[_Connection] = set()
+
+    async def request(
+        self,
+        address: str,
+        method: bytes,
+        path: bytes,
+        body: bytes = b"",
+        *,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+        timeout: float | None = None,
+    ) -> UpstreamResponse:
+        """Send one request to `address` ("host:port"); return once the status line arrived.
+
+        Raises ReplicaGone when the backend refuses the connection or drops it before
+        answering, UpstreamTimeout when it does not answer within `timeout`.
+        """
+        host, _, port_text = address.rpartition(":")
+        key = (host.strip("[]"), int(port_text))
+        head = [
+            method,
+            b" ",
+            path,
+            b" HTTP/1.1\r\nhost: ",
+            address.encode(),
+            b"\r\ncontent-length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+        ]
+        for name, value in headers:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"\r\n")
+        payload = b"".join(head) + body if len(body) < 65536 else None
+
+        for attempt in (0, 1):
+            conn, reused = await self._acquire(key)
+            conn.reset()
+            conn.busy = True
+            assert conn.transport is not None
+            if payload is not None:
+                conn.transport.write(payload)
+            else:
+                conn.transport.writelines([b"".join(head), body])
+            try:
+                while not conn.headers_done and conn.error is None:
+                    await conn.wait(timeout)
+            except TimeoutError:
+                conn.busy = False
+                conn.close()
+                raise UpstreamTimeout(
+                    f"backend {address} did not answer within {timeout:g}s"
+                ) from None
+            except BaseException:
+                conn.busy = False
+                conn.close()
+                raise
+            if conn.error is not None:
+                conn.busy = False
+                conn.close()
+                if reused and not conn.received_any and attempt == 0:
+                    continue  # a stale keep-alive connection: retry once on a fresh one
+                raise ReplicaGone(f"backend {address} closed the connection: {conn.error}")
+            return UpstreamResponse(conn, timeout)
+        raise AssertionError("unreachable")
+
+    async def _acquire(self, key: tuple[str, int]) -> tuple[_Connection, bool]:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn, True
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, proto = await loop.create_connection(
+                    lambda: _Connection(self, key), key[0], key[1]
+                )
+        except (ConnectionRefusedError, ConnectionResetError) as exc:
+            raise ReplicaGone(f"backend {key[0]}:{key[1]} refused the connection") from exc
+        except TimeoutError:
+            raise ReplicaGone(f"connecting to backend {key[0]}:{key[1]} timed out") from None
+        except OSError as exc:
+            raise ReplicaGone(f"cannot connect to backend {key[0]}:{key[1]}: {exc}") from exc
+        self._all.add(proto)
+        return proto, False
+
+    def _give_back(self, conn: _Connection) -> None:
+        idle = self._idle.setdefault(conn.key, deque())
+        if len(idle) >= self.max_idle_per_host:
+            conn.close()
+            return
+        idle.append(conn)
+
+    def _forget(self, conn: _Connection) -> None:
+        self._all.discard(conn)
+        idle = self._idle.get(conn.key)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
+
+    def close_host(self, address: str) -> None:
+        """Close idle connections to one backend (it was removed)."""
+        host, _, port_text = address.rpartition(":")
+        for conn in self._idle.pop((host.strip("[]"), int(port_text)), deque()):
+            conn.close()
+
+    async def close(self) -> None:
+        for conn in list(self._all):
+            conn.close()
+        self._idle.clear()
+        await asyncio.sleep(0)  # let transports run connection_lost

@@ -1,0 +1,131 @@
+"""Running the processes: a frontend under uvicorn, a worker, and `corral up` (all in one).
+
+Signals are handled here, not by uvicorn, so shutdown happens in order: worker (backends
+stopped), frontend, then the embedded NATS and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import socket
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from corral.backends.catalog import Catalog
+from corral.config import FrontendSettings, WorkerSettings
+from corral.frontend.app import create_app
+from corral.frontend.service import Frontend
+from corral.worker.agent import Agent
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling (the runner owns signals)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def install_stop_handler(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def frontend_server(
+    settings: FrontendSettings, *, sock: socket.socket | None = None
+) -> tuple[Frontend, _Server]:
+    frontend = Frontend(settings)
+    config = uvicorn.Config(
+        create_app(frontend),
+        host=settings.host,
+        port=settings.port,
+        http="httptools",
+        loop="none",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=30,
+        backlog=4096,
+    )
+    server = _Server(config)
+    return frontend, server
+
+
+async def serve_frontend(settings: FrontendSettings, stop: asyncio.Event) -> None:
+    """Run one frontend until `stop` is set."""
+    _, server = frontend_server(settings)
+    task = asyncio.create_task(server.serve())
+    await _until_started(server, task)
+    log.info("frontend listening on http://%s:%d", settings.host, settings.port)
+    await _wait_either(stop, task)
+    server.should_exit = True
+    await task
+
+
+async def serve_worker(agent: Agent, stop: asyncio.Event) -> None:
+    await agent.start()
+    await stop.wait()
+    await agent.stop(drain=True)
+
+
+def make_agent(settings: WorkerSettings) -> Agent:
+    """A worker agent with the catalog, installer and artifact stager for its data dir."""
+    catalog = Catalog.builtin().with_dir(settings.backends_dir)
+    return Agent(settings, catalog=catalog, **_worker_parts(settings))
+
+
+def _worker_parts(settings: WorkerSettings) -> dict[str, Any]:
+    parts: dict[str, Any] = {}
+    try:
+        from corral.worker.artifacts import ArtifactStager
+        from corral.worker.installs import BackendInstaller
+    except ImportError:  # pragma: no cover - both ship with corral
+        return parts
+    parts["installer"] = BackendInstaller(settings.data_dir / "backends")
+    parts["stager"] = ArtifactStager(settings.data_dir / "artifacts")
+    return parts
+
+
+async def _until_started(server: uvicorn.Server, task: asyncio.Task[None]) -> None:
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("the frontend stopped during start-up")
+        await asyncio.sleep(0.02)
+
+
+async def _wait_either(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+
+
+def run_async(main: Callable[[], Any]) -> None:
+    """Run `main()` on uvloop when available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+
+
+def read_or_create_token(path: Path) -> str:
+    """The cluster token `corral up` keeps in its data dir (created once, mode 600)."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    return token

@@ -1,0 +1,103 @@
+"""`corral up`: embedded PostgreSQL and NATS, one frontend and one local worker, in one command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from corral.config import FrontendSettings, WorkerSettings
+from corral.embedded import EmbeddedNats, EmbeddedPostgres
+from corral.runner import (
+    _until_started,
+    _wait_either,
+    frontend_server,
+    install_stop_handler,
+    make_agent,
+    read_or_create_token,
+)
+
+log = logging.getLogger(__name__)
+
+
+def ensure_models_dir(directory: Path) -> Path:
+    """Create the models directory with the demo model on first use."""
+    if not directory.exists():
+        directory.mkdir(parents=True)
+        demo = resources.files("corral.demo").joinpath("demo.yaml")
+        with resources.as_file(demo) as src:
+            shutil.copyfile(src, directory / "demo.yaml")
+    return directory
+
+
+async def up(
+    data_dir: Path, *, host: str, port: int, models_dir: Path | None, workers: int = 1
+) -> None:
+    """Run the all-in-one cluster until SIGINT/SIGTERM; leave no process behind.
+
+    `data_dir` must exist (the CLI creates it).
+    """
+    stop = asyncio.Event()
+    install_stop_handler(stop)
+    pg = EmbeddedPostgres(data_dir / "postgres")
+    nats = EmbeddedNats(data_dir / "nats")
+    try:
+        database_url = pg.start()
+        nats_url = nats.start()
+        token = read_or_create_token(data_dir / "token")
+        models = ensure_models_dir(models_dir or data_dir / "models")
+        fsettings = FrontendSettings(
+            database_url=database_url,
+            nats_url=nats_url,
+            host=host,
+            port=port,
+            models_dir=models,
+            token=SecretStr(token),
+        )
+        frontend, server = frontend_server(fsettings)
+        serving = asyncio.create_task(server.serve())
+        await _until_started(server, serving)
+        wsettings = WorkerSettings(
+            join=f"http://{_client_host(host)}:{port}",
+            token=SecretStr(token),
+            name="local",
+            data_dir=data_dir / "worker",
+        )
+        agent = make_agent(wsettings)
+        await agent.start()
+        try:
+            _banner(host, port, sorted(frontend.view.models), data_dir)
+            await _wait_either(stop, serving)
+        finally:
+            print("\nstopping corral ...", file=sys.stderr, flush=True)
+            await agent.stop(drain=False)
+            server.should_exit = True
+            await serving
+    finally:
+        nats.stop()
+        pg.stop()
+        print("corral stopped; data kept in", data_dir, file=sys.stderr, flush=True)
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _banner(host: str, port: int, models: list[str], data_dir: Path) -> None:
+    url = f"http://{_client_host(host)}:{port}"
+    model = models[0] if models else "demo"
+    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+    print(
+        f"\nCorral is up: {url}/v1   models: {', '.join(models) or '(none)'}\n"
+        f"Try it:\n"
+        f"  curl {url}/v1/chat/completions -H 'content-type: application/json' \\\n"
+        f"       -d '{body}'\n"
+        f'Add workers: corral worker --join {url} --token "$(cat {data_dir / "token"})"\n'
+        f"Data: {data_dir}   Press Ctrl-C to stop.\n",
+        flush=True,
+    )
