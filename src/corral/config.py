@@ -90,6 +90,7 @@ class WorkerSettings(BaseSettings):
     max_replicas_per_model: int = 0
     backends_dir: Path | None = None  # extra backend catalog entries
     stop_grace: float = 10.0
+    drain_timeout: float = 120.0  # seconds a SIGTERM waits for the frontend to move replicas
     ready_timeout: float = 900.0
     port_low: int = 20000
     port_high: int = 29999

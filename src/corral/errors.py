@@ -83,6 +83,14 @@ class NotFound(CorralError):
     code = "not_found"
 
 
+class MethodNotAllowed(CorralError):
+    """The endpoint exists but not for this HTTP method (HTTP 405)."""
+
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class Conflict(CorralError):
     """The request conflicts with the current state (HTTP 409)."""
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from corral.domain.entities import Gpu, Resources
 
 SCHEMA_VERSION = 1
 
@@ -152,3 +155,43 @@ class LoadReport(Message):
     frontend_id: str
     inflight: list[tuple[str, int, int]] = Field(default_factory=list)  # (model, index, count)
     at: float = 0.0
+
+
+# --- resources as JSON (heartbeats and the registry) ----------------------------------
+
+
+def resources_from_wire(data: Mapping[str, Any]) -> Resources:
+    gpus = tuple(
+        Gpu(
+            index=int(g.get("index", i)),
+            name=str(g.get("name", "")),
+            memory_total=int(g.get("memory_total", 0)),
+            memory_free=int(g.get("memory_free", 0)),
+        )
+        for i, g in enumerate(data.get("gpus") or [])
+    )
+    return Resources(
+        cpu_count=int(data.get("cpu_count", 0)),
+        ram_total=int(data.get("ram_total", 0)),
+        ram_free=int(data.get("ram_free", 0)),
+        disk_free=int(data.get("disk_free", 0)),
+        gpus=gpus,
+    )
+
+
+def resources_to_wire(resources: Resources) -> dict[str, Any]:
+    return {
+        "cpu_count": resources.cpu_count,
+        "ram_total": resources.ram_total,
+        "ram_free": resources.ram_free,
+        "disk_free": resources.disk_free,
+        "gpus": [
+            {
+                "index": g.index,
+                "name": g.name,
+                "memory_total": g.memory_total,
+                "memory_free": g.memory_free,
+            }
+            for g in resources.gpus
+        ],
+    }

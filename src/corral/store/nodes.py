@@ -10,7 +10,8 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from corral.domain.entities import Gpu, Node, NodeStatus, Resources
+from corral.bus.messages import resources_from_wire
+from corral.domain.entities import Node, NodeStatus
 from corral.domain.sizes import MemoryBudget
 from corral.store.tables import node_labels, nodes
 
@@ -164,43 +165,6 @@ async def _write_labels(conn: AsyncConnection, node_id: str, labels: Mapping[str
         )
 
 
-def resources_from_json(data: Mapping[str, Any]) -> Resources:
-    gpus = tuple(
-        Gpu(
-            index=int(g.get("index", i)),
-            name=str(g.get("name", "")),
-            memory_total=int(g.get("memory_total", 0)),
-            memory_free=int(g.get("memory_free", 0)),
-        )
-        for i, g in enumerate(data.get("gpus") or [])
-    )
-    return Resources(
-        cpu_count=int(data.get("cpu_count", 0)),
-        ram_total=int(data.get("ram_total", 0)),
-        ram_free=int(data.get("ram_free", 0)),
-        disk_free=int(data.get("disk_free", 0)),
-        gpus=gpus,
-    )
-
-
-def resources_to_json(resources: Resources) -> dict[str, Any]:
-    return {
-        "cpu_count": resources.cpu_count,
-        "ram_total": resources.ram_total,
-        "ram_free": resources.ram_free,
-        "disk_free": resources.disk_free,
-        "gpus": [
-            {
-                "index": g.index,
-                "name": g.name,
-                "memory_total": g.memory_total,
-                "memory_free": g.memory_free,
-            }
-            for g in resources.gpus
-        ],
-    }
-
-
 def row_to_node(row: Mapping[Any, Any], labels: Mapping[str, str]) -> Node:
     try:
         budget = MemoryBudget.parse(row["memory_budget"])
@@ -212,7 +176,7 @@ def row_to_node(row: Mapping[Any, Any], labels: Mapping[str, str]) -> Node:
         status=NodeStatus(row["status"]),
         address=row["address"],
         labels=dict(labels),
-        resources=resources_from_json(row["resources"] or {}),
+        resources=resources_from_wire(row["resources"] or {}),
         memory_budget=budget,
         max_replicas_per_model=row["max_replicas_per_model"],
         backends=frozenset(row["backends"] or []),
