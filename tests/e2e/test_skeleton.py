@@ -28,8 +28,11 @@ def test_openai_client_through_frontend_and_two_workers(cluster: Cluster) -> Non
     cluster.start_frontend()
     cluster.start_worker("w1")
     cluster.start_worker("w2")
-    c = client(cluster)
+    with client(cluster) as c:
+        check_every_endpoint(c, cluster)
 
+
+def check_every_endpoint(c: openai.OpenAI, cluster: Cluster) -> None:
     assert {m.id for m in c.models.list().data} == {"chat", "emb"}
 
     messages = [{"role": "user", "content": "Tell me about corrals"}]
@@ -65,8 +68,7 @@ def test_openai_client_through_frontend_and_two_workers(cluster: Cluster) -> Non
 def test_errors_are_openai_style(cluster: Cluster) -> None:
     cluster.write_model("chat")
     cluster.start_frontend()
-    c = client(cluster)
-    with pytest.raises(openai.NotFoundError) as missing:
+    with client(cluster) as c, pytest.raises(openai.NotFoundError) as missing:
         c.chat.completions.create(
             model="no-such-model",
             messages=[{"role": "user", "content": "hi"}],

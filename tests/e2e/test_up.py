@@ -1,0 +1,110 @@
+"""`corral up`: one command brings up a working endpoint and Ctrl-C/SIGTERM leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from cluster import wait_for
+from corral.embedded import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def start_up(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "corral",
+                "up",
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+
+
+def wait_up(proc: subprocess.Popen[bytes], log: Path, port: int, runs: int) -> None:
+    """Wait for the banner (printed once the local worker has joined) of the `runs`-th start."""
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"corral up exited:\n{log.read_text()[-3000:]}")
+        if log.read_text().count("Corral is up") < runs:
+            return False
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+
+    wait_for(ready, timeout=120, what="corral up ready")
+
+
+def chat(port: int) -> str:
+    with openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0
+    ) as client:
+        answer = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Hello!"}]
+        )
+    return answer.choices[0].message.content or ""
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    log = tmp_path / "up.log"
+    port = free_port()
+    started = time.monotonic()
+    proc = start_up(data_dir, port, log)
+    try:
+        wait_up(proc, log, port, runs=1)
+        assert chat(port)
+        first_answer = time.monotonic() - started
+        print(f"corral up: first answer after {first_answer:.1f}s")
+        processes = tree(proc.pid)
+        names = " ".join(p.name() for p in processes)
+        assert "postgres" in names and "nats-server" in names
+        assert len(processes) >= 4  # corral, postgres (+ its workers), nats, the sim backend
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0, log.read_text()[-3000:]
+        wait_for(
+            lambda: not [p for p in processes if p.is_running() and p.status() != "zombie"],
+            timeout=30,
+            what="every child process gone",
+        )
+        assert "corral stopped" in log.read_text()
+
+        # the data outlives the process: the same node comes back, and it still answers
+        nodes_before = (data_dir / "worker" / "node.json").read_text()
+        proc = start_up(data_dir, port, log)
+        wait_up(proc, log, port, runs=2)
+        assert chat(port)
+        nodes = httpx.get(f"http://127.0.0.1:{port}/api/nodes").json()["nodes"]
+        assert len(nodes) == 1 and nodes[0]["id"] in nodes_before
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0
+    finally:
+        if proc.poll() is None:
+            for p in tree(proc.pid):
+                p.kill()
