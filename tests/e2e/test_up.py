@@ -1,4 +1,4 @@
-"""`corral up`: one command brings up a working endpoint and Ctrl-C/SIGTERM leaves nothing behind."""
+"""`corral up`: one command brings up a working endpoint; SIGTERM leaves nothing behind."""
 
 from __future__ import annotations
 
