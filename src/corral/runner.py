@@ -14,15 +14,15 @@ import signal
 import socket
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from corral.backends.catalog import Catalog
 from corral.config import FrontendSettings, WorkerSettings
-from corral.frontend.app import create_app
-from corral.frontend.service import Frontend
-from corral.worker.agent import Agent
+
+if TYPE_CHECKING:  # imported lazily: a worker never loads the frontend's libraries
+    from corral.frontend.service import Frontend
+    from corral.worker.agent import Agent
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ def install_stop_handler(stop: asyncio.Event) -> None:
 def frontend_server(
     settings: FrontendSettings, *, sock: socket.socket | None = None
 ) -> tuple[Frontend, _Server]:
+    from corral.frontend.app import create_app
+    from corral.frontend.service import Frontend
+
     frontend = Frontend(settings)
     config = uvicorn.Config(
         create_app(frontend),
@@ -80,6 +83,9 @@ async def serve_worker(agent: Agent, stop: asyncio.Event) -> None:
 
 def make_agent(settings: WorkerSettings) -> Agent:
     """A worker agent with the catalog, installer and artifact stager for its data dir."""
+    from corral.backends.catalog import Catalog
+    from corral.worker.agent import Agent
+
     catalog = Catalog.builtin().with_dir(settings.backends_dir)
     return Agent(settings, catalog=catalog, **_worker_parts(settings))
 

@@ -22,6 +22,7 @@ from corral.frontend.drain import Drainer
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.probe import ProbeCache
 from corral.frontend.proxy import OpenAIProxy
+from corral.frontend.reconciler import Reconciler
 from corral.frontend.upstream import UpstreamPool
 from corral.frontend.view import ClusterView
 from corral.modelfile import load_models_dir
@@ -72,6 +73,16 @@ class Frontend:
             cold=self.cold,
             timeout=settings.drain_timeout,
         )
+        self.reconciler = Reconciler(
+            registry=self.registry,
+            view=self.view,
+            inflight=self.inflight,
+            actuator=self.actuator,
+            probes=self.probes,
+            settings=settings,
+            gpu_backends=self.catalog.gpu_backends(),
+            publish_node=self.publish_node,
+        )
         self.proxy = OpenAIProxy(
             view=self.view,
             inflight=self.inflight,
@@ -112,6 +123,7 @@ class Frontend:
         ]
         for name, step, interval in loops:
             self._tasks.append(asyncio.create_task(self._every(name, step, interval), name=name))
+        self._tasks.append(asyncio.create_task(self.reconciler.run(), name="reconciler"))
         for loop in self.extra_loops:
             self._tasks.append(asyncio.create_task(loop()))
         self.started = True
@@ -126,6 +138,7 @@ class Frontend:
         for drain in list(self._drains):
             drain.cancel()
         await self.cold.close()
+        await self.reconciler.close()
         try:
             await self._flush_last_used()
         except Exception:
@@ -187,7 +200,11 @@ class Frontend:
     # --- event handlers -------------------------------------------------------------------
     async def _on_replica_event(self, payload: bytes) -> None:
         event = decode(payload, ReplicaEvent)
-        if event is None or event.origin == self.id:
+        if event is None:
+            return
+        if event.kind in ("removed", "failed"):
+            self.reconciler.poke()  # capacity freed
+        if event.origin == self.id:
             return
         if event.kind in ("removed", "failed"):
             gone = self.view.drop_replica(event.model, event.index)
@@ -210,7 +227,11 @@ class Frontend:
 
     async def _on_node_event(self, payload: bytes) -> None:
         event = decode(payload, NodeEvent)
-        if event is None or event.origin == self.id:
+        if event is None:
+            return
+        if event.kind in ("joined", "labels", "status"):
+            self.reconciler.poke()  # capacity may have appeared
+        if event.origin == self.id:
             return
         node = await self.registry.nodes.get(event.node_id)
         if node is None:
