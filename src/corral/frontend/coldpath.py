@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -165,7 +166,7 @@ class ColdLoader:
         deadline = self.clock() + self.wait_budget
         while True:
             nodes = await self.registry.nodes.all()
-            replicas = await self.registry.replicas.all()
+            replicas = self._fresh_use(await self.registry.replicas.all())
             pools = self._pools()
             decision = place(
                 spec,
@@ -206,6 +207,16 @@ class ColdLoader:
         log.info("evicting %s on %s to make room for %s", names, node_id, spec.name)
         for victim in victims:
             await self.actuator.stop(victim, f"evicted to make room for {spec.name}")
+
+    def _fresh_use(self, replicas: list[Replica]) -> list[Replica]:
+        """Rows with this frontend's own last-used times, which the DB gets only in batches."""
+        used = self.view.last_used
+        return [
+            dataclasses.replace(r, last_used=used[r.key])
+            if used.get(r.key, 0.0) > r.last_used
+            else r
+            for r in replicas
+        ]
 
     def _pools(self) -> dict[str, MemoryPool]:
         return {m.name: memory_pool(m, self.gpu_backends) for m in self.view.models.values()}

@@ -76,7 +76,8 @@ class ProbeCache:
         if isinstance(data, list):
             ids = {m.get("id") for m in data if isinstance(m, dict)}
             if not ids:
-                return "backend serves no model"
+                return f"model {model!r} is not loaded: the backend serves no model"
             if model not in ids:
-                return f"backend serves {sorted(str(i) for i in ids)}, not {model!r}"
+                served = sorted(str(i) for i in ids)
+                return f"model {model!r} is not loaded: the backend serves {served}"
         return None

@@ -261,7 +261,7 @@ class OpenAIProxy:
                 "headers": response.forward_headers(),
             }
         )
-        watcher = asyncio.ensure_future(receive())
+        watcher = asyncio.ensure_future(wait_disconnect(receive))
 
         def client_left(_: object) -> None:
             response.abort()
@@ -281,6 +281,12 @@ class OpenAIProxy:
             watcher.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.probes.mark_ok(replica.node_id, replica.address)
+
+
+async def wait_disconnect(receive: Receive) -> None:
+    """Return when the client goes away (stray empty `http.request` messages are skipped)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class _Buffered:
