@@ -141,6 +141,7 @@ class Cluster:
         self.frontends: list[Proc] = []
         self.workers: list[Proc] = []
         self.ports: dict[Proc, int] = {}
+        self.api_key: str | None = None  # sent by api() when the frontends require keys
 
     # --- processes ------------------------------------------------------------------------
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
@@ -244,6 +245,8 @@ class Cluster:
 
     # --- admin helpers -------------------------------------------------------------------
     def api(self, method: str, path: str, frontend: Proc | None = None, **kw: Any) -> Any:
+        if self.api_key:
+            kw.setdefault("headers", {})["authorization"] = f"Bearer {self.api_key}"
         r = httpx.request(method, self.url(frontend) + path, timeout=kw.pop("timeout", 30), **kw)
         r.raise_for_status()
         return r.json()

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import platformdirs
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from corral.domain.sizes import MemoryBudget
 
@@ -34,7 +34,7 @@ class FrontendSettings(BaseSettings):
     port: int = 8000
     models_dir: Path | None = None
     token: SecretStr | None = None  # registration token workers join with
-    api_keys: list[SecretStr] = Field(default_factory=list)  # empty: the OpenAI API is open
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # empty: open
     frontend_id: str = Field(default_factory=lambda: f"fe-{secrets.token_hex(4)}")
 
     # cold path
@@ -81,7 +81,7 @@ class WorkerSettings(BaseSettings):
     join: str = "http://127.0.0.1:8000"  # URL of a frontend (or a load balancer in front)
     token: SecretStr | None = None
     name: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     advertise_host: str | None = None
     bind_host: str | None = None
     data_dir: Path = Field(default_factory=lambda: default_data_dir() / "worker")

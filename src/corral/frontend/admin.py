@@ -21,6 +21,10 @@ def require_admin(request: Request) -> None:
     frontend_of(request).authorizer.check(request.scope)
 
 
+class KeyBody(BaseModel):
+    name: str = Field(min_length=1, max_length=255)
+
+
 class LabelsBody(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
 
@@ -220,6 +224,29 @@ def admin_router() -> APIRouter:
             "jobs": [{"model": j.model, "owner": j.owner, **j.as_progress()} for j in jobs],
             "progress": {m: p.model_dump() for m, p in fe.view.progress.items()},
         }
+
+    # --- API keys -------------------------------------------------------------------------
+    @router.get("/keys")
+    async def list_keys(request: Request) -> dict[str, Any]:
+        return {"keys": await frontend_of(request).registry.audit.list_api_keys()}
+
+    @router.post("/keys")
+    async def create_key(body: KeyBody, request: Request) -> dict[str, Any]:
+        """Create an API key; the secret is shown once, only its digest is stored."""
+        fe = frontend_of(request)
+        key_id, secret = await fe.registry.audit.create_api_key(body.name)
+        await fe.refresh()
+        await fe.registry.audit.add("apikey.created", f"{key_id} ({body.name})")
+        return {"id": key_id, "name": body.name, "key": secret}
+
+    @router.delete("/keys/{key_id}")
+    async def delete_key(key_id: str, request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        if not await fe.registry.audit.delete_api_key(key_id):
+            raise NotFound(f"API key {key_id} not found")
+        await fe.refresh()
+        await fe.registry.audit.add("apikey.deleted", key_id)
+        return {"deleted": key_id}
 
     @router.get("/events")
     async def list_events(request: Request, limit: int = 100) -> dict[str, Any]:
