@@ -27,7 +27,7 @@ CASES = [
     ("unhealthy-still-late-stays", U, NOW - 30, U),
     ("unhealthy-fresh-healthy", U, NOW - 2, H),
     ("unhealthy-gone-offline", U, NOW - 61, OFF),
-    ("offline-fresh-healthy", OFF, NOW - 2, H),
+    ("offline-fresh-stays-offline", OFF, NOW - 2, OFF),  # only the node API revives it
     ("offline-late-stays-offline", OFF, NOW - 30, OFF),
     ("offline-never-heartbeat-stays", OFF, 0.0, OFF),
     ("draining-fresh-stays-draining", D, NOW - 10, D),

@@ -19,6 +19,7 @@ from corral.domain.entities import (
 )
 from corral.domain.reconcile import (
     Action,
+    AdoptReplica,
     ClusterState,
     MarkNode,
     ReconcileConfig,
@@ -114,6 +115,8 @@ def state(
     load_info: frozenset[str] | None = None,
     cooldowns: dict[str, float] | None = None,
     reported: frozenset[str] = frozenset(),
+    avoid: dict[str, frozenset[str]] | None = None,
+    monitor_since: float = 0.0,
 ) -> ClusterState:
     return ClusterState(
         nodes=nodes,
@@ -124,6 +127,8 @@ def state(
         load_info=frozenset(m.name for m in models) if load_info is None else load_info,
         cooldowns=cooldowns or {},
         already_reported=reported,
+        avoid=avoid or {},
+        monitor_since=monitor_since,
     )
 
 
@@ -167,6 +172,21 @@ CASES: list[tuple[str, ClusterState, list[Action]]] = [
         state([node("a", status=D), node("b")], [model(min_replicas=1)], [rep(0, "a")]),
         [],
     ),
+    (
+        "offline-node-with-fresh-heartbeat-stays-offline",  # deregistered: only the API revives
+        state([node("a", status=OFF)], [model(min_replicas=1)]),
+        [cooldown("no healthy node: a: node is offline")],
+    ),
+    (
+        "downtime-before-leading-not-held-against-nodes",
+        state([node("a", age=100)], [model(min_replicas=1)], [rep(0)], monitor_since=NOW - 2),
+        [],
+    ),
+    (
+        "late-since-leading-unhealthy",
+        state([node("a", age=100)], [], monitor_since=NOW - 20),
+        [MarkNode("a", U, H)],
+    ),
     # --- below minimum -------------------------------------------------------------------
     (
         "below-minimum-starts-lowest-free-indexes",
@@ -201,6 +221,20 @@ CASES: list[tuple[str, ClusterState, list[Action]]] = [
         "cooldown-expired-starts",
         state([node("a")], [model(min_replicas=1)], cooldowns={"m": NOW - 1}),
         [start("a", 0)],
+    ),
+    (
+        "node-where-a-start-failed-avoided",
+        state([node("a"), node("b")], [model(min_replicas=1)], avoid={"m": frozenset({"a"})}),
+        [start("b", 0)],
+    ),
+    (
+        "avoid-is-per-model",
+        state(
+            [node("a")],
+            [model(min_replicas=1), model("n", min_replicas=1)],
+            avoid={"n": frozenset({"a"})},
+        ),
+        [start("a", 0), cooldown("no healthy node: a: excluded by the caller", name="n")],
     ),
     (
         "no-healthy-node-cools-down",
@@ -357,6 +391,24 @@ CASES: list[tuple[str, ClusterState, list[Action]]] = [
         [],
     ),
     (
+        "draining-replica-is-no-surplus",  # its drain started a replacement: keep the others
+        state(
+            [node("a", status=D), node("b", budget=20 * GB)],
+            [model(min_replicas=2)],
+            [rep(0, "a", idle=400), rep(1, "b", idle=400), rep(2, "b", LOADING)],
+        ),
+        [],
+    ),
+    (
+        "draining-replica-never-scaled-down-by-the-loop",
+        state(
+            [node("a", status=D), node("b", budget=20 * GB)],
+            [model(min_replicas=1)],
+            [rep(0, "b", idle=400), rep(1, "b", idle=400), rep(2, "a", idle=400)],
+        ),
+        [stop(rep(1, "b", idle=400), "idle above minimum")],
+    ),
+    (
         "at-minimum-kept",
         state([node("a")], [model(min_replicas=2)], [rep(0, idle=400), rep(1, idle=400)]),
         [],
@@ -388,8 +440,66 @@ CASES: list[tuple[str, ClusterState, list[Action]]] = [
         [RemoveReplicaRow("m", 0, "a", "process not running")],
     ),
     (
-        "loading-row-without-process-kept",
-        state([node("a")], [model(min_replicas=1)], [rep(0, state=LOADING)], processes={"a": []}),
+        "loading-row-without-process-within-grace-kept",
+        state(
+            [node("a")],
+            [model(min_replicas=1)],
+            [rep(0, state=LOADING, age=10)],
+            processes={"a": []},
+        ),
+        [],
+    ),
+    (
+        "loading-row-its-node-knows-nothing-of-removed",  # the start died with its frontend
+        state(
+            [node("a")],
+            [model(min_replicas=1)],
+            [rep(0, state=LOADING, age=100)],
+            processes={"a": []},
+        ),
+        [
+            RemoveReplicaRow("m", 0, "a", "start lost: its node is not working on it"),
+            start("a", 1),
+        ],
+    ),
+    (
+        "loading-row-while-its-node-stages-kept",
+        state(
+            [node("a")],
+            [model(min_replicas=1)],
+            [rep(0, state=LOADING, age=5000)],
+            processes={"a": [RunningProcess("m", 0, None, NOW - 5000, ready=False)]},
+        ),
+        [],
+    ),
+    (
+        "loading-row-with-ready-process-adopted",  # the frontend that started it died
+        state(
+            [node("a")],
+            [model(min_replicas=1)],
+            [replace(rep(0, state=LOADING, age=100), address=None)],
+            processes={"a": [proc(0)]},
+        ),
+        [AdoptReplica("m", 0, "a", "a:9000")],
+    ),
+    (
+        "loading-row-with-ready-process-within-grace-kept",
+        state(
+            [node("a")],
+            [model(min_replicas=1)],
+            [rep(0, state=LOADING, age=10)],
+            processes={"a": [proc(0)]},
+        ),
+        [],
+    ),
+    (
+        "loading-row-with-starting-process-kept",
+        state(
+            [node("a")],
+            [model(min_replicas=1)],
+            [rep(0, state=LOADING, age=5000)],
+            processes={"a": [replace(proc(0), ready=False)]},
+        ),
         [],
     ),
     (

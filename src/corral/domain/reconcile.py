@@ -3,15 +3,23 @@
 `plan(state, now, cfg)` is pure and deterministic (nodes by id, models by name, replicas by
 (model, index)); an actuator applies the actions in order. Rules, in the order they run:
 
-1. Nodes: each node gets `health.node_status`; a change is a `MarkNode`. Every offline node
-   that still has replica rows gets `RemoveNodeReplicas`; those rows are gone for the rest of
-   the tick (so replacements start in the same tick).
+1. Nodes: each node gets `health.node_status`, with its heartbeat age counted from no earlier
+   than `state.monitor_since` (when the leader began watching: while every frontend was down no
+   heartbeat could land, and that is not held against the workers); a change is a `MarkNode`.
+   Every offline node that still has replica rows gets `RemoveNodeReplicas`; those rows are gone
+   for the rest of the tick (so replacements start in the same tick).
 2. Rows whose process is gone: a LOADED or UNLOADING row on a servable node (healthy or
    draining: its heartbeats, and so its process report, are fresh) whose process report
    is known (the node id is a key of `state.processes`, even with an empty list) but does not
    list it, and whose state is older than `cfg.missing_grace` (`now - replica.updated`), gets
    `RemoveReplicaRow`. A process matches a row on the same node with the same model and index
    and the same address (a missing address on either side matches any).
+   A starting row (scheduled, staging, loading) on such a node, in its state for longer than
+   `cfg.missing_grace`: when the node reports a ready process for it, `AdoptReplica` (a
+   frontend alive to finish the start marks it loaded moments after the process is ready, so
+   the one that started it is gone); when the node reports nothing for it (workers report
+   the starts they work on, installs and staging included, as not-ready processes), the start
+   command was lost with its frontend: `RemoveReplicaRow`.
 3. Processes without a row: a process a non-offline node has reported for longer than
    `cfg.orphan_grace` that matches no row on that node (FAILED rows do not count) gets
    `StopOrphan` with its exact identity.
@@ -29,15 +37,18 @@
    d. Otherwise, every routable replica (see `pick.eligible`) has at least `cfg.busy_inflight`
       requests in flight, none is still starting, and counted < `max_replicas` (0 = no cap):
       start one more.
-   e. Otherwise, counted > `min_replicas` and some LOADED replica has had nothing in flight and
-      no use for `scale_down_delay` (`now - max(last_used, updated)`): stop the one with the
-      highest index (one per model per tick).
+   e. Otherwise, more than `min_replicas` counted replicas are on nodes that are not draining
+      (a drain replaces and stops its own) and some LOADED one of them has had nothing in
+      flight and no use for `scale_down_delay` (`now - max(last_used, updated)`): stop the one
+      with the highest index (one per model per tick).
    Starting (b, c, d) first checks, in order: a model with an empty backend or whose load
    information was never recorded is not started but gets `ReportWaiting`, only when its name
    is not in `state.already_reported`; a model whose cooldown (`state.cooldowns`) lies after
-   `now` is not started; when fewer replicas fit than wanted, what fits starts and the model
-   gets `SetCooldown(now + cfg.capacity_cooldown)`. New replicas take the lowest index that no
-   row (any state, even the ones removed this tick) and no reported process of the model uses.
+   `now` is not started; nodes in `state.avoid[model]` (a start of the model failed there a
+   moment ago) are left out of its placement; when fewer replicas fit than wanted, what fits
+   starts and the model gets `SetCooldown(now + cfg.capacity_cooldown)`. New replicas take the
+   lowest index that no row (any state, even the ones removed this tick) and no reported
+   process of the model uses.
 """
 
 from __future__ import annotations
@@ -71,6 +82,7 @@ class RunningProcess:
     index: int
     address: str | None  # host:port it serves on; None while it starts
     first_seen: float  # when the worker first reported it (seconds since the epoch)
+    ready: bool = True  # its health endpoint answered (False: still starting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +102,10 @@ class ClusterState:
     estimates: Mapping[str, int] = field(
         default_factory=dict
     )  # model -> memory estimate; missing: estimate_memory(spec, None)
+    monitor_since: float = 0.0  # when the leader began watching; older heartbeats count as then
+    avoid: Mapping[str, frozenset[str]] = field(
+        default_factory=dict
+    )  # model -> nodes where a start of it just failed: no new replica of it there for now
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +167,17 @@ class StopReplica:
 
 
 @dataclass(frozen=True, slots=True)
+class AdoptReplica:
+    """Mark the starting row (model, index) LOADED at `address`: its process is ready, but the
+    frontend that started it is gone and will never say so."""
+
+    model: str
+    index: int
+    node_id: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
 class RemoveReplicaRow:
     """Delete the row (model, index) on the node: its process is gone."""
 
@@ -193,6 +220,7 @@ Action = (
     | StartReplica
     | StopReplica
     | RemoveReplicaRow
+    | AdoptReplica
     | StopOrphan
     | SetCooldown
     | ReportWaiting
@@ -234,9 +262,12 @@ def _node_health(
 ) -> dict[str, Node]:
     nodes: dict[str, Node] = {}
     for node in sorted(state.nodes, key=lambda n: n.id):
+        last = node.last_heartbeat
+        if last > 0:
+            last = max(last, state.monitor_since)
         status = node_status(
             node.status,
-            node.last_heartbeat,
+            last,
             now,
             heartbeat_interval=cfg.heartbeat_interval,
             unhealthy_after=cfg.unhealthy_after,
@@ -281,16 +312,28 @@ def _missing_processes(
 ) -> set[ReplicaKey]:
     removed: set[ReplicaKey] = set()
     for r in sorted(state.replicas, key=lambda r: r.key):
-        if r.key in gone or r.state not in (ReplicaState.LOADED, ReplicaState.UNLOADING):
+        if r.key in gone or r.state == ReplicaState.FAILED:
             continue
         node = nodes.get(r.node_id)
         procs = state.processes.get(r.node_id)
         if node is None or not node.servable or procs is None:
             continue
-        if now - r.updated <= cfg.missing_grace or any(_matches(p, r) for p in procs):
+        age = now - r.updated
+        found = [p for p in procs if _matches(p, r)]
+        if r.state in (ReplicaState.LOADED, ReplicaState.UNLOADING):
+            if age > cfg.missing_grace and not found:
+                actions.append(RemoveReplicaRow(r.model, r.index, r.node_id, "process not running"))
+                removed.add(r.key)
             continue
-        actions.append(RemoveReplicaRow(r.model, r.index, r.node_id, "process not running"))
-        removed.add(r.key)
+        if age <= cfg.missing_grace:
+            continue
+        ready = [p.address for p in found if p.ready and p.address]
+        if ready:
+            actions.append(AdoptReplica(r.model, r.index, r.node_id, ready[0]))
+        elif not found:
+            reason = "start lost: its node is not working on it"
+            actions.append(RemoveReplicaRow(r.model, r.index, r.node_id, reason))
+            removed.add(r.key)
     return removed
 
 
@@ -384,11 +427,12 @@ class _Tick:
 
     def _scale_down(self, spec: ModelSpec, counted: list[Replica]) -> list[Action]:
         sched = spec.scheduling
-        if len(counted) <= sched.min_replicas:
+        staying = [r for r in counted if self.nodes[r.node_id].status != NodeStatus.DRAINING]
+        if len(staying) <= sched.min_replicas:
             return []
         idle = [
             r
-            for r in counted
+            for r in staying
             if r.state == ReplicaState.LOADED
             and self.busy(r) <= 0
             and self.now - max(r.last_used, r.updated) > sched.scale_down_delay
@@ -445,6 +489,7 @@ class _Tick:
                 candidates,
                 self.work,
                 strategy=self.cfg.placement,
+                exclude_nodes=state.avoid.get(spec.name, frozenset()),
                 pool=pool,
                 model_pools=self.pools,
                 builtin_backends=self.cfg.builtin_backends,

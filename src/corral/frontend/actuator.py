@@ -149,6 +149,20 @@ class ReplicaActuator:
         await self._forget(replica, reason, kind="removed")
         return stopped
 
+    async def mark(
+        self, replica: Replica, state: ReplicaState, *, address: str | None = None
+    ) -> Replica | None:
+        """Set a replica's state (and address) in the registry, this view and the other
+        frontends' views; returns the new row, None when it is gone. UNLOADING takes it out of
+        routing before a stop; LOADED adopts a replica whose starter died."""
+        changed = await self.registry.replicas.update(
+            replica.model, replica.index, state=state, address=address, node_id=replica.node_id
+        )
+        if changed is not None:
+            self.view.put_replica(changed)
+            await self._announce("loaded" if state == ReplicaState.LOADED else "updated", changed)
+        return changed
+
     async def drop(self, replica: Replica, reason: str) -> None:
         """A replica turned out gone: remove it now, and stop its process in the background."""
         if self.view.replicas.get(replica.key) is None:

@@ -73,6 +73,7 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
             "status": "ok" if frontend.started else "starting",
             "frontend_id": frontend.id,
             "version": __version__,
+            "reconciler_leader": frontend.reconciler.leader,
         }
 
     @api.get("/v1/models")

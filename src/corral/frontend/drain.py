@@ -1,7 +1,9 @@
 """Draining a node: replacements first, then each replica stops once its in-flight reaches zero.
 
 The node is marked draining before this runs, so it takes no new replicas while its loaded
-ones keep serving until their replacements are up; no request fails because of a drain.
+ones keep serving until their replacements are up. Then each replica is marked UNLOADING on
+every frontend (no new request goes to it), its in-flight requests finish (bounded by the
+drain timeout), and it stops; no request fails because of a drain.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class Drainer:
                 await self.actuator.start(spec, node_id, memory=estimate)
             except CorralError as exc:
                 log.warning("no replacement for %s#%d: %s", *replica.key, exc.message)
+        if await self.actuator.mark(replica, ReplicaState.UNLOADING) is None:
+            return False  # gone meanwhile (its process exited, or the node went offline)
         deadline = self.clock() + self.timeout
         while self.inflight.total(replica.key) > 0 and self.clock() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # in-flight counts change with every response

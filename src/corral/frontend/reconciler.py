@@ -1,8 +1,12 @@
 """The control loop: one frontend at a time (advisory lock) observes, plans and acts each tick.
 
 Observation reads PostgreSQL; `corral.domain.reconcile.plan` decides; this module applies the
-actions. Starts and stops run as background tasks so a slow load never stalls the tick. It
-also probes loaded replicas: several consecutive misses drop one, a busy one is never probed.
+actions. Starts and stops run as background tasks so a slow load never stalls the tick; a start
+in flight counts as a SCHEDULED replica in the next observations until its row exists, so a
+fast tick never plans it twice. A node where a start failed is avoided for that model for one
+capacity cooldown. A capacity shortage is reported once per episode (until the model is
+satisfied again), not once per tick or cooldown. It also probes loaded replicas: several
+consecutive misses drop one, a busy one is never probed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from corral.config import FrontendSettings
 from corral.domain.entities import ModelSpec, Replica, ReplicaState
 from corral.domain.reconcile import (
     Action,
+    AdoptReplica,
     ClusterState,
     MarkNode,
     Plan,
@@ -40,6 +45,7 @@ from corral.frontend.probe import ProbeCache
 from corral.frontend.view import ClusterView
 from corral.store.db import RECONCILER_LOCK
 from corral.store.registry import Registry
+from corral.store.replicas import LoadInfo
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +85,34 @@ class Reconciler:
             gpu_backends=gpu_backends,
         )
         self.leader = False
+        self.leader_since = 0.0
         self.ticks = 0
         self.cooldowns: dict[str, float] = {}
-        self.reported: set[str] = set()
+        self.reported: set[str] = set()  # models reported as waiting for a first load
+        self.short: set[str] = set()  # models whose capacity shortage was reported
+        self.avoid: dict[tuple[str, str], float] = {}  # (model, node) -> avoided until
+        self._starting: dict[tuple[str, int], Replica] = {}  # starts whose row may not exist
+        self._info: dict[str, LoadInfo] = {}  # load information as of the last observation
         self.last_plan = Plan()
         self._misses: dict[tuple[str, int, str], int] = {}
         self._busy: dict[tuple[str, int], asyncio.Task[Any]] = {}
         self._wake = asyncio.Event()
+        self._probing: asyncio.Future[None] | None = None
 
     # --- leadership ---------------------------------------------------------------------
     async def run(self) -> None:
-        """Forever: become leader when the lock is free, then tick until it is lost."""
-        interval = self.settings.reconcile_interval
+        """Forever: become leader when the lock is free, then tick until it is lost.
+
+        A follower tries the lock twice per tick interval, so it takes over within one tick
+        of the leader's death (PostgreSQL frees the lock when the leader's connection drops).
+        """
+        retry = self.settings.reconcile_interval / 2
         while True:
             try:
                 async with self.registry.advisory_lock(RECONCILER_LOCK) as conn:
                     if conn is not None:
                         self.leader = True
+                        self.leader_since = time.time()
                         log.info("this frontend leads the reconciler")
                         await self.registry.audit.add(
                             "reconciler.leader", self.settings.frontend_id
@@ -107,13 +124,14 @@ class Reconciler:
                 log.exception("reconciler lost its footing; retrying")
             finally:
                 self.leader = False
-            await asyncio.sleep(interval)
+            await asyncio.sleep(retry)
 
     async def _lead(self, conn: Any) -> None:
         from sqlalchemy import text
 
         while True:
             await conn.execute(text("SELECT 1"))  # the lock lives as long as this connection
+            await conn.commit()  # never sit idle in a transaction between ticks
             try:
                 await self.tick()
             except asyncio.CancelledError:
@@ -146,13 +164,24 @@ class Reconciler:
                     index=int(p["index"]),
                     address=p.get("address"),
                     first_seen=float(p.get("first_seen", 0.0)),
+                    ready=p.get("state", "ready") == "ready",
                 )
                 for p in reported.get(node.id, [])
             ]
             for node in nodes
             if node.last_heartbeat > 0
         }
+        rows = {r.key for r in replicas}
+        replicas += [r for key, r in self._starting.items() if key not in rows]
         inflight = {r.key: self.inflight.total(r.key) for r in replicas}
+        now = time.time()
+        avoid: dict[str, set[str]] = {}
+        for (model, node_id), until in list(self.avoid.items()):
+            if until > now:
+                avoid.setdefault(model, set()).add(node_id)
+            else:
+                del self.avoid[(model, node_id)]
+        self._info = info
         return ClusterState(
             nodes=nodes,
             models=models,
@@ -163,6 +192,8 @@ class Reconciler:
             cooldowns=dict(self.cooldowns),
             already_reported=frozenset(self.reported),
             estimates={m: i.memory for m, i in info.items() if i.memory > 0},
+            monitor_since=self.leader_since,
+            avoid={m: frozenset(n) for m, n in avoid.items()},
         )
 
     async def tick(self) -> Plan:
@@ -177,15 +208,33 @@ class Reconciler:
                 await self._apply(action, specs, rows)
             except CorralError as exc:
                 log.warning("applying %s failed: %s", action, exc.message)
-        await self._probe_loaded(state.replicas)
+        self._end_shortages(decided, time.time())
+        if self._probing is None or self._probing.done():  # a hung backend never stalls ticks
+            servable = {n.id for n in state.nodes if n.servable}
+            replicas = [r for r in state.replicas if r.node_id in servable]
+            self._probing = asyncio.ensure_future(self._guard(self._probe_loaded(replicas)))
         return decided
+
+    def _end_shortages(self, decided: Plan, now: float) -> None:
+        """A reported model that planned without running short (and is not cooling down) is
+        satisfied again: its next shortage is a new episode, reported again."""
+        short_now = {a.model for a in decided.of(SetCooldown)}
+        for model in list(self.short):
+            if model not in short_now and self.cooldowns.get(model, 0.0) <= now:
+                self.short.discard(model)
+                log.info("model %s: enough capacity again", model)
 
     async def _apply(
         self, action: Action, specs: dict[str, ModelSpec], rows: dict[tuple[str, int], Replica]
     ) -> None:
         if isinstance(action, MarkNode):
+            # only from the status observed: a heartbeat, drain or deregistration that landed
+            # since the observation wins over this tick's judgement
+            if not await self.registry.nodes.set_status(
+                action.node_id, action.status, only_from=[action.previous]
+            ):
+                return
             log.info("node %s: %s -> %s", action.node_id, action.previous, action.status)
-            await self.registry.nodes.set_status(action.node_id, action.status)
             await self.registry.audit.add(
                 "node.status",
                 f"{action.node_id}: {action.previous} -> {action.status}",
@@ -204,8 +253,29 @@ class Reconciler:
                 await self.registry.audit.add(
                     "replica.gone", f"{action.model}#{action.index}: {action.reason}"
                 )
+        elif isinstance(action, AdoptReplica):
+            row = rows.get((action.model, action.index))
+            if row is not None and await self.actuator.mark(
+                row, ReplicaState.LOADED, address=action.address
+            ):
+                log.warning("adopted %s#%d at %s", action.model, action.index, action.address)
+                await self.registry.audit.add(
+                    "replica.adopted",
+                    f"{action.model}#{action.index} on {action.node_id} at {action.address}: "
+                    "its start outlived the frontend that began it",
+                    subject=action.model,
+                )
         elif isinstance(action, StartReplica):
-            self._background((action.model, action.index), self._start(action, specs))
+            key = (action.model, action.index)
+            if self._background(key, self._start(action, specs)):
+                self._starting[key] = Replica(
+                    action.model,
+                    action.index,
+                    action.node_id,
+                    ReplicaState.SCHEDULED,
+                    memory=action.memory,
+                    updated=time.time(),
+                )
         elif isinstance(action, StopReplica):
             replica = rows.get((action.model, action.index))
             if replica is not None:
@@ -217,6 +287,10 @@ class Reconciler:
             )
         elif isinstance(action, SetCooldown):
             self.cooldowns[action.model] = action.until
+            if action.model in self.short:
+                log.debug("model %s still short: %s", action.model, action.reason)
+                return
+            self.short.add(action.model)
             log.warning("model %s: %s", action.model, action.reason)
             await self.registry.audit.add("model.capacity", action.reason, subject=action.model)
         elif isinstance(action, ReportWaiting):
@@ -225,11 +299,12 @@ class Reconciler:
             await self.registry.audit.add("model.waiting", action.reason, subject=action.model)
 
     async def _start(self, action: StartReplica, specs: dict[str, ModelSpec]) -> None:
+        key = (action.model, action.index)
         spec = specs.get(action.model)
-        info = (await self.registry.replicas.load_info([action.model])).get(action.model)
-        if spec is None or info is None:
-            return
+        info = self._info.get(action.model)
         try:
+            if spec is None or info is None:
+                return
             await self.actuator.start(
                 spec,
                 action.node_id,
@@ -239,31 +314,39 @@ class Reconciler:
                 options=info.options,
             )
         except CorralError as exc:
-            self.cooldowns[action.model] = time.time() + self.config.capacity_cooldown
+            # try the other nodes first; the model itself is not to blame for one node
+            until = time.time() + self.config.capacity_cooldown
+            self.avoid[(action.model, action.node_id)] = until
             log.warning("reconciler start of %s failed: %s", action.model, exc.message)
+        finally:
+            self._starting.pop(key, None)
 
     async def _stop_orphan(self, node_id: str, model: str, index: int, address: str | None) -> None:
-        log.info("stopping orphan %s#%d on %s (%s)", model, index, node_id, address)
-        await self.actuator.bus.request(
+        reply = await self.actuator.bus.request(
             self.actuator.bus.subjects.replica_stop(node_id),
             StopCommand(model=model, index=index, address=address),
             StopReplicaReply,
             timeout=30,
         )
+        if not reply.stopped:
+            return  # a report from before its row went: that process was already stopped
+        log.info("stopped orphan %s#%d on %s (%s)", model, index, node_id, address)
         await self.registry.audit.add(
             "replica.orphan", f"{model}#{index} on {node_id} at {address}", subject=model
         )
 
-    def _background(self, key: tuple[str, int], coro: Coroutine[Any, Any, Any]) -> None:
+    def _background(self, key: tuple[str, int], coro: Coroutine[Any, Any, Any]) -> bool:
+        """Run `coro` unless that replica is already being acted on; True when it runs."""
         running = self._busy.get(key)
         if running is not None and not running.done():
-            coro.close()  # that replica is already being acted on
-            return
+            coro.close()
+            return False
         task = asyncio.ensure_future(self._guard(coro))
         self._busy[key] = task
         task.add_done_callback(
             lambda t: self._busy.pop(key, None) if self._busy.get(key) is t else None
         )
+        return True
 
     async def _guard(self, coro: Coroutine[Any, Any, Any]) -> None:
         try:
@@ -304,6 +387,7 @@ class Reconciler:
             del self._misses[key]
 
     async def close(self) -> None:
-        for task in list(self._busy.values()):
+        tasks = [*self._busy.values(), *([self._probing] if self._probing else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._busy.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)

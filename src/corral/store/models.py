@@ -23,24 +23,31 @@ class ModelStore:
         """Create or replace a model; returns True when anything changed (revision bumped)."""
         values = spec_to_row(spec)
         values["source"] = source
-        async with self.engine.begin() as conn:
-            current = (
+        while True:  # at most twice: a concurrent first insert (two frontends starting) won
+            async with self.engine.begin() as conn:
+                current = (
+                    await conn.execute(
+                        select(models).where(models.c.name == spec.name).with_for_update()
+                    )
+                ).first()
+                if current is None:
+                    inserted = await conn.execute(
+                        insert(models)
+                        .values(name=spec.name, revision=1, **values)
+                        .on_conflict_do_nothing(index_elements=[models.c.name])
+                    )
+                    if inserted.rowcount:
+                        return True
+                    continue
+                old = current._mapping
+                if all(old[k] == v for k, v in values.items()):
+                    return False
                 await conn.execute(
-                    select(models).where(models.c.name == spec.name).with_for_update()
+                    update(models)
+                    .where(models.c.name == spec.name)
+                    .values(revision=old["revision"] + 1, updated_at=func.now(), **values)
                 )
-            ).first()
-            if current is None:
-                await conn.execute(insert(models).values(name=spec.name, revision=1, **values))
                 return True
-            old = current._mapping
-            if all(old[k] == v for k, v in values.items()):
-                return False
-            await conn.execute(
-                update(models)
-                .where(models.c.name == spec.name)
-                .values(revision=old["revision"] + 1, updated_at=func.now(), **values)
-            )
-            return True
 
     async def set_scheduling(self, name: str, scheduling: Scheduling) -> bool:
         async with self.engine.begin() as conn:

@@ -95,6 +95,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
+        self._pending: dict[tuple[str, int], tuple[ProcessInfo, int]] = {}  # starts under way
 
     # --- addresses ----------------------------------------------------------------------
     @property
@@ -151,13 +152,16 @@ class Agent:
         )
 
     async def stop(self, *, drain: bool = True) -> None:
-        """Leave the cluster: drain (bounded), stop every backend, deregister, disconnect."""
-        self._stopping.set()
+        """Leave the cluster: drain (bounded), stop every backend, deregister, disconnect.
+
+        Heartbeats go on while the frontend moves the replicas away (a silent draining node
+        would be judged offline and lose its replicas before their replacements are up); the
+        last one completes before the deregistration, so none can bring the node back after it.
+        """
         if drain and self.identity is not None and self.supervisor.running():
             await self._drain_self()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping.set()
+        await self._stop_loops()
         await self.supervisor.stop_all()
         if self.identity is not None:
             try:
@@ -169,6 +173,16 @@ class Agent:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.control.close()
+
+    async def _stop_loops(self) -> None:
+        """Let the loops see `_stopping` and finish their current step; cancel stragglers."""
+        if not self._tasks:
+            return
+        _, late = await asyncio.wait(self._tasks, timeout=self.control.timeout + 1)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
 
     async def _drain_self(self) -> None:
         """Ask the frontend to move our replicas away, then wait until they are stopped."""
@@ -225,7 +239,7 @@ class Agent:
         resources = await asyncio.to_thread(self.probe, self.settings.data_dir)
         body = {
             "resources": resources_to_wire(resources),
-            "processes": [process_info(p).model_dump() for p in self.supervisor.running()],
+            "processes": [p.model_dump() for p in self.reported_processes()],
             "backends": self.catalog.runnable(bool(resources.gpus)),
             "artifacts": self.stager.held() if self.stager else [],
         }
@@ -236,9 +250,20 @@ class Agent:
             await self.register()
             return await self.control.heartbeat(self.node_id, self.identity.credential, body)
 
+    def reported_processes(self) -> list[ProcessInfo]:
+        """The backends we run, plus the starts still installing or staging (state "staging"):
+        the frontend must see that a start it asked for is under way, not lost."""
+        running = [process_info(p) for p in self.supervisor.running()]
+        keys = {(p.model, p.index) for p in running}
+        return running + [p for key, (p, _) in self._pending.items() if key not in keys]
+
     async def _heartbeat_loop(self) -> None:
-        while not self._stopping.is_set():
-            await asyncio.sleep(self.heartbeat_interval)
+        while True:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.heartbeat_interval)
+                return
+            except TimeoutError:
+                pass
             try:
                 await self.heartbeat_once()
             except (Unauthorized, Forbidden) as exc:
@@ -255,6 +280,28 @@ class Agent:
             return StartReplicaReply(ok=False, error=f"unknown backend {cmd.backend!r}")
         if entry.gpu and not self.has_gpu:
             return StartReplicaReply(ok=False, error=f"backend {cmd.backend} needs a GPU")
+        key = (cmd.model, cmd.index)
+        info, count = self._pending.get(key) or (
+            ProcessInfo(
+                model=cmd.model,
+                index=cmd.index,
+                backend=entry.name,
+                state="staging",
+                started_at=time.time(),
+            ),
+            0,
+        )
+        self._pending[key] = (info, count + 1)  # identical concurrent starts share one entry
+        try:
+            return await self._start_process(entry, cmd)
+        finally:
+            info, count = self._pending[key]
+            if count > 1:
+                self._pending[key] = (info, count - 1)
+            else:
+                del self._pending[key]
+
+    async def _start_process(self, entry: BackendEntry, cmd: StartReplica) -> Message:
         try:
             python = await self._python_for(entry)
             model_path = None
