@@ -153,7 +153,8 @@ async def test_a_slow_replica_gets_fewer_requests(big: Cluster) -> None:
 
 
 async def test_concurrent_cold_requests_start_exactly_one_replica(big: Cluster) -> None:
-    declare(big, "cold", options={"load_time": 1.0, "tokens": 2})
+    # max 1: the scale-up rule (all replicas busy) must not blur the count of cold starts
+    declare(big, "cold", options={"load_time": 1.0, "tokens": 2}, scheduling={"max_replicas": 1})
     statuses = await fire(big, "cold", 50)
     assert Counter(statuses) == {200: 50}
     assert len(big.replicas("cold")) == 1
