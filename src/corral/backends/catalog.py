@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import string
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from corral.domain.entities import ModelSpec
 from corral.domain.sizes import parse_size
 from corral.errors import ConfigError
 
 Capability = Literal["chat", "completions", "embeddings", "rerank", "audio"]
+
+
+#: Placeholders a launch command may use.
+PLACEHOLDERS = frozenset({"corral_backends", "python", "host", "port", "model", "model_path"})
 
 
 class BackendEntry(BaseModel):
@@ -29,12 +34,24 @@ class BackendEntry(BaseModel):
     requirements: tuple[str, ...] = ()
     command: tuple[str, ...]
     options: Literal["flags", "none"] = "flags"
+    option_names: Literal["dashes", "underscores"] = "dashes"
+    option_bools: Literal["switch", "value"] = "switch"
     capabilities: tuple[Capability, ...] = ("chat", "completions")
     health: str = "/health"
     memory: str | int | None = None
     gpu: bool = False
     env: dict[str, str] = Field(default_factory=dict)
     install_timeout: float = 1800.0
+
+    @field_validator("command")
+    @classmethod
+    def _known_placeholders(cls, command: tuple[str, ...]) -> tuple[str, ...]:
+        for part in command:
+            for _, name, _, _ in string.Formatter().parse(part):
+                if name is not None and name not in PLACEHOLDERS:
+                    known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+                    raise ValueError(f"unknown placeholder {{{name}}} (known: {known})")
+        return command
 
     @property
     def needs_install(self) -> bool:
@@ -56,6 +73,7 @@ class BackendEntry(BaseModel):
     ) -> list[str]:
         """The launch command with placeholders filled and model options turned into flags."""
         values = {
+            "corral_backends": str(Path(__file__).resolve().parent),
             "python": python,
             "host": host,
             "port": str(port),
@@ -64,18 +82,29 @@ class BackendEntry(BaseModel):
         }
         argv = [part.format(**values) for part in self.command]
         if self.options == "flags":
-            argv += option_flags(options)
+            argv += option_flags(
+                options,
+                underscores=self.option_names == "underscores",
+                bool_values=self.option_bools == "value",
+            )
         return argv
 
 
-def option_flags(options: Mapping[str, Any]) -> list[str]:
-    """{"foo_bar": 1, "fast": True, "off": False} → ["--foo-bar", "1", "--fast"]."""
+def option_flags(
+    options: Mapping[str, Any], *, underscores: bool = False, bool_values: bool = False
+) -> list[str]:
+    """{"foo_bar": 1, "fast": True, "off": False} → ["--foo-bar", "1", "--fast"].
+
+    `underscores` keeps `--foo_bar`; `bool_values` passes booleans as values
+    (`--fast true --off false`) for parsers that want them."""
     flags: list[str] = []
     for key, value in options.items():
-        if key in RESERVED_OPTIONS or value is None or value is False:
+        if key in RESERVED_OPTIONS or value is None or (value is False and not bool_values):
             continue
-        flag = "--" + key.replace("_", "-")
-        if value is True:
+        flag = "--" + (key if underscores else key.replace("_", "-"))
+        if isinstance(value, bool) and bool_values:
+            flags += [flag, "true" if value else "false"]
+        elif value is True:
             flags.append(flag)
         elif isinstance(value, list | tuple):
             for item in value:
@@ -134,7 +163,11 @@ def _parse(text: str, path: str) -> dict[str, BackendEntry]:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", path=path) from None
-    items: Iterable[Any] = data.get("backends", []) if isinstance(data, dict) else data
+    items = data.get("backends") if isinstance(data, dict) else data
+    if items is None:
+        return {}
+    if not isinstance(items, list):
+        raise ConfigError("must be a list of backend entries", path=path, field="backends")
     entries: dict[str, BackendEntry] = {}
     for i, item in enumerate(items):
         try:

@@ -36,6 +36,8 @@ def parse_size(value: str | int | float) -> int:
     if isinstance(value, bool):
         raise ValueError(f"not a size: {value!r}")
     if isinstance(value, int | float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"size must be finite: {value!r}")
         if value < 0:
             raise ValueError(f"size must not be negative: {value!r}")
         return int(value)

@@ -81,7 +81,7 @@ def parse_request(path: bytes, body: bytes) -> ParsedRequest:
     required = REQUIRED.get(path)
     if required is not None and required not in data:
         raise BadRequest(f"'{required}' is required", param=required)
-    stream = data.get("stream", False)
+    stream = data.get("stream") or False  # null means false, as in the OpenAI API
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", param="stream")
     return ParsedRequest(path, body, model, stream)

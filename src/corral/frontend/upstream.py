@@ -56,6 +56,7 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.reading_paused = False
         self.received_any = False
+        self.keep_alive = False
 
     # --- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -98,6 +99,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        # read now: once the message is done, httptools resets and says False
+        self.keep_alive = self.parser.should_keep_alive()
         self.complete = True
         self._wake()
 
@@ -149,6 +152,7 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.error = None
         self.received_any = False
+        self.keep_alive = False
 
     def close(self) -> None:
         self.closed = True
@@ -169,8 +173,14 @@ class UpstreamResponse:
         self._done = False
 
     def forward_headers(self) -> list[tuple[bytes, bytes]]:
-        """Response headers a proxy may copy to its client."""
-        return [(k, v) for k, v in self.headers if k not in HOP_BY_HOP]
+        """Response headers a proxy may copy to its client (RFC 9110 7.6.1)."""
+        named = {
+            token.strip().lower()
+            for k, v in self.headers
+            if k == b"connection"
+            for token in v.split(b",")
+        }
+        return [(k, v) for k, v in self.headers if k not in HOP_BY_HOP and k not in named]
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -207,7 +217,7 @@ class UpstreamResponse:
         if not conn.busy:
             return
         conn.busy = False
-        if self._done and conn.complete and conn.parser.should_keep_alive() and not conn.closed:
+        if self._done and conn.complete and conn.keep_alive and not conn.closed:
             conn.pool._give_back(conn)
         else:
             conn.close()
