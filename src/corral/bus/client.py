@@ -103,17 +103,23 @@ class Bus:
         Raises NodeUnreachable when nobody subscribes (`no_responders=True` on the error)
         or when no reply arrives within `timeout` (`timed_out=True`).
         """
-        try:
-            msg = await self.nc.request(
-                subject, message.model_dump_json().encode(), timeout=timeout
-            )
-        except nats.errors.NoRespondersError:
-            raise NodeUnreachable(f"no responder on {subject}", no_responders=True) from None
-        except nats.errors.TimeoutError:
-            raise NodeUnreachable(
-                f"no reply on {subject} within {timeout:g}s", timed_out=True
-            ) from None
-        return reply_type.model_validate_json(msg.data)
+        payload = message.model_dump_json().encode()
+        for attempt in range(3):
+            try:
+                msg = await self.nc.request(subject, payload, timeout=timeout)
+                return reply_type.model_validate_json(msg.data)
+            except nats.errors.NoRespondersError:
+                if attempt == 2:
+                    raise NodeUnreachable(
+                        f"no responder on {subject}", no_responders=True
+                    ) from None
+                # a subscription made a moment ago may not have reached the server yet
+                await asyncio.sleep(0.05 * (attempt + 1))
+            except nats.errors.TimeoutError:
+                raise NodeUnreachable(
+                    f"no reply on {subject} within {timeout:g}s", timed_out=True
+                ) from None
+        raise AssertionError("unreachable")
 
     async def subscribe(
         self,
