@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -90,6 +91,9 @@ def serve(
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
     models_dir: Annotated[Path | None, typer.Option(help="Model YAML files")] = None,
+    model_store: Annotated[
+        Path | None, typer.Option(help="Directory serving relative model artifacts to workers")
+    ] = None,
     token: Annotated[
         str | None, typer.Option(envvar="CORRAL_TOKEN", help="Registration token of workers")
     ] = None,
@@ -114,6 +118,7 @@ def serve(
         host=host,
         port=port,
         models_dir=models_dir,
+        model_store=model_store,
         token=token,
         api_keys=api_keys,
         wait_budget=wait_budget,
@@ -235,6 +240,59 @@ def drain(
     """Move every replica off a node, then stop them there."""
     data = _admin("POST", url, f"/api/nodes/{node}/drain", api_key, timeout=600)
     typer.echo(json.dumps(data))
+
+
+@backends_app.command("list")
+def backends_list(
+    node: Annotated[str, typer.Argument(help="Node id")],
+    url: AdminUrl = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+) -> None:
+    """Show the backends of a node and their install state."""
+    data = _admin("GET", url, f"/api/nodes/{node}/backends", api_key)
+    for name, b in data["backends"].items():
+        pct = f"{b['percent']:.0f}%" if b.get("percent") is not None else ""
+        error = f"  {b['error'].splitlines()[-1]}" if b.get("error") else ""
+        typer.echo(f"{name:<14} {b['state']:<12} {pct:>5}{error}")
+
+
+@backends_app.command("install")
+def backends_install(
+    node: Annotated[str, typer.Argument(help="Node id")],
+    name: Annotated[str, typer.Argument(help="Backend name, e.g. llama-cpp")],
+    force: Annotated[bool, typer.Option(help="Reinstall even when installed")] = False,
+    upgrade: Annotated[
+        bool, typer.Option(help="Stop the backend's replicas and reinstall it")
+    ] = False,
+    wait: Annotated[float, typer.Option(help="Seconds to follow the progress")] = 3600,
+    url: AdminUrl = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+) -> None:
+    """Install (or upgrade) a backend on a node, with a progress bar."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    query = f"?force={str(force).lower()}&upgrade={str(upgrade).lower()}"
+    _admin("POST", url, f"/api/nodes/{node}/backends/{name}/install{query}", api_key)
+    deadline = time.monotonic() + wait
+    state: dict[str, Any] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"))
+    with Progress(*columns, TimeElapsedColumn()) as bar:
+        task = bar.add_task(f"{name} on {node[:12]}", total=100, state="installing")
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            backends = _admin("GET", url, f"/api/nodes/{node}/backends", api_key)["backends"]
+            state = backends.get(name, {})
+            bar.update(task, completed=state.get("percent") or 0, state=state.get("state", "?"))
+            if state.get("state") in ("installed", "failed", "builtin"):
+                if state.get("state") != "failed":
+                    bar.update(task, completed=100)
+                break
+    if state.get("state") == "failed":
+        typer.echo(f"install failed: {state.get('error')}", err=True)
+        raise typer.Exit(1)
+    if state.get("state") not in ("installed", "builtin"):
+        typer.echo(f"still {state.get('state', 'installing')} after {wait:g}s", err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ class FrontendSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     models_dir: Path | None = None
+    model_store: Path | None = None  # artifacts with a relative path are served from here
     token: SecretStr | None = None  # registration token workers join with
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # empty: open
     frontend_id: str = Field(default_factory=lambda: f"fe-{secrets.token_hex(4)}")
@@ -89,6 +90,7 @@ class WorkerSettings(BaseSettings):
     memory_budget: str = "80%"
     max_replicas_per_model: int = 0
     backends_dir: Path | None = None  # extra backend catalog entries
+    backends_root: Path | None = None  # where backend virtualenvs live (default: data_dir)
     stop_grace: float = 10.0
     drain_timeout: float = 120.0  # seconds a SIGTERM waits for the frontend to move replicas
     ready_timeout: float = 900.0

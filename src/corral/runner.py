@@ -82,24 +82,12 @@ async def serve_worker(agent: Agent, stop: asyncio.Event) -> None:
 
 
 def make_agent(settings: WorkerSettings) -> Agent:
-    """A worker agent with the catalog, installer and artifact stager for its data dir."""
+    """A worker agent with the built-in catalog plus the settings' backends directory."""
     from corral.backends.catalog import Catalog
     from corral.worker.agent import Agent
 
     catalog = Catalog.builtin().with_dir(settings.backends_dir)
-    return Agent(settings, catalog=catalog, **_worker_parts(settings))
-
-
-def _worker_parts(settings: WorkerSettings) -> dict[str, Any]:
-    parts: dict[str, Any] = {}
-    try:
-        from corral.worker.artifacts import ArtifactStager
-        from corral.worker.installs import BackendInstaller
-    except ImportError:  # pragma: no cover - both ship with corral
-        return parts
-    parts["installer"] = BackendInstaller(settings.data_dir / "backends")
-    parts["stager"] = ArtifactStager(settings.data_dir / "artifacts")
-    return parts
+    return Agent(settings, catalog=catalog)
 
 
 async def _until_started(server: uvicorn.Server, task: asyncio.Task[None]) -> None:

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 from corral.bus.client import Bus
 from corral.bus.messages import (
@@ -22,12 +23,18 @@ from corral.bus.messages import (
     StopReplicaReply,
 )
 from corral.domain.entities import ModelSpec, Replica, ReplicaState
-from corral.errors import Conflict, LoadFailed, NodeUnreachable
+from corral.errors import Conflict, CorralError, LoadFailed, NodeUnreachable
+from corral.frontend.artifacts_api import ArtifactStore
 from corral.frontend.view import ClusterView
 from corral.store.registry import Registry
 from corral.store.replicas import LoadInfo
 
 log = logging.getLogger(__name__)
+
+
+def is_store_path(artifact: str) -> bool:
+    """A relative path: served from the frontends' model store."""
+    return "://" not in artifact and not artifact.startswith("/")
 
 
 class ReplicaActuator:
@@ -42,8 +49,10 @@ class ReplicaActuator:
         frontend_id: str,
         start_timeout: float,
         stop_timeout: float = 30.0,
+        artifacts: ArtifactStore | None = None,
     ) -> None:
         self.registry = registry
+        self.artifacts = artifacts
         self.bus = bus
         self.view = view
         self.frontend_id = frontend_id
@@ -79,6 +88,11 @@ class ReplicaActuator:
         await self._announce("updated", replica)
         await self.progress(spec.name, "loading", node_id=node_id, index=replica.index)
         started = time.time()
+        try:
+            fetch = await self.artifact_fetch(spec.artifact)
+        except CorralError as exc:
+            await self._forget(replica, exc.message)
+            raise LoadFailed(f"artifact of {spec.name}: {exc.message}") from None
         command = StartReplica(
             model=spec.name,
             index=replica.index,
@@ -87,6 +101,7 @@ class ReplicaActuator:
             artifact=spec.artifact,
             memory=memory,
             ready_timeout=self.start_timeout,
+            **fetch,
         )
         try:
             reply = await self.bus.request(
@@ -139,6 +154,29 @@ class ReplicaActuator:
             subject=spec.name,
         )
         return loaded
+
+    async def artifact_fetch(self, artifact: str | None) -> dict[str, Any]:
+        """Where a node fetches a model-store artifact (relative path) from, with its digest.
+
+        Absolute paths (shared storage) and hf:// references travel as they are.
+        """
+        if not artifact or not is_store_path(artifact) or self.artifacts is None:
+            return {}
+        info = await self.artifacts.info(artifact)
+        return {
+            "artifact_url": "/api/artifacts/" + quote(artifact),
+            "artifact_digest": info.digest,
+            "artifact_size": info.size,
+        }
+
+    async def artifact_size(self, artifact: str | None) -> int | None:
+        """Bytes of a model-store artifact (for the memory estimate), when known."""
+        if not artifact or not is_store_path(artifact) or self.artifacts is None:
+            return None
+        try:
+            return (await self.artifacts.info(artifact)).size
+        except CorralError:
+            return None
 
     async def stop(self, replica: Replica, reason: str) -> bool:
         """Stop exactly this replica on its node, then remove its row and announce it."""

@@ -140,7 +140,7 @@ def admin_router() -> APIRouter:
         fe = frontend_of(request)
         spec = parse_model({**body, "name": name}, path="PUT /api/models")
         problem = fe.catalog.check_model(spec)
-        if problem:
+        if problem and not any(spec.backend in n.backends for n in fe.view.nodes.values()):
             raise BadRequest(problem, param="backend")
         await fe.registry.models.upsert(spec, source="api")
         stored = await _model(fe, name)
@@ -200,6 +200,34 @@ def admin_router() -> APIRouter:
             raise NotFound(f"node {node_id} is not draining")
         await fe.publish_node(node_id, "status")
         return {"node_id": node_id, "status": "healthy"}
+
+    # --- backend installs ---------------------------------------------------------------
+    @router.get("/nodes/{node_id}/backends")
+    async def node_backends(node_id: str, request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        node = await fe.registry.nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} not found")
+        return {
+            "node_id": node_id,
+            "backends": await fe.installs.status(node_id, sorted(node.backends)),
+        }
+
+    @router.post("/nodes/{node_id}/backends/{backend}/install")
+    async def install_backend(
+        node_id: str, backend: str, request: Request, force: bool = False, upgrade: bool = False
+    ) -> dict[str, Any]:
+        fe = frontend_of(request)
+        node = await fe.registry.nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} not found")
+        started = fe.installs.request(node, backend, force=force, upgrade=upgrade)
+        await fe.registry.audit.add(
+            "backend.upgrade" if upgrade else "backend.install",
+            f"{backend} on {node_id}",
+            subject=node_id,
+        )
+        return started
 
     # --- replicas and loads -----------------------------------------------------------
     @router.get("/replicas")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -16,9 +16,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from corral import __version__
 from corral.errors import BadRequest, CorralError, MethodNotAllowed, ModelNotFound, NotFound
 from corral.frontend.admin import admin_router
+from corral.frontend.artifacts_api import artifact_router
 from corral.frontend.asgi import Receive, Scope, Send, error_headers, error_payload, send_error
 from corral.frontend.metrics import render_metrics
-from corral.frontend.nodes_api import node_router
+from corral.frontend.nodes_api import node_router, require_node
 from corral.frontend.service import Frontend
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,10 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(render_metrics(frontend, time.time()))
 
+    if frontend.artifacts is not None:  # workers fetch model-store files, with their credential
+        api.include_router(
+            artifact_router(frontend.artifacts), dependencies=[Depends(require_node)]
+        )
     api.include_router(node_router())
     api.include_router(admin_router())
     return api

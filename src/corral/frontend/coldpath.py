@@ -161,7 +161,7 @@ class ColdLoader:
 
     async def choose_node(self, spec: ModelSpec) -> tuple[str, int]:
         """Choose a node, evicting idle replicas when that makes room; wait while all are busy."""
-        estimate = estimate_memory(spec, None)
+        estimate = estimate_memory(spec, await self.actuator.artifact_size(spec.artifact))
         pool = memory_pool(spec, self.gpu_backends)
         deadline = self.clock() + self.wait_budget
         while True:

@@ -47,6 +47,7 @@ class HeartbeatRequest(BaseModel):
     processes: list[ProcessInfo] = Field(default_factory=list)
     backends: list[str] = Field(default_factory=list)
     artifacts: list[str] = Field(default_factory=list)
+    installs: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class ExitReport(BaseModel):
@@ -151,6 +152,8 @@ def node_router() -> APIRouter:
         )
         if before is None:
             raise NotFound(f"node {node_id} is not registered")
+        if body.installs:
+            await fe.registry.installs.report(node_id, body.installs)
         node = await fe.registry.nodes.get(node_id)
         status = node.status if node else NodeStatus.HEALTHY
         if before != status:
@@ -201,6 +204,18 @@ def node_router() -> APIRouter:
         return {"node_id": node_id, "removed_replicas": len(removed)}
 
     return router
+
+
+async def require_node(request: Request) -> str:
+    """A FastAPI dependency: the caller is a registered node (its own credential)."""
+    fe = frontend_of(request)
+    credential = bearer(request.scope)
+    if credential is None:
+        raise Unauthorized("missing node credential")
+    node_id = await fe.registry.nodes.id_by_token_hash(digest(credential))
+    if node_id is None:
+        raise Unauthorized("invalid node credential")
+    return node_id
 
 
 async def authenticate_node(fe: Frontend, request: Request, node_id: str) -> None:

@@ -14,12 +14,14 @@ from corral.bus.client import Bus, decode
 from corral.bus.messages import LoadProgress, LoadReport, ModelEvent, NodeEvent, ReplicaEvent
 from corral.config import FrontendSettings
 from corral.domain.entities import ModelSpec, NodeStatus, Replica, ReplicaState
-from corral.errors import ConfigError, NotFound
+from corral.errors import NotFound
 from corral.frontend.actuator import ReplicaActuator
+from corral.frontend.artifacts_api import ArtifactStore
 from corral.frontend.auth import Authorizer, digest
 from corral.frontend.coldpath import ColdLoader
 from corral.frontend.drain import Drainer
 from corral.frontend.inflight import InflightTracker
+from corral.frontend.installs import InstallController
 from corral.frontend.probe import ProbeCache
 from corral.frontend.proxy import OpenAIProxy
 from corral.frontend.reconciler import Reconciler
@@ -47,12 +49,17 @@ class Frontend:
         self.pool = UpstreamPool()
         self.probes = ProbeCache(self.pool, ttl=settings.health_ttl)
         self.authorizer = Authorizer(digest(k.get_secret_value()) for k in settings.api_keys)
+        self.artifacts = ArtifactStore(settings.model_store) if settings.model_store else None
         self.actuator = ReplicaActuator(
             registry=self.registry,
             bus=self.bus,
             view=self.view,
             frontend_id=self.id,
             start_timeout=settings.start_timeout,
+            artifacts=self.artifacts,
+        )
+        self.installs = InstallController(
+            registry=self.registry, bus=self.bus, catalog=self.catalog
         )
         self.cold = ColdLoader(
             registry=self.registry,
@@ -116,6 +123,7 @@ class Frontend:
         await self.bus.subscribe(s.model_events, self._on_model_event)
         await self.bus.subscribe(s.all_load_events, self._on_load_event)
         await self.bus.subscribe(s.load_reports, self._on_load_report)
+        await self.bus.subscribe(s.install_events, self.installs.on_event)
         loops: list[tuple[str, Callable[[], Awaitable[None]], float]] = [
             ("report-load", self._report_load, self.settings.load_report_interval),
             ("flush-last-used", self._flush_last_used, self.settings.last_used_flush_interval),
@@ -139,6 +147,7 @@ class Frontend:
             drain.cancel()
         await self.cold.close()
         await self.reconciler.close()
+        await self.installs.close()
         try:
             await self._flush_last_used()
         except Exception:
@@ -178,11 +187,8 @@ class Frontend:
         source = f"file:{await asyncio.to_thread(directory.resolve)}"
         for spec in specs:
             problem = self.catalog.check_model(spec)
-            if problem:
-                error = ConfigError(problem, path=str(directory), field=f"{spec.name}.backend")
-                log.error("model file error: %s", error.message)
-                errors.append(error)
-                continue
+            if problem:  # a node's own --backends-dir may provide it: warn, keep the model
+                log.warning("model %s in %s: %s", spec.name, directory, problem)
             if await self.registry.models.upsert(spec, source=f"{source}/{spec.name}"):
                 await self.bus.publish(
                     self.bus.subjects.model_events, ModelEvent(kind="updated", name=spec.name)

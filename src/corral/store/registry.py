@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from corral.store.audit import AuditStore
 from corral.store.db import create_engine, migrate
+from corral.store.installs import InstallStore
 from corral.store.jobs import LoadJobStore
 from corral.store.models import ModelStore
 from corral.store.nodes import NodeStore
@@ -26,6 +27,7 @@ class Registry:
         self.replicas = ReplicaStore(engine)
         self.jobs = LoadJobStore(engine)
         self.audit = AuditStore(engine)
+        self.installs = InstallStore(engine)
 
     @classmethod
     def from_url(cls, database_url: str, *, pool_size: int = 10) -> Registry:

@@ -11,7 +11,7 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -21,8 +21,10 @@ from corral.bus.client import Bus
 from corral.bus.messages import (
     InstallBackend,
     InstallBackendReply,
+    InstallProgress,
     ListReplicas,
     ListReplicasReply,
+    LoadProgress,
     Message,
     ProcessInfo,
     StartReplica,
@@ -34,8 +36,10 @@ from corral.bus.messages import (
 from corral.config import WorkerSettings
 from corral.domain.entities import Resources
 from corral.errors import CorralError, Forbidden, InstallError, NotFound, Unauthorized
+from corral.worker.artifacts import ArtifactStager, StageProgress
 from corral.worker.control import ControlClient, ControlError
 from corral.worker.identity import Identity, load_identity, save_identity
+from corral.worker.installs import BackendInstaller
 from corral.worker.ports import PortAllocator
 from corral.worker.process import LaunchSpec, RunningProcess
 from corral.worker.resources import probe_resources
@@ -51,17 +55,28 @@ class Installer(Protocol):
 
     async def upgrade(self, entry: BackendEntry) -> str: ...
 
-    def status(self) -> dict[str, dict[str, Any]]: ...
+    def survey(self, entries: Iterable[BackendEntry]) -> Mapping[str, Any]: ...
+
+    async def close(self) -> None: ...
 
 
 class Stager(Protocol):
     """What the agent needs from the artifact stager (corral.worker.artifacts)."""
 
     async def stage(
-        self, ref: str, *, url: str | None, digest: str | None, size: int | None
+        self,
+        ref: str,
+        *,
+        url: str | None = None,
+        digest: str | None = None,
+        size: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        progress: Callable[[StageProgress], Awaitable[None]] | None = None,
     ) -> Path: ...
 
     def held(self) -> list[str]: ...
+
+    async def close(self) -> None: ...
 
 
 class Agent:
@@ -78,8 +93,11 @@ class Agent:
     ) -> None:
         self.settings = settings
         self.catalog = catalog
-        self.installer = installer
-        self.stager = stager
+        data = settings.data_dir
+        self.installer: Installer = installer or BackendInstaller(
+            settings.backends_root or data / "backends", publish=self._publish_install
+        )
+        self.stager: Stager = stager or ArtifactStager(data / "artifacts")
         self.probe = resources
         self.control = ControlClient(settings.join)
         self.identity: Identity | None = None
@@ -163,6 +181,8 @@ class Agent:
         self._stopping.set()
         await self._stop_loops()
         await self.supervisor.stop_all()
+        await self.installer.close()
+        await self.stager.close()
         if self.identity is not None:
             try:
                 await self.control.deregister(self.node_id, self.identity.credential)
@@ -241,7 +261,11 @@ class Agent:
             "resources": resources_to_wire(resources),
             "processes": [p.model_dump() for p in self.reported_processes()],
             "backends": self.catalog.runnable(bool(resources.gpus)),
-            "artifacts": self.stager.held() if self.stager else [],
+            "artifacts": self.stager.held(),
+            "installs": {
+                name: dict(status.as_dict())
+                for name, status in self.installer.survey(self.catalog.entries.values()).items()
+            },
         }
         try:
             return await self.control.heartbeat(self.node_id, self.identity.credential, body)
@@ -316,18 +340,48 @@ class Agent:
     async def _python_for(self, entry: BackendEntry) -> str:
         if not entry.needs_install:
             return sys.executable
-        if self.installer is None:
-            raise InstallError(f"backend {entry.name} needs an install; installs are disabled")
         return await self.installer.ensure(entry)
 
     async def _stage(self, cmd: StartReplica) -> str:
+        """The local path of the model's artifact; store artifacts come from the frontend."""
         assert cmd.artifact is not None
-        if self.stager is None:
-            return cmd.artifact
+        assert self.identity is not None
+        url = cmd.artifact_url
+        if url is not None and url.startswith("/"):
+            url = self.settings.join.rstrip("/") + url  # a path on the frontend we joined
+
+        async def progress(event: StageProgress) -> None:
+            await self._publish_load(
+                LoadProgress(
+                    model=cmd.model,
+                    state="staging",
+                    phase=event.phase,
+                    percent=event.percent,
+                    node_id=self.node_id,
+                    index=cmd.index,
+                    error=event.error,
+                    origin=self.node_id,
+                )
+            )
+
         path = await self.stager.stage(
-            cmd.artifact, url=cmd.artifact_url, digest=cmd.artifact_digest, size=cmd.artifact_size
+            cmd.artifact,
+            url=url,
+            digest=cmd.artifact_digest,
+            size=cmd.artifact_size,
+            headers={"authorization": f"Bearer {self.identity.credential}"},
+            progress=progress,
         )
         return str(path)
+
+    async def _publish_load(self, event: LoadProgress) -> None:
+        if self.bus is not None:
+            await self.bus.publish(self.bus.subjects.load_events(event.model), event)
+
+    async def _publish_install(self, event: InstallProgress) -> None:
+        if self.bus is not None and self.identity is not None:
+            event = event.model_copy(update={"node_id": self.node_id})
+            await self.bus.publish(self.bus.subjects.install_events, event)
 
     def _launch_spec(
         self, entry: BackendEntry, cmd: StartReplica, python: str, model_path: str | None
@@ -361,28 +415,31 @@ class Agent:
         return ListReplicasReply(processes=[process_info(p) for p in self.supervisor.running()])
 
     async def _install(self, cmd: InstallBackend) -> Message:
+        """Install a backend (shared with identical concurrent installs); slow is fine."""
         entry = self.catalog.get(cmd.backend)
         if entry is None:
             return InstallBackendReply(ok=False, state="failed", error="unknown backend")
-        await self._python_for(entry) if not cmd.force else await self._reinstall(entry)
-        return InstallBackendReply(ok=True)
+        try:
+            await self.installer.ensure(entry, force=cmd.force)
+        except InstallError as exc:
+            return InstallBackendReply(ok=False, state="failed", error=exc.message)
+        return InstallBackendReply(ok=True, state="installed")
 
     async def _upgrade(self, cmd: InstallBackend) -> Message:
+        """Stop every process of the backend, reinstall it; the frontends restart replicas."""
         entry = self.catalog.get(cmd.backend)
         if entry is None:
             return InstallBackendReply(ok=False, state="failed", error="unknown backend")
         for process in self.supervisor.running():
             if process.backend == entry.name:
                 await self.supervisor.stop(process.key, process.address)
-        await self._reinstall(entry)
-        return InstallBackendReply(ok=True)
-
-    async def _reinstall(self, entry: BackendEntry) -> str:
-        if not entry.needs_install:
-            return sys.executable
-        if self.installer is None:
-            raise InstallError(f"backend {entry.name} needs an install; installs are disabled")
-        return await self.installer.upgrade(entry)
+                await self._on_exit(process, 0)
+        try:
+            if entry.needs_install:
+                await self.installer.upgrade(entry)
+        except InstallError as exc:
+            return InstallBackendReply(ok=False, state="failed", error=exc.message)
+        return InstallBackendReply(ok=True, state="installed")
 
     async def _on_exit(self, process: RunningProcess, returncode: int) -> None:
         """A backend died on its own: tell the frontend now rather than at the next tick."""
