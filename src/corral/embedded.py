@@ -26,7 +26,6 @@ where they are not.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import importlib.util
 import json
@@ -41,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -51,13 +50,13 @@ from urllib.parse import quote
 import psutil
 
 from corral.errors import CorralError
+from corral.proc import die_with_parent
 
 logger = logging.getLogger(__name__)
 
 PG_SYSTEM_USER = "corral-postgres"
 """The unprivileged system user PostgreSQL runs as when Corral runs as root."""
 
-_PR_SET_PDEATHSIG = 1
 _POLL_INTERVAL = 0.05
 _LOG_ROTATE_BYTES = 16 * 1024 * 1024
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "*"})
@@ -95,22 +94,6 @@ def _url_host(host: str) -> str:
 def _connect_host(host: str) -> str:
     """The host to connect to for a server listening on `host` (no URL brackets)."""
     return _url_host(host).strip("[]")
-
-
-def _parent_death_preexec(sig: signal.Signals) -> Callable[[], None] | None:
-    """A `preexec_fn` that makes the child receive `sig` when the spawning thread exits."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = libc.prctl
-    parent_pid = os.getpid()
-
-    def preexec() -> None:
-        prctl(ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(int(sig)), 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 def _child_env() -> dict[str, str]:
@@ -497,7 +480,7 @@ class _EmbeddedServer:
             cwd=self._root,
             env=_child_env(),
             start_new_session=True,
-            preexec_fn=_parent_death_preexec(self._death_signal),
+            preexec_fn=die_with_parent(self._death_signal),
             user=user.uid if user else None,
             group=user.gid if user else None,
             extra_groups=[] if user else None,

@@ -15,6 +15,7 @@ from corral.errors import BadRequest, NotFound
 from corral.frontend.nodes_api import frontend_of
 from corral.frontend.service import Frontend
 from corral.modelfile import SchedulingDecl, parse_model
+from corral.store.models import scheduling_to_row
 
 
 def require_admin(request: Request) -> None:
@@ -74,14 +75,7 @@ def model_json(spec: ModelSpec) -> dict[str, Any]:
 
 
 def scheduling_json(spec: ModelSpec) -> dict[str, Any]:
-    s = spec.scheduling
-    return {
-        "min_replicas": s.min_replicas,
-        "max_replicas": s.max_replicas,
-        "spread_all": s.spread_all,
-        "node_selector": dict(s.node_selector),
-        "scale_down_delay": s.scale_down_delay,
-    }
+    return scheduling_to_row(spec.scheduling)
 
 
 def replica_json(r: Replica, fe: Frontend | None = None) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import ast
 import asyncio
 import collections
 import contextlib
-import ctypes
 import hashlib
 import json
 import logging
@@ -28,6 +27,7 @@ import psutil
 from corral.backends.catalog import BackendEntry
 from corral.bus.messages import InstallProgress
 from corral.errors import InstallError
+from corral.proc import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +461,7 @@ class BackendInstaller:
             stderr=asyncio.subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent(),
+            preexec_fn=die_with_parent(),
         )
         try:
             assert proc.stdout is not None
@@ -574,26 +574,6 @@ class BackendInstaller:
             await self._publish(event)
         except Exception:
             log.exception("publishing install progress of %s failed", name)
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking the kernel to SIGKILL the installer when the worker dies (Linux), so a
-    crashed worker leaves no install running. Spawn from the event loop thread: the signal
-    fires when the spawning thread exits."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def setup() -> None:
-        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the worker died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return setup
 
 
 def _fix_paths(tmp: Path, final: Path) -> None:

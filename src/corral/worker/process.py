@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -22,10 +19,10 @@ import psutil
 
 from corral.domain.entities import ReplicaKey
 from corral.errors import ProcessStartError
+from corral.proc import die_with_parent
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _TAIL_BYTES = 64 * 1024  # how far back from the end of a log `tail` looks
 _POLL_TIMEOUT = 1.0  # seconds one health request may take
 _POLL_FIRST, _POLL_MAX = 0.05, 0.5  # backoff between health polls
@@ -103,27 +100,6 @@ def describe_exit(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def _child_setup(parent_pid: int) -> Callable[[], None] | None:
-    """A preexec_fn that makes the kernel SIGKILL the child when its parent dies (Linux only).
-
-    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process: spawn
-    from the event loop thread (asyncio does), never from a short-lived worker thread.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork
-    except (OSError, AttributeError):
-        return None
-
-    def setup() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return setup
-
-
 class BackendProcess:
     """One spawned backend process and its process group.
 
@@ -176,7 +152,7 @@ class BackendProcess:
                     cwd=spec.cwd,
                     env=env,
                     start_new_session=True,
-                    preexec_fn=_child_setup(os.getpid()),
+                    preexec_fn=die_with_parent(),
                 )
             except (OSError, subprocess.SubprocessError) as e:
                 raise ProcessStartError(f"cannot run {spec.backend} ({argv[0]!r}): {e}") from e
