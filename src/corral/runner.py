@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 import signal
@@ -59,6 +60,9 @@ def frontend_server(
         access_log=False,
         timeout_keep_alive=30,
         backlog=4096,
+        proxy_headers=False,  # a middleware on every request; Corral does not use client IPs
+        server_header=False,
+        date_header=False,
     )
     server = _Server(config)
     return frontend, server
@@ -69,6 +73,7 @@ async def serve_frontend(settings: FrontendSettings, stop: asyncio.Event) -> Non
     _, server = frontend_server(settings)
     task = asyncio.create_task(server.serve())
     await _until_started(server, task)
+    settle_heap()
     log.info("frontend listening on http://%s:%d", settings.host, settings.port)
     await _wait_either(stop, task)
     server.should_exit = True
@@ -102,6 +107,13 @@ async def _wait_either(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
+
+
+def settle_heap() -> None:
+    """Move start-up objects out of the collector's way: a full collection then scans only
+    what requests allocate, which keeps the proxy's tail latency down."""
+    gc.collect()
+    gc.freeze()
 
 
 def run_async(main: Callable[[], Any]) -> None:

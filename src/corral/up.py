@@ -20,6 +20,7 @@ from corral.runner import (
     install_stop_handler,
     make_agent,
     read_or_create_token,
+    settle_heap,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ async def up(
         )
         agent = make_agent(wsettings)
         await agent.start()
+        settle_heap()
         try:
             _banner(host, port, sorted(frontend.view.models), data_dir)
             await _wait_either(stop, serving)

@@ -125,3 +125,41 @@ def test_eligible(replica: Replica, expected: bool) -> None:
 
 def test_eligible_without_selector_keeps_any_label() -> None:
     assert eligible([rep(0, "x")], NODES, Scheduling()) == [rep(0, "x")]
+
+
+# --- speed weights and large candidate lists ------------------------------------------------
+
+FAST = {("m", 0): 0.020, ("m", 1): 0.020, ("m", 2): 0.060}  # replica 2 is 3x slower
+
+SPEED: list[tuple[str, dict[ReplicaKey, int], dict[ReplicaKey, float], int]] = [
+    # the slow replica (3x) waits until the fast ones have three times its backlog
+    ("idle-prefers-fast", {}, FAST, 0),
+    ("slow-skipped-at-1-vs-0", {("m", 0): 1, ("m", 1): 1}, FAST, 0),
+    ("slow-skipped-at-2-vs-0", {("m", 0): 2, ("m", 1): 2}, FAST, 0),
+    ("slow-taken-at-3-vs-0", {("m", 0): 3, ("m", 1): 3}, FAST, 2),
+    # within about 12 % the replicas count as equal: in-flight and rotation decide
+    ("noise-is-equal", {("m", 0): 1}, {("m", 0): 0.020, ("m", 1): 0.021, ("m", 2): 0.019}, 1),
+    ("unknown-latency-is-fast", {("m", 0): 1, ("m", 1): 1}, {("m", 0): 0.02, ("m", 1): 0.02}, 2),
+]
+
+
+@pytest.mark.parametrize(
+    ("inflight", "latency", "expected"), [c[1:] for c in SPEED], ids=[c[0] for c in SPEED]
+)
+def test_pick_weighs_replicas_by_speed(
+    inflight: dict[ReplicaKey, int], latency: dict[ReplicaKey, float], expected: int
+) -> None:
+    chosen = pick_replica([R0, R1, R2], inflight, {}, 0, latency=latency)
+    assert chosen is not None and chosen.index == expected
+
+
+def test_pick_on_huge_lists_looks_at_a_moving_window() -> None:
+    many = [rep(i, f"n{i}") for i in range(10_000)]
+    busy = {("m", i): 1 for i in range(10_000) if i != 9_999}
+    seen = {pick_replica(many, busy, {}, turn).index for turn in range(400)}  # type: ignore[union-attr]
+    assert len(seen) > 300  # the window moves with the turn: load spreads over the list
+    # the one idle replica is found whenever the window covers it
+    assert any(
+        pick_replica(many, busy, {}, turn).index == 9_999  # type: ignore[union-attr]
+        for turn in range(400)
+    )

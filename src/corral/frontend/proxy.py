@@ -150,7 +150,7 @@ class OpenAIProxy:
         last_error: CorralError | None = None
         for _ in range(MAX_ATTEMPTS):
             try:
-                replica = await self._choose(spec, tried)
+                replica = await self._choose(spec, tried, request.stream)
             except CorralError as exc:
                 await send_error(send, exc)
                 return
@@ -180,7 +180,9 @@ class OpenAIProxy:
             ),
         )
 
-    async def _choose(self, spec: ModelSpec, tried: set[tuple[str, int]]) -> Replica:
+    async def _choose(
+        self, spec: ModelSpec, tried: set[tuple[str, int]], stream: bool = False
+    ) -> Replica:
         """The best replica not tried yet; waits for a cold load when there is none."""
         for _ in range(2):
             candidates = self.view.candidates(spec.name)
@@ -194,6 +196,7 @@ class OpenAIProxy:
                     {},
                     self._turn,
                     last_used=self.view.last_used,
+                    latency=self.view.latency[stream],
                 )
                 assert chosen is not None
                 now = time.time()
@@ -216,6 +219,7 @@ class OpenAIProxy:
         if reason is not None:
             await self.drop_replica(replica, reason)
             return None
+        started = time.monotonic()
         response = await self.pool.request(
             replica.address,
             b"POST",
@@ -224,6 +228,7 @@ class OpenAIProxy:
             headers=headers,
             timeout=self.request_timeout,
         )
+        self.view.observe_latency(replica.key, request.stream, time.monotonic() - started)
         if response.status in (404, 409, 400):
             body = await response.read()
             if response.status != 400 or b"not loaded" in body:

@@ -120,16 +120,16 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     async def wait(self, timeout: float | None) -> None:
+        """Wait for the next parser event; TimeoutError after `timeout` seconds."""
         loop = asyncio.get_running_loop()
-        self.waiter = loop.create_future()
+        waiter = self.waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
         try:
-            if timeout is None:
-                await self.waiter
-            else:
-                async with asyncio.timeout(timeout):
-                    await self.waiter
+            await waiter
         finally:
             self.waiter = None
+            if timer is not None:
+                timer.cancel()
 
     def take(self) -> bytes:
         if len(self.chunks) == 1:
@@ -158,6 +158,11 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class UpstreamResponse:
@@ -231,6 +236,13 @@ class UpstreamResponse:
             conn.close()
 
 
+def _target(address: str) -> tuple[tuple[str, int], bytes]:
+    """(host, port) and the fixed part of the request head for "host:port"."""
+    host, _, port_text = address.rpartition(":")
+    line = b" HTTP/1.1\r\nhost: " + address.encode() + b"\r\ncontent-length: "
+    return (host.strip("[]"), int(port_text)), line
+
+
 class UpstreamPool:
     """Keep-alive connections to backends, keyed by (host, port)."""
 
@@ -239,6 +251,7 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self._idle: dict[tuple[str, int], deque[_Connection]] = {}
         self._all: set[_Connection] = set()
+        self._targets: dict[str, tuple[tuple[str, int], bytes]] = {}
 
     async def request(
         self,
@@ -255,18 +268,11 @@ class UpstreamPool:
         Raises ReplicaGone when the backend refuses the connection or drops it before
         answering, UpstreamTimeout when it does not answer within `timeout`.
         """
-        host, _, port_text = address.rpartition(":")
-        key = (host.strip("[]"), int(port_text))
-        head = [
-            method,
-            b" ",
-            path,
-            b" HTTP/1.1\r\nhost: ",
-            address.encode(),
-            b"\r\ncontent-length: ",
-            str(len(body)).encode(),
-            b"\r\n",
-        ]
+        target = self._targets.get(address)
+        if target is None:
+            target = self._targets[address] = _target(address)
+        key, host_line = target
+        head = [method, b" ", path, host_line, str(len(body)).encode(), b"\r\n"]
         for name, value in headers:
             head += [name, b": ", value, b"\r\n"]
         head.append(b"\r\n")

@@ -24,6 +24,8 @@ class ClusterView:
         self.models: dict[str, ModelSpec] = {}
         self.replicas: dict[ReplicaKey, Replica] = {}
         self.last_used: dict[ReplicaKey, float] = {}
+        # moving averages of time to first byte, apart for streamed and whole answers
+        self.latency: dict[bool, dict[ReplicaKey, float]] = {False: {}, True: {}}
         self.progress: dict[str, LoadProgress] = {}
         self.synced_at = 0.0
         self._candidates: dict[str, list[Replica]] = {}
@@ -43,6 +45,14 @@ class ClusterView:
         self._candidates[model] = found
         return found
 
+    def observe_latency(
+        self, key: ReplicaKey, stream: bool, seconds: float, *, weight: float = 0.2
+    ) -> None:
+        """Fold one time-to-first-byte into the replica's moving average (per answer kind)."""
+        averages = self.latency[stream]
+        old = averages.get(key)
+        averages[key] = seconds if old is None else old + weight * (seconds - old)
+
     def free_memory(self) -> dict[str, int]:
         return {nid: n.resources.ram_free for nid, n in self.nodes.items()}
 
@@ -61,6 +71,8 @@ class ClusterView:
         gone = self.replicas.pop(key, None)
         self._by_model.get(model, {}).pop(key, None)
         self.last_used.pop(key, None)
+        for averages in self.latency.values():
+            averages.pop(key, None)
         self._touch(model)
         return gone
 
@@ -96,6 +108,8 @@ class ClusterView:
             self.replicas[r.key] = r
             self._by_model.setdefault(r.model, {})[r.key] = r
             self.last_used[r.key] = max(r.last_used, old_used.get(r.key, 0.0))
+        for kind, averages in self.latency.items():
+            self.latency[kind] = {k: v for k, v in averages.items() if k in self.replicas}
         self.synced_at = time.time()
         self._touch_all()
 

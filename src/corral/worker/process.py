@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 _TAIL_BYTES = 64 * 1024  # how far back from the end of a log `tail` looks
 _POLL_TIMEOUT = 1.0  # seconds one health request may take
-_POLL_FIRST, _POLL_MAX = 0.05, 0.5  # backoff between health polls
+# Health polls: every 20-50 ms for the first 30 s (a cold request waits on this), then
+# backing off to 0.5 s for engines that load for minutes.
+_POLL_FIRST, _POLL_EARLY_MAX, _POLL_MAX, _POLL_EARLY = 0.02, 0.05, 0.5, 30.0
 
 
 class ProcessState(StrEnum):
@@ -195,7 +197,8 @@ class BackendProcess:
                         pass
                     remaining = deadline - loop.time()
                     await asyncio.wait([exited], timeout=max(0.0, min(delay, remaining)))
-                    delay = min(delay * 2, _POLL_MAX)
+                    early = loop.time() < deadline - spec.ready_timeout + _POLL_EARLY
+                    delay = min(delay * 2, _POLL_EARLY_MAX if early else _POLL_MAX)
         finally:
             exited.cancel()
             with contextlib.suppress(asyncio.CancelledError):
