@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from corral import __version__
 from corral.config import FrontendSettings, WorkerSettings, default_data_dir, parse_labels
+from corral.errors import ConfigError
 
 app = typer.Typer(
     name="corral",
@@ -174,10 +175,16 @@ def worker(
         backends_dir=backends_dir,
     )
 
+    try:
+        agent = make_agent(settings)  # reads the backend catalogs
+    except ConfigError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+
     async def main() -> None:
         stop = asyncio.Event()
         install_stop_handler(stop)
-        await serve_worker(make_agent(settings), stop)
+        await serve_worker(agent, stop)
 
     run_async(main)
 
