@@ -154,9 +154,10 @@ class OpenAIProxy:
             except CorralError as exc:
                 await send_error(send, exc)
                 return
+            idle = self.inflight.total(replica.key) == 0
             slot = self.inflight.acquire(replica.key)
             try:
-                response = await self._forward(replica, spec, request, headers)
+                response = await self._forward(replica, spec, request, headers, idle)
                 if response is None:
                     tried.add(replica.key)
                     continue
@@ -212,8 +213,13 @@ class OpenAIProxy:
         spec: ModelSpec,
         request: ParsedRequest,
         headers: list[tuple[bytes, bytes]],
+        idle: bool = False,
     ) -> UpstreamResponse | _Buffered | None:
-        """Send the request; None when the replica turned out gone (already dropped)."""
+        """Send the request; None when the replica turned out gone (already dropped).
+
+        When the replica had nothing else in flight, its time to first byte is its own speed
+        (no queueing behind other requests) and feeds the speed weights of `pick_replica`.
+        """
         assert replica.address is not None
         reason = await self.probes.check(replica.node_id, replica.address, spec.name)
         if reason is not None:
@@ -228,7 +234,8 @@ class OpenAIProxy:
             headers=headers,
             timeout=self.request_timeout,
         )
-        self.view.observe_latency(replica.key, request.stream, time.monotonic() - started)
+        if idle:
+            self.view.observe_latency(replica.key, request.stream, time.monotonic() - started)
         if response.status in (404, 409, 400):
             body = await response.read()
             if response.status != 400 or b"not loaded" in body:
