@@ -47,7 +47,12 @@ def test_drain_under_load_moves_replicas_without_a_failed_request(cluster: Clust
     assert took < 30  # not the drain timeout (60 s): the drained replica got no new request
     now = loaded(cluster, "chat")
     assert len(now) == 2 and drained not in {r["node_id"] for r in now}
-    assert cluster.api("GET", f"/api/nodes/{drained}")["processes"] == []
+    # the node's process list is its last heartbeat's: the next one shows the stop
+    wait_for(
+        lambda: cluster.api("GET", f"/api/nodes/{drained}")["processes"] == [],
+        timeout=10,
+        what="the drained node reports no process",
+    )
     assert next(n for n in cluster.nodes() if n["id"] == drained)["status"] == "draining"
 
 
