@@ -33,6 +33,7 @@ class Bus:
         self._nc: NatsClient | None = None
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     @property
     def nc(self) -> NatsClient:
@@ -51,6 +52,8 @@ class Bus:
             log.warning("NATS %s: %s", self.name, exc)
 
         async def on_disconnect() -> None:
+            if self._closing:
+                return
             log.warning("NATS %s: disconnected", self.name)
 
         async def on_reconnect() -> None:
@@ -70,6 +73,7 @@ class Bus:
 
     async def close(self) -> None:
         """Stop subscriptions, wait for running handlers, and close the connection."""
+        self._closing = True
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
