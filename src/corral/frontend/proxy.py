@@ -194,7 +194,7 @@ class OpenAIProxy:
                 chosen = pick_replica(
                     candidates,
                     self.inflight.view(),
-                    {},
+                    self.view.free_memory(),
                     self._turn,
                     last_used=self.view.last_used,
                     latency=self.view.latency[stream],

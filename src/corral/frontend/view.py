@@ -31,6 +31,7 @@ class ClusterView:
         self._candidates: dict[str, list[Replica]] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._by_model: dict[str, dict[ReplicaKey, Replica]] = {}
+        self._free: dict[str, int] | None = None
 
     # --- reads (hot path) ---------------------------------------------------------------
     def candidates(self, model: str) -> list[Replica]:
@@ -54,7 +55,10 @@ class ClusterView:
         averages[key] = seconds if old is None else old + weight * (seconds - old)
 
     def free_memory(self) -> dict[str, int]:
-        return {nid: n.resources.ram_free for nid, n in self.nodes.items()}
+        """Free memory per node (the pick's third criterion), rebuilt only when nodes change."""
+        if self._free is None:
+            self._free = {nid: n.resources.ram_free for nid, n in self.nodes.items()}
+        return self._free
 
     def replicas_of(self, model: str) -> list[Replica]:
         return list(self._by_model.get(model, {}).values())
@@ -135,6 +139,7 @@ class ClusterView:
 
     def _touch_all(self) -> None:
         self._candidates.clear()
+        self._free = None
         events = list(self._changed.values())
         self._changed.clear()
         for event in events:
