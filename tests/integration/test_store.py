@@ -116,6 +116,25 @@ async def test_node_upsert_and_get(registry: Registry) -> None:
     assert await registry.nodes.get("nope") is None
 
 
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (NodeStatus.HEALTHY, NodeStatus.PENDING),
+        (NodeStatus.OFFLINE, NodeStatus.PENDING),
+        (NodeStatus.DRAINING, NodeStatus.DRAINING),  # an operator's drain survives a restart
+    ],
+    ids=["healthy", "offline", "draining"],
+)
+async def test_reregistering_resets_status_but_keeps_a_drain(
+    registry: Registry, before: NodeStatus, after: NodeStatus
+) -> None:
+    await add_node(registry)
+    await registry.nodes.set_status("n1", before)
+    await add_node(registry)
+    node = await registry.nodes.get("n1")
+    assert node is not None and node.status == after
+
+
 async def test_heartbeat_makes_pending_node_healthy(registry: Registry) -> None:
     await add_node(registry)
     resources = {

@@ -6,7 +6,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import case, delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -34,7 +34,10 @@ class NodeStore:
         max_replicas_per_model: int,
         backends: Sequence[str],
     ) -> None:
-        """Create the node or update what its worker declares; status becomes pending."""
+        """Create the node or update what its worker declares; status becomes pending.
+
+        A node an operator drains stays draining across worker restarts (`undrain` ends it).
+        """
         values: dict[str, Any] = {
             "name": name,
             "address": address,
@@ -48,7 +51,16 @@ class NodeStore:
             await conn.execute(
                 insert(nodes)
                 .values(id=node_id, **values)
-                .on_conflict_do_update(index_elements=[nodes.c.id], set_=values)
+                .on_conflict_do_update(
+                    index_elements=[nodes.c.id],
+                    set_={
+                        **values,
+                        "status": case(
+                            (nodes.c.status == NodeStatus.DRAINING.value, nodes.c.status),
+                            else_=NodeStatus.PENDING.value,
+                        ),
+                    },
+                )
             )
             await _write_labels(conn, node_id, labels)
 
