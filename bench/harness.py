@@ -480,15 +480,13 @@ class Harness:
         for line in report.profile_lines(summary)[:40]:
             print("  " + line)
 
-    # --- phase B: balance -----------------------------------------------------------------
-    async def phase_b(self) -> None:
+    def _three_replicas(self, phase: str, role: str) -> Corral:
+        """A Corral whose model `bench` keeps exactly 3 replicas on nodes labelled role=`role`."""
         assert self.infra is not None
-        logs = self.dir / "phase-b"
-        cfg = self.cfg
         corral = Corral(
             self.infra,
             self.dir,
-            "b",
+            phase,
             env=ENV_FAST,
             frontend_cpus=self.proxy_cpus,
             other_cpus=self.other_cpus,
@@ -500,9 +498,17 @@ class Harness:
                 "min_replicas": 3,
                 "max_replicas": 3,
                 "scale_down_delay": 86400,
-                "node_selector": {"role": "bal"},
+                "node_selector": {"role": role},
             },
         )
+        return corral
+
+    # --- phase B: balance -----------------------------------------------------------------
+    async def phase_b(self) -> None:
+        assert self.infra is not None
+        logs = self.dir / "phase-b"
+        cfg = self.cfg
+        corral = self._three_replicas("b", "bal")
         fast = sim_override(logs / "backends-fast", slots=BAL_SLOTS, ttft=BAL_FAST)
         slow = sim_override(logs / "backends-slow", slots=BAL_SLOTS, ttft=BAL_SLOW)
         own: list[Proc] = []
@@ -621,24 +627,7 @@ class Harness:
         assert self.infra is not None
         logs = self.dir / "phase-c"
         cfg = self.cfg
-        corral = Corral(
-            self.infra,
-            self.dir,
-            "c",
-            env=ENV_FAST,
-            frontend_cpus=self.proxy_cpus,
-            other_cpus=self.other_cpus,
-        )
-        corral.write_model(
-            "bench",
-            options={"tokens": 16},
-            scheduling={
-                "min_replicas": 3,
-                "max_replicas": 3,
-                "scale_down_delay": 86400,
-                "node_selector": {"role": "rec"},
-            },
-        )
+        corral = self._three_replicas("c", "rec")
         fast = sim_override(logs / "backends", slots=BAL_SLOTS, ttft=BAL_FAST)
         try:
             await corral.start()
