@@ -38,6 +38,7 @@ class InflightTracker:
         self._remote: dict[str, tuple[float, dict[ReplicaKey, int]]] = {}
         self._remote_sum: dict[ReplicaKey, int] = {}
         self.version = 0  # bumped on every local change; reporters skip unchanged states
+        self._view = TotalView(self)
 
     # --- local --------------------------------------------------------------------------
     def acquire(self, key: ReplicaKey) -> Slot:
@@ -96,7 +97,7 @@ class InflightTracker:
         return self.local.get(key, 0) + self._remote_sum.get(key, 0)
 
     def view(self) -> TotalView:
-        return TotalView(self)
+        return self._view
 
 
 class TotalView(Mapping[ReplicaKey, int]):

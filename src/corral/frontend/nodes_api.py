@@ -152,8 +152,7 @@ def node_router() -> APIRouter:
         )
         if before is None:
             raise NotFound(f"node {node_id} is not registered")
-        if body.installs:
-            await fe.registry.installs.report(node_id, body.installs)
+        await fe.installs.reported(node_id, body.installs)
         node = await fe.registry.nodes.get(node_id)
         status = node.status if node else NodeStatus.HEALTHY
         if before != status:
