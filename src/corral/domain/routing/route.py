@@ -126,7 +126,7 @@ def _best(
     if speed or use_prefix or use_session:
         local = cands.positions if whole else {k: i for i, k in enumerate(keys)}
         lookup = local.get
-        if speed:  # sparse: only the measurably slower replicas are in it
+        if speed:  # sparse: only the measurably slower replicas are in it (speed default 1)
             wl, ws = weights.load, weights.speed
             for k, s in speed.items():
                 j = lookup(k)
