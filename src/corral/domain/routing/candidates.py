@@ -6,7 +6,7 @@ per snapshot change and per model, caches it (as `ClusterView.candidates` caches
 today), and hands it to `route` on every request. Filters, in order:
 
 1. loaded, with an address, on a known servable node (healthy or draining) whose labels match
-   the model's node selector now (`domain.pick.eligible`);
+   the model's node selector now (`eligible`);
 2. revision: with `newest_only`, once at least one eligible replica runs the newest revision
    (`revision`, default the highest any eligible replica runs), only those replicas; until then
    every eligible replica, so a roll-out never leaves a model without a route. A replica whose
@@ -22,8 +22,27 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from corral.domain.entities import Node, Replica, ReplicaKey, Scheduling
-from corral.domain.pick import eligible
+from corral.domain.entities import Node, Replica, ReplicaKey, ReplicaState, Scheduling
+
+
+def eligible(
+    replicas: Iterable[Replica], nodes: Mapping[str, Node], scheduling: Scheduling
+) -> list[Replica]:
+    """Return the replicas that may take a request now, in their given order.
+
+    A replica qualifies when it is LOADED, has an address, its node is known and servable
+    (healthy or draining), and the node's labels match the model's node selector as they are
+    now, so a loaded replica on a node relabelled out of the selector gets no more requests.
+    """
+    out: list[Replica] = []
+    for r in replicas:
+        if r.state != ReplicaState.LOADED or r.address is None:
+            continue
+        node = nodes.get(r.node_id)
+        if node is None or not node.servable or not scheduling.matches(node.labels):
+            continue
+        out.append(r)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
