@@ -227,3 +227,10 @@ def test_full_window_falls_back_to_a_full_scan() -> None:
         chosen = route(MANY, busy, turn, max_concurrency=1)
         assert chosen is not None and chosen.index == 5_000
     assert route(MANY, busy | {k(5_000): 1}, 0, max_concurrency=1) is None
+
+
+def test_window_with_many_slow_replicas_prefers_the_fast_ones() -> None:
+    slow = {k(i): 3.0 for i in range(10_000) if i % 2}  # larger than the window
+    for turn in range(5):
+        chosen = route(MANY, {}, turn, speed=slow)
+        assert chosen is not None and chosen.index % 2 == 0

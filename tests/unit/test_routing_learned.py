@@ -70,15 +70,19 @@ def test_a_replica_not_measured_recently_is_explored() -> None:
     assert B in t.ratios(now=11.0)  # measured again: slow again
 
 
-def test_ratios_are_cached_until_refresh_or_a_new_sample() -> None:
+def test_ratios_are_recomputed_at_refresh_and_samples_update_their_own() -> None:
     t = SpeedTracker(refresh=1.0, explore_after=0.5)
     t.observe(A, 1.0, now=0.0)
     t.observe(B, 3.0, now=0.0)
     first = t.ratios(now=0.0)
+    assert first == {B: pytest.approx(2.75)}
     assert t.ratios(now=0.9) is first  # B's exploration is noticed at the next refresh
     assert t.ratios(now=1.0) == {}
-    t.observe(B, 3.0, now=1.1)
+    t.observe(B, 3.0, now=1.1)  # B measured again: slow at once, no full recomputation
     assert B in t.ratios(now=1.1)
+    t.observe(C, 0.5, now=1.2)  # a new fastest: every ratio moves
+    got = t.ratios(now=1.2)
+    assert C not in got and got[B] > 4
 
 
 def test_forget_and_bad_samples() -> None:

@@ -128,9 +128,12 @@ def _best(
         lookup = local.get
         if speed:  # sparse: only the measurably slower replicas are in it (speed default 1)
             wl, ws = weights.load, weights.speed
-            for k, s in speed.items():
-                j = lookup(k)
-                if j is not None and total[j] != _FULL:
+            if len(speed) <= len(keys):
+                slow = [(j, s) for k, s in speed.items() if (j := lookup(k)) is not None]
+            else:  # a window of a huge model where many replicas are slow
+                slow = [(j, s) for j, k in enumerate(keys) if (s := speed.get(k)) is not None]
+            for j, s in slow:
+                if total[j] != _FULL:
                     total[j] = wl * load_score(loads[j], s, scale) + ws * (1.0 / s - 1.0)
         if use_prefix or use_session:
             slack = weights.affinity_slack * scale

@@ -6,8 +6,9 @@ answers apart). Pure: every call takes `now`. Call contract:
 - `observe(replica, seconds, now)` with a time to first byte that reflects the replica's own
   speed (today's proxy samples requests a replica served alone, so queueing does not count);
 - `ratios(now)` on each request -> {replica: slowness >= 1}, only for replicas measurably slower
-  than the fastest (missing = 1.0). The map is recomputed at most every `refresh` seconds or
-  after a new sample, so a request pays a dict lookup per candidate;
+  than the fastest (missing = 1.0). The map is recomputed in full at most every `refresh`
+  seconds (or after a sample that is a new fastest); any other sample updates its own replica's
+  ratio in O(1), so neither a request nor a sample costs O(replicas);
 - `forget(replica)` when it goes away.
 
 Why a replica cannot starve (the old pick let one early sample 12.5 % slower lose every tie
@@ -45,7 +46,7 @@ class SpeedTracker:
         half_life: float = 30.0,
         explore_after: float = 10.0,
         tolerance: float = 1.25,
-        refresh: float = 0.1,
+        refresh: float = 1.0,
     ) -> None:
         self.alpha = alpha
         self.half_life = half_life
@@ -54,22 +55,31 @@ class SpeedTracker:
         self.refresh = refresh
         self._estimate: dict[ReplicaKey, float] = {}
         self._sampled: dict[ReplicaKey, float] = {}
+        self._sum = 0.0  # of the estimates: the mean in O(1)
         self._ratios: dict[ReplicaKey, float] = {}
+        self._fastest = 0.0  # as of the last full computation
         self._computed = float("-inf")
-        self._dirty = False
+        self._dirty = True
 
     def observe(self, replica: ReplicaKey, seconds: float, now: float) -> None:
-        """Fold one time to first byte of `replica` into its estimate."""
+        """Fold one time to first byte of `replica` into its estimate (O(1))."""
         if seconds < 0:
             return
         old = self.estimate(replica, now)
-        self._estimate[replica] = seconds if old is None else old + self.alpha * (seconds - old)
+        new = seconds if old is None else old + self.alpha * (seconds - old)
+        self._sum += new - self._estimate.get(replica, 0.0)
+        self._estimate[replica] = new
         self._sampled[replica] = now
-        self._dirty = True
+        if self._dirty or not 0 < self._fastest < new:
+            self._dirty = True  # a new fastest moves every ratio: recompute them all
+        else:
+            self._set_ratio(replica, new)
 
     def forget(self, replica: ReplicaKey) -> None:
         """`replica` went away: drop what was learned about it."""
-        self._estimate.pop(replica, None)
+        est = self._estimate.pop(replica, None)
+        if est is not None:
+            self._sum -= est
         self._sampled.pop(replica, None)
         self._dirty = True
 
@@ -81,7 +91,11 @@ class SpeedTracker:
         return self._decayed(est, self._sampled[replica], now, self._mean())
 
     def ratios(self, now: float) -> Mapping[ReplicaKey, float]:
-        """Replica -> slowness relative to the fastest, for the measurably slower ones only."""
+        """Replica -> slowness relative to the fastest, for the measurably slower ones only.
+
+        Recomputed in full at most every `refresh` seconds (decay and exploration move slowly)
+        or when a sample set a new fastest; a sample updates its own replica's ratio at once.
+        """
         if not self._dirty and now - self._computed < self.refresh:
             return self._ratios
         self._dirty = False
@@ -90,22 +104,24 @@ class SpeedTracker:
         current = {
             k: self._decayed(e, self._sampled[k], now, mean) for k, e in self._estimate.items()
         }
-        fastest = min((e for e in current.values() if e > 0), default=0.0)
-        ratios: dict[ReplicaKey, float] = {}
-        if fastest > 0:
-            slack = self.tolerance - 1.0
+        self._fastest = min((e for e in current.values() if e > 0), default=0.0)
+        self._ratios.clear()
+        if self._fastest > 0:
             for k, e in current.items():
-                if now - self._sampled[k] > self.explore_after:
-                    continue  # exploring: counts as fast until it is measured again
-                ratio = e / fastest - slack
-                if ratio > 1.0:
-                    ratios[k] = ratio
-        self._ratios = ratios
-        return ratios
+                if now - self._sampled[k] <= self.explore_after:  # else exploring: counts as fast
+                    self._set_ratio(k, e)
+        return self._ratios
+
+    def _set_ratio(self, replica: ReplicaKey, estimate: float) -> None:
+        ratio = estimate / self._fastest - (self.tolerance - 1.0)
+        if ratio > 1.0:
+            self._ratios[replica] = ratio
+        else:
+            self._ratios.pop(replica, None)
 
     def _mean(self) -> float:
-        est = self._estimate
-        return sum(est.values()) / len(est) if est else 0.0
+        n = len(self._estimate)
+        return self._sum / n if n else 0.0
 
     def _decayed(self, est: float, sampled: float, now: float, mean: float) -> float:
         age = now - sampled
