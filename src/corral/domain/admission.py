@@ -102,12 +102,14 @@ Admission = Queued | Rejected
 class _Flow:
     """One API key's FIFO within a class, with its fair-queueing tags."""
 
-    __slots__ = ("entries", "finish", "start")
+    __slots__ = ("entries", "finish", "live", "start", "token")
 
     def __init__(self) -> None:
-        self.entries: deque[Entry] = deque()
+        self.entries: deque[Entry] = deque()  # may hold cancelled/expired leftovers
+        self.live = 0  # entries still waiting
         self.start = 0.0  # start tag of the head entry while backlogged
         self.finish = 0.0  # finish tag of its last dispatched entry
+        self.token = 0  # the seq of its one valid heap item
 
 
 class _Class:
@@ -117,7 +119,7 @@ class _Class:
 
     def __init__(self) -> None:
         self.flows: dict[str, _Flow] = {}
-        self.heap: list[tuple[float, int, str]] = []  # (start tag, seq, key): backlogged keys
+        self.heap: list[tuple[float, int, str]] = []  # (start tag, seq, key); stale ones skipped
         self.vtime = 0.0
         self.count = 0  # waiting entries
         self.seq = 0
@@ -126,24 +128,34 @@ class _Class:
         flow = self.flows.get(entry.key)
         if flow is None:
             flow = self.flows[entry.key] = _Flow()
-        if not flow.entries:
+        if not flow.live:  # becomes backlogged: a fresh tag, no credit from the past
+            flow.entries.clear()  # only leftovers
             flow.start = max(self.vtime, flow.finish)
             self._schedule(entry.key, flow)
         flow.entries.append(entry)
+        flow.live += 1
         self.count += 1
 
+    def drop(self, entry: Entry) -> None:
+        """A waiting entry left (cancelled or expired); it stays in its FIFO as a leftover."""
+        self.flows[entry.key].live -= 1
+        self.count -= 1
+
     def pop(self, now: float, weights: Mapping[str, float], expired: list[Entry]) -> Entry | None:
-        """The next live entry; expired heads go to `expired`, cancelled ones are dropped."""
+        """The next live entry; expired heads go to `expired`, leftovers are dropped."""
         while self.heap:
-            start, _, key = heapq.heappop(self.heap)
-            flow = self.flows[key]
+            start, token, key = heapq.heappop(self.heap)
+            flow = self.flows.get(key)
+            if flow is None or flow.token != token:
+                continue  # stale item of a key re-scheduled since
             entry = None
             while flow.entries:
                 head = flow.entries.popleft()
                 if not head.waiting:
-                    continue  # cancelled (already uncounted)
-                self.count -= 1
+                    continue
                 head.waiting = False
+                flow.live -= 1
+                self.count -= 1
                 if head.deadline < now:
                     expired.append(head)
                     continue
@@ -154,7 +166,7 @@ class _Class:
                 continue
             self.vtime = start
             flow.finish = start + max(1, entry.tokens) / weights.get(key, 1.0)
-            if flow.entries:
+            if flow.live:
                 flow.start = flow.finish
                 self._schedule(key, flow)
             else:
@@ -162,23 +174,25 @@ class _Class:
             return entry
         return None
 
-    def _schedule(self, key: str, flow: _Flow) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (flow.start, self.seq, key))
-
-    def _idle(self, key: str, flow: _Flow) -> None:
-        if not flow.entries and flow.finish <= self.vtime:
-            del self.flows[key]  # max(V, finish) = V: nothing to remember
-
     def compact(self) -> None:
-        """Drop entries no longer waiting from the FIFOs; one heap item per backlogged key."""
+        """Drop leftovers from the FIFOs; one heap item per backlogged key."""
         self.heap = []
         for key, flow in list(self.flows.items()):
             flow.entries = deque(e for e in flow.entries if e.waiting)
-            if flow.entries:
+            if flow.live:
                 self._schedule(key, flow)
             else:
                 self._idle(key, flow)
+
+    def _schedule(self, key: str, flow: _Flow) -> None:
+        self.seq += 1
+        flow.token = self.seq
+        heapq.heappush(self.heap, (flow.start, self.seq, key))
+
+    def _idle(self, key: str, flow: _Flow) -> None:
+        flow.entries.clear()
+        if flow.finish <= self.vtime:
+            del self.flows[key]  # max(V, finish) = V: nothing to remember
 
 
 class AdmissionQueue:
@@ -278,7 +292,7 @@ class AdmissionQueue:
         if entry is None:
             return False
         entry.waiting = False
-        self._classes[entry.priority].count -= 1
+        self._classes[entry.priority].drop(entry)
         self._forget(entry)
         self._garbage += 1
         if self._garbage > max(64, len(self._by_id)):
@@ -293,7 +307,7 @@ class AdmissionQueue:
             _, _, entry = heapq.heappop(heap)
             if entry.waiting:
                 entry.waiting = False
-                self._classes[entry.priority].count -= 1
+                self._classes[entry.priority].drop(entry)
                 self._forget(entry)
                 self._garbage += 1
                 out.append(entry)
