@@ -8,7 +8,8 @@ returns one hash per block, at most `max_blocks` of them. Hash i is the CRC-32 o
 the high bits, so a hash stands for its whole prefix and equal prefixes hash alike in every
 process (Python's own `hash` of bytes is salted per process, so frontends could not share it).
 CRC-32 is not collision-proof against a crafted prompt; the worst a collision can do here is
-mis-score affinity (routing, never data). Cost: ~5 us for an 8 KB prompt (bench/route_bench.py).
+mis-score affinity (routing, never data). Cost: ~8 us of CPU for an 8 KB prompt on the 2-core
+dev machine, the Python loop's floor (bench/route_bench.py).
 
 Index: `PrefixIndex` maps a block hash to the replicas that recently served a request with that
 prefix and when. It is bounded (`max_entries` hashes, least recently touched dropped first;

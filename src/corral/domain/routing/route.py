@@ -24,7 +24,8 @@ turns at any concurrency. With more than `SCAN_LIMIT` candidates only a window o
 them, starting at a position that moves with `turn`, is scored, plus the replicas the prefix
 match and the session name (they would be lost outside the window); if every replica in that
 set is full, every candidate is scanned once (O(n), only when the window is saturated).
-Cost: ~2-4 us for 3-10 candidates, ~30 us at 10,000 (bench/route_bench.py).
+Cost (CPU, the 2-core dev machine): 1.5-3.5 us for 3-10 candidates, 6-10 us at 10,000
+(bench/route_bench.py).
 """
 
 from __future__ import annotations
