@@ -1,4 +1,10 @@
-"""Warm-path replica choice: which loaded replicas may serve a request, and which one does.
+"""Warm-path replica choice as the proxy makes it today (superseded by `domain.routing`).
+
+`eligible` lives in `domain.routing.candidates` (re-exported here) and the window constants
+in `domain.routing.route`; `pick_replica` stays until the proxy calls `domain.routing.route`
+(the call is in that module's docstring), then goes. Its speed weights have no decay and no
+exploration: a replica measured once as slower can lose every tie for good, the starvation
+that `route` fixes.
 
 `pick_replica` runs on every request, so it is one pass over the candidates with no sorting
 except among exact ties. Order of preference:
@@ -23,32 +29,13 @@ replicas as at 50.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-from corral.domain.entities import Node, Replica, ReplicaKey, ReplicaState, Scheduling
+from corral.domain.entities import Replica, ReplicaKey
+from corral.domain.routing.candidates import eligible
+from corral.domain.routing.route import SCAN_LIMIT, WINDOW
 
-SCAN_LIMIT = 64
-WINDOW = 32
-
-
-def eligible(
-    replicas: Iterable[Replica], nodes: Mapping[str, Node], scheduling: Scheduling
-) -> list[Replica]:
-    """Return the replicas that may take a request now, in their given order.
-
-    A replica qualifies when it is LOADED, has an address, its node is known and servable
-    (healthy or draining), and the node's labels match the model's node selector as they are
-    now, so a loaded replica on a node relabelled out of the selector gets no more requests.
-    """
-    out: list[Replica] = []
-    for r in replicas:
-        if r.state != ReplicaState.LOADED or r.address is None:
-            continue
-        node = nodes.get(r.node_id)
-        if node is None or not node.servable or not scheduling.matches(node.labels):
-            continue
-        out.append(r)
-    return out
+__all__ = ["SCAN_LIMIT", "WINDOW", "eligible", "pick_replica"]
 
 
 def pick_replica(
