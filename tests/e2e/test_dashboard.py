@@ -42,13 +42,18 @@ def test_dashboard_drives_a_real_cluster(cluster: Cluster, browser: Any) -> None
     from playwright.sync_api import expect
 
     cluster.write_model("chat", options={"tokens": 4})
+    cluster.write_model(
+        "emb", options={"embedding_dim": 8}, scheduling={"node_selector": {"zone": "a"}}
+    )
     cluster.start_frontend()
     cluster.start_worker("w1", labels="zone=a")
     cluster.start_worker("w2")
     url = cluster.url()
     chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
     assert httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
-    wait_for(lambda: [r for r in cluster.replicas("chat") if r["state"] == "loaded"], what="load")
+    emb = {"model": "emb", "input": "hi"}
+    assert httpx.post(url + "/v1/embeddings", json=emb, timeout=60).status_code == 200
+    wait_for(lambda: len(cluster.replicas()) == 2, what="two loaded replicas")
 
     console = ConsoleLog()
     context = browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme="light")
@@ -61,7 +66,7 @@ def test_dashboard_drives_a_real_cluster(cluster: Cluster, browser: Any) -> None
     assert page.url == url + "/ui/"
     expect(page.locator("#login")).to_be_hidden()
     expect(page.locator(".stat").first).to_have_text("2")  # two nodes
-    expect(page.locator("#content")).to_contain_text("1 loaded")
+    expect(page.locator("#content")).to_contain_text("2 loaded")
     page.goto(url + "/ui/#/nodes")
     expect(row(page, "w1")).to_contain_text("healthy")
     expect(row(page, "w2")).to_contain_text("healthy")
@@ -69,6 +74,7 @@ def test_dashboard_drives_a_real_cluster(cluster: Cluster, browser: Any) -> None
     page.goto(url + "/ui/#/models")
     expect(row(page, "chat")).to_contain_text("sim")
     expect(row(page, "chat")).to_contain_text("1 loaded")
+    expect(row(page, "emb")).to_contain_text("zone=a")
     page.goto(url + "/ui/#/replicas")
     expect(page.locator("#content")).to_contain_text("chat#")
     replica_node = cluster.replicas("chat")[0]["node_id"]
@@ -96,9 +102,13 @@ def test_dashboard_drives_a_real_cluster(cluster: Cluster, browser: Any) -> None
     assert (cluster.node("w2") or {})["labels"] == {"zone": "b", "gpu": "none"}
     expect(row(page, "w2")).to_contain_text("gpu=none")
 
-    # scheduling changed in the UI arrives
+    # scheduling changed in the UI arrives; the API's error message shows in the dialog
     page.goto(url + "/ui/#/models")
     row(page, "chat").get_by_role("button", name="Scheduling").click()
+    page.locator("#sched-delay").fill("-1")
+    page.locator("dialog[data-kind=scheduling] button[data-action=Save]").click()
+    expect(page.locator("dialog .dialog-error")).to_contain_text("scale_down_delay")
+    page.locator("#sched-delay").fill("300")
     page.locator("#sched-max").fill("3")
     page.locator("dialog[data-kind=scheduling] button[data-action=Save]").click()
     expect(page.locator("dialog")).to_be_hidden()
@@ -211,6 +221,7 @@ def row(page: Any, key: str) -> Any:
 def save_screenshot(page: Any, name: str) -> str:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name
+    page.mouse.move(0, page.viewport_size["height"] - 1)  # no hover highlight in the picture
     page.screenshot(path=str(path))
     return str(path)
 
@@ -252,6 +263,7 @@ def expected_console_error(text: str, source: str) -> bool:
     return (
         ("404" in text and path == "/api/usage")  # not on this frontend yet: shown as a note
         or ("405" in text and path.endswith("/scheduling"))  # PATCH probed, PUT used
+        or ("400" in text and path.endswith("/scheduling"))  # the refused value, on purpose
         or ("401" in text and path.startswith("/api/"))  # the API locked by the new key
     )
 

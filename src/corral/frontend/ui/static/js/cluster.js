@@ -20,7 +20,10 @@ export function nodeName(id, nodes) {
 /** `text` with every node id in it replaced by the node's name (event messages name ids). */
 export function withNames(text, nodes) {
   let out = String(text ?? "");
-  for (const [id, node] of nodes) if (id && out.includes(id)) out = out.split(id).join(node.name);
+  for (const [id, node] of nodes) {
+    if (!id || !out.includes(id)) continue;
+    out = out.split(`${node.name} (${id})`).join(node.name).split(id).join(node.name);
+  }
   return out;
 }
 

@@ -26,7 +26,7 @@ export function openDialog({ title, body = [], actions = [], id = null }) {
         "data-action": action.label,
         onclick: action.submit ? null : () => run(action),
       }, action.label));
-    const form = h("form", { onsubmit: (event) => {
+    const form = h("form", { novalidate: true, onsubmit: (event) => {
       event.preventDefault();
       const submit = actions.find((a) => a.submit);
       if (submit) run(submit);

@@ -19,8 +19,8 @@ export default {
       { title: "Name", cell: (n) => [h("strong", {}, n.name), h("div", { class: "muted small mono", title: n.id }, `${n.id.slice(0, 8)}…`)] },
       { title: "Status", cell: (n) => pill(n.status) },
       { title: "Labels", cell: (n) => chips(n.labels) },
-      { title: "Resources (free / total)", cell: resources },
-      { title: "Memory budget / reserved", cell: (n) => memory(n, data.replicas) },
+      { title: "Resources", cell: resources },
+      { title: "Memory reserved", cell: (n) => memory(n, data.replicas) },
       { title: "Replicas", cell: (n) => replicaCount(n, data.replicas) },
       { title: "Heartbeat", cell: (n) => h("span", { title: when(n.last_heartbeat) }, ago(n.last_heartbeat)) },
       { title: "", class: "actions", cell: (n) => actions(n, ctx) },
@@ -35,9 +35,9 @@ function resources(node) {
   const total = list.reduce((s, g) => s + g.memory_total, 0);
   const names = [...new Set(list.map((g) => g.name))].join(", ");
   return [
-    `${r.cpu_count || "?"} CPU · ${bytes(r.ram_free)} / ${bytes(r.ram_total)}`,
+    h("span", { title: "RAM free / total" }, `${r.cpu_count || "?"} CPU · ${bytes(r.ram_free)} / ${bytes(r.ram_total)}`),
     h("div", { class: "muted small", title: names || null },
-      list.length ? `${list.length}× ${names} · ${bytes(free)} / ${bytes(total)}` : "no GPU"),
+      list.length ? `${list.length}× ${names} · ${bytes(free)} / ${bytes(total)} VRAM` : "no GPU"),
   ];
 }
 

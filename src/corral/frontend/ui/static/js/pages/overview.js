@@ -33,7 +33,8 @@ export default {
           h("span", { class: "muted" }, `${served.size} served now`), "#/models"),
         stat("Replicas", data.replicas.length,
           countPills(tally(data.replicas, (r) => r.state)), "#/replicas"),
-        stat("Loads in progress", data.loads.length, null, null)),
+        stat("Requests in flight", data.replicas.reduce((s, r) => s + (r.inflight || 0), 0),
+          h("span", { class: "muted" }, `${data.loads.length} loading`), null)),
       h("h2", {}, "Loads in progress"),
       table("loads", [
         { title: "Model", cell: (l) => l.model },
