@@ -21,9 +21,8 @@ PAGES = ["overview", "nodes", "models", "replicas", "backends", "events", "usage
 
 
 @pytest.fixture
-def browser(cluster: Cluster) -> Iterator[Any]:
-    """Chromium, launched after the cluster's (async) fixtures: Playwright's sync API runs an
-    event loop of its own on this thread while it is open."""
+def chromium_path() -> str:
+    """The system's Chromium; the test skips (before any cluster starts) without one."""
     pytest.importorskip("playwright.sync_api", reason="playwright (a dev dependency) is missing")
     path = find_chromium()
     if path is None:
@@ -31,14 +30,23 @@ def browser(cluster: Cluster) -> Iterator[Any]:
             "no Chromium found: install Debian's `chromium` package (scripts/test does so when "
             "run as root) or set CORRAL_TEST_CHROMIUM"
         )
+    return path
+
+
+@pytest.fixture
+def browser(chromium_path: str, cluster: Cluster) -> Iterator[Any]:
+    """Chromium, launched after the cluster's (async) fixtures: Playwright's sync API runs an
+    event loop of its own on this thread while it is open."""
     from playwright.sync_api import expect
 
     expect.set_options(timeout=UI_TIMEOUT_MS)
-    with chromium(path) as b:
+    with chromium(chromium_path) as b:
         yield b
 
 
-def test_dashboard_drives_a_real_cluster(cluster: Cluster, browser: Any) -> None:
+def test_dashboard_drives_a_real_cluster(
+    chromium_path: str, cluster: Cluster, browser: Any
+) -> None:
     from playwright.sync_api import expect
 
     cluster.write_model("chat", options={"tokens": 4})
@@ -127,6 +135,15 @@ def test_dashboard_drives_a_real_cluster(cluster: Cluster, browser: Any) -> None
 
     check_phone_viewport(browser, url)
 
+    # stop a replica from the UI (after a confirmation)
+    page.goto(url + "/ui/#/replicas")
+    replica = next(r for r in cluster.replicas("chat") if r["state"] == "loaded")
+    name = f"chat#{replica['index']}"
+    row(page, name).get_by_role("button", name="Stop").click()
+    page.locator("dialog[data-kind=confirm] button[data-action=Stop]").click()
+    expect(row(page, name)).to_have_count(0)
+    assert replica["index"] not in [r["index"] for r in cluster.replicas("chat")]
+
     # a key created in the UI works; the now locked API brings the sign-in form back
     page.goto(url + "/ui/#/keys")
     page.locator("#key-name").fill("ci")
@@ -150,6 +167,16 @@ def test_dashboard_drives_a_real_cluster(cluster: Cluster, browser: Any) -> None
     expect(page.locator("#login")).to_be_hidden()
     (key,) = cluster.api("GET", "/api/keys")["keys"]
     expect(row(page, key["id"])).to_contain_text("ci")
+
+    # a second key, revoked from the UI
+    page.locator("#key-name").fill("temporary")
+    page.get_by_role("button", name="Create key").click()
+    page.locator("dialog[data-kind=secret] button[data-action=Done]").click()
+    (temporary,) = [k for k in cluster.api("GET", "/api/keys")["keys"] if k["name"] == "temporary"]
+    row(page, temporary["id"]).get_by_role("button", name="Revoke").click()
+    page.locator("dialog[data-kind=confirm] button[data-action=Revoke]").click()
+    expect(row(page, temporary["id"])).to_have_count(0)
+    assert [k["name"] for k in cluster.api("GET", "/api/keys")["keys"]] == ["ci"]
     expect(page.locator("#logout")).to_be_visible()
     context.close()
 
