@@ -184,6 +184,85 @@ def test_dashboard_drives_a_real_cluster(
     assert not unexpected, unexpected
 
 
+# The dashboard's pure helpers, run in the browser on table inputs: (module, call, expected).
+LOGIC_CASES: list[tuple[str, str, Any]] = [
+    ("dom", "m.parsePairs('a=1\\n b = 2 \\n\\nk=v=w')", {"a": "1", "b": "2", "k": "v=w"}),
+    (
+        "dom",
+        "(() => { try { m.parsePairs('ok=1\\nbad') } catch (e) { return e.message } })()",
+        "line 2: write key=value",
+    ),
+    ("dom", "m.parsePairs('=x').length", None),  # throws: an empty key
+    ("dom", "m.formatPairs({a: '1', b: '2'})", "a=1\nb=2"),
+    (
+        "dom",
+        "[m.bytes(999), m.bytes(1500), m.bytes(20.2e9), m.bytes(null)]",
+        ["999 B", "1.5 KB", "20.2 GB", "—"],
+    ),
+    (
+        "dom",
+        "[m.tone('draining'), m.tone('loaded'), m.tone('failed'), m.tone('x')]",
+        ["warn", "ok", "bad", ""],
+    ),
+    (
+        "dom",
+        "[m.ago(0), m.ago(Date.now() / 1000 - 5), m.ago(Date.now() / 1000 - 600)]",
+        ["never", "5 s ago", "10 min ago"],
+    ),
+    (
+        "cluster",
+        "m.budgetBytes({memory_budget: '80%', resources: {ram_total: 1e9, gpus: []}})",
+        {"ram": 8e8, "vram": 0},
+    ),
+    (
+        "cluster",
+        "m.budgetBytes({memory_budget: '50%', resources: {ram_total: 2e9, "
+        "gpus: [{memory_total: 4e9}, {memory_total: 4e9}]}})",
+        {"ram": 1e9, "vram": 4e9},
+    ),
+    (
+        "cluster",
+        "m.budgetBytes({memory_budget: '12.0 GB', resources: {ram_total: 64e9}})",
+        {"ram": 12e9, "vram": 0},
+    ),
+    (
+        "cluster",
+        "m.reserved('n1', [{node_id: 'n1', state: 'loaded', memory: 5}, "
+        "{node_id: 'n1', state: 'unloading', memory: 7}, {node_id: 'n2', state: 'loaded', "
+        "memory: 11}, {node_id: 'n1', state: 'loading', memory: 13}])",
+        18,
+    ),
+    (
+        "cluster",
+        "m.withNames('w1 (id-1) at h; id-1 again; id-2', new Map([['id-1', {name: 'w1'}]]))",
+        "w1 at h; w1 again; id-2",
+    ),
+    (
+        "cluster",
+        "m.activeLoads({jobs: [{model: 'a', state: 'loading', percent: null, "
+        "elapsed: 3}], progress: {a: {model: 'a', state: 'loading', percent: 40, phase: 'p', "
+        "elapsed: null}, b: {model: 'b', state: 'loaded'}, c: {model: 'c', state: 'staging'}}})",
+        [
+            {"model": "a", "state": "loading", "percent": 40, "phase": "p", "elapsed": 3},
+            {"model": "c", "state": "staging"},
+        ],
+    ),
+]
+
+
+def test_dashboard_helpers(chromium_path: str, cluster: Cluster, browser: Any) -> None:
+    cluster.start_frontend()
+    page = browser.new_page()
+    page.goto(cluster.url() + "/ui/")  # modules load from the page's own origin
+    for module, call, expected in LOGIC_CASES:
+        script = f"async () => {{ const m = await import('./js/{module}.js'); return {call}; }}"
+        if expected is None:
+            with pytest.raises(Exception, match="line 1"):
+                page.evaluate(script)
+            continue
+        assert page.evaluate(script) == expected, call
+
+
 def test_ui_files_are_served_safely(cluster: Cluster) -> None:
     cluster.start_frontend()
     url = cluster.url()

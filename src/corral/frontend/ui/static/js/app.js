@@ -47,7 +47,8 @@ function context(id) {
 
 /** Run an operator action (after a confirmation when `confirm` is given), then refresh. */
 async function act(run, confirm) {
-  if (confirm && !(await confirmAction(confirm.title, confirm.message, confirm.label))) return false;
+  if (confirm && !(await confirmAction(confirm.title, confirm.message, confirm.label)))
+    return false;
   try {
     await run();
     showError(null);
@@ -81,7 +82,8 @@ function show(id) {
 function render(data) {
   const content = $("content");
   const scroll = {};
-  for (const box of content.querySelectorAll("[data-key]")) scroll[box.dataset.key] = box.scrollLeft;
+  for (const box of content.querySelectorAll("[data-key]"))
+    scroll[box.dataset.key] = box.scrollLeft;
   content.replaceChildren(PAGES[app.id].render(data, context(app.id)));
   for (const box of content.querySelectorAll("[data-key]")) {
     if (scroll[box.dataset.key]) box.scrollLeft = scroll[box.dataset.key];

@@ -63,10 +63,20 @@ export function budgetBytes(node) {
     return { ram: (r.ram_total || 0) * fraction, vram: vramTotal * fraction };
   }
   const size = parseSize(text);
-  return { ram: size ?? 0, vram: vramTotal ? size ?? 0 : 0 };
+  return { ram: size ?? 0, vram: vramTotal ? (size ?? 0) : 0 };
 }
 
-const UNITS = { B: 1, KB: 1e3, MB: 1e6, GB: 1e9, TB: 1e12, KIB: 1024, MIB: 1024 ** 2, GIB: 1024 ** 3, TIB: 1024 ** 4 };
+const UNITS = {
+  B: 1,
+  KB: 1e3,
+  MB: 1e6,
+  GB: 1e9,
+  TB: 1e12,
+  KIB: 1024,
+  MIB: 1024 ** 2,
+  GIB: 1024 ** 3,
+  TIB: 1024 ** 4,
+};
 
 function parseSize(text) {
   const m = /^\s*([\d.]+)\s*([a-z]*)\s*$/i.exec(text);

@@ -20,17 +20,32 @@ export function openDialog({ title, body = [], actions = [], id = null }) {
   return new Promise((resolve) => {
     let result = null;
     const buttons = actions.map((action) =>
-      h("button", {
-        type: action.submit ? "submit" : "button",
-        class: `button ${action.kind || ""}`,
-        "data-action": action.label,
-        onclick: action.submit ? null : () => run(action),
-      }, action.label));
-    const form = h("form", { novalidate: true, onsubmit: (event) => {
-      event.preventDefault();
-      const submit = actions.find((a) => a.submit);
-      if (submit) run(submit);
-    } }, h("h2", {}, title), body, error, h("div", { class: "buttons" }, buttons));
+      h(
+        "button",
+        {
+          type: action.submit ? "submit" : "button",
+          class: `button ${action.kind || ""}`,
+          "data-action": action.label,
+          onclick: action.submit ? null : () => run(action),
+        },
+        action.label,
+      ),
+    );
+    const form = h(
+      "form",
+      {
+        novalidate: true,
+        onsubmit: (event) => {
+          event.preventDefault();
+          const submit = actions.find((a) => a.submit);
+          if (submit) run(submit);
+        },
+      },
+      h("h2", {}, title),
+      body,
+      error,
+      h("div", { class: "buttons" }, buttons),
+    );
 
     async function run(action) {
       if (!action.run) {
@@ -66,7 +81,10 @@ export async function confirmAction(title, message, label = "Confirm") {
     title,
     id: "confirm",
     body: [h("p", {}, message)],
-    actions: [{ label: "Cancel" }, { label, kind: "danger primary", submit: true, run: async () => {} }],
+    actions: [
+      { label: "Cancel" },
+      { label, kind: "danger primary", submit: true, run: async () => {} },
+    ],
   });
   return answer === label;
 }

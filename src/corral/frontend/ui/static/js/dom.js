@@ -71,8 +71,15 @@ export function count(n, word) {
 const TONES = {
   ok: ["healthy", "loaded", "installed", "builtin", "ok"],
   info: [
-    "scheduled", "staging", "loading", "placing", "evicting", "installing", "downloading",
-    "resolving", "pending",
+    "scheduled",
+    "staging",
+    "loading",
+    "placing",
+    "evicting",
+    "installing",
+    "downloading",
+    "resolving",
+    "pending",
   ],
   warn: ["draining", "unhealthy", "unloading"],
   bad: ["failed", "offline"],
@@ -92,7 +99,11 @@ export function pill(status, title, label) {
 export function countPills(counts) {
   const entries = Object.entries(counts).filter(([, n]) => n > 0);
   if (!entries.length) return h("span", { class: "muted" }, "none");
-  return h("span", { class: "counts" }, entries.map(([s, n]) => pill(s, null, `${n} ${s}`)));
+  return h(
+    "span",
+    { class: "counts" },
+    entries.map(([s, n]) => pill(s, null, `${n} ${s}`)),
+  );
 }
 
 export function tally(items, keyOf) {
@@ -114,9 +125,13 @@ export function chips(mapping, empty = "—") {
 export function progress(percent, label) {
   if (percent === null || percent === undefined) return label ? h("span", {}, label) : null;
   const value = Math.max(0, Math.min(100, Number(percent)));
-  return h("span", {},
+  return h(
+    "span",
+    {},
     h("progress", { max: 100, value, "aria-label": label || "progress" }),
-    `${value.toFixed(0)}%`, label ? ` ${label}` : "");
+    `${value.toFixed(0)}%`,
+    label ? ` ${label}` : "",
+  );
 }
 
 export function button(label, onclick, kind = "") {
@@ -133,12 +148,34 @@ export function table(key, columns, rows, { empty = "Nothing here yet.", rowKey 
   if (!rows.length) {
     return h("div", { class: "table-wrap", "data-key": key }, h("div", { class: "empty" }, empty));
   }
-  return h("div", { class: "table-wrap", "data-key": key },
-    h("table", {},
-      h("thead", {}, h("tr", {}, columns.map((c) => h("th", { class: c.class || null }, c.title)))),
-      h("tbody", {}, rows.map((row) =>
-        h("tr", { "data-row": rowKey ? rowKey(row) : null },
-          columns.map((c) => h("td", { class: c.class || null }, c.cell(row))))))));
+  return h(
+    "div",
+    { class: "table-wrap", "data-key": key },
+    h(
+      "table",
+      {},
+      h(
+        "thead",
+        {},
+        h(
+          "tr",
+          {},
+          columns.map((c) => h("th", { class: c.class || null }, c.title)),
+        ),
+      ),
+      h(
+        "tbody",
+        {},
+        rows.map((row) =>
+          h(
+            "tr",
+            { "data-row": rowKey ? rowKey(row) : null },
+            columns.map((c) => h("td", { class: c.class || null }, c.cell(row))),
+          ),
+        ),
+      ),
+    ),
+  );
 }
 
 /** "key=value" lines → {key: value}; throws Error naming the bad line. */
@@ -156,5 +193,7 @@ export function parsePairs(text) {
 }
 
 export function formatPairs(mapping) {
-  return Object.entries(mapping || {}).map(([k, v]) => `${k}=${v}`).join("\n");
+  return Object.entries(mapping || {})
+    .map(([k, v]) => `${k}=${v}`)
+    .join("\n");
 }

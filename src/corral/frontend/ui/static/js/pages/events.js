@@ -23,7 +23,10 @@ export default {
   },
 
   async load(api) {
-    const [events, nodes] = await Promise.all([api.get(`/events?limit=${LIMIT}`), api.get("/nodes")]);
+    const [events, nodes] = await Promise.all([
+      api.get(`/events?limit=${LIMIT}`),
+      api.get("/nodes"),
+    ]);
     return { events: events.events, nodes: nodes.nodes };
   },
 
@@ -33,14 +36,29 @@ export default {
     const needle = (ctx.state.filter || "").trim().toLowerCase();
     const rows = data.events
       .map((e) => ({ ...e, text: withNames(e.message, nodes) }))
-      .filter((e) => !needle || [e.kind, e.subject, subject(e), e.message, e.text].join(" ").toLowerCase().includes(needle));
-    return h("div", {},
-      table("events", [
-        { title: "When", cell: (e) => h("span", { title: when(e.at) }, ago(e.at)) },
-        { title: "Kind", cell: (e) => h("code", {}, e.kind) },
-        { title: "Subject", cell: (e) => subject(e) },
-        { title: "Message", class: "wrap", cell: (e) => h("span", { title: e.message }, e.text) },
-      ], rows, { empty: needle ? "No event matches the filter." : "No events yet." }),
-      h("p", { class: "muted small" }, `The newest ${LIMIT} events; live.`));
+      .filter(
+        (e) =>
+          !needle ||
+          [e.kind, e.subject, subject(e), e.message, e.text]
+            .join(" ")
+            .toLowerCase()
+            .includes(needle),
+      );
+    return h(
+      "div",
+      {},
+      table(
+        "events",
+        [
+          { title: "When", cell: (e) => h("span", { title: when(e.at) }, ago(e.at)) },
+          { title: "Kind", cell: (e) => h("code", {}, e.kind) },
+          { title: "Subject", cell: (e) => subject(e) },
+          { title: "Message", class: "wrap", cell: (e) => h("span", { title: e.message }, e.text) },
+        ],
+        rows,
+        { empty: needle ? "No event matches the filter." : "No events yet." },
+      ),
+      h("p", { class: "muted small" }, `The newest ${LIMIT} events; live.`),
+    );
   },
 };
