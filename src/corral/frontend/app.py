@@ -21,6 +21,7 @@ from corral.frontend.asgi import Receive, Scope, Send, error_headers, error_payl
 from corral.frontend.metrics import render_metrics
 from corral.frontend.nodes_api import node_router, require_node
 from corral.frontend.service import Frontend
+from corral.frontend.ui import dashboard_router
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
         )
     api.include_router(node_router())
     api.include_router(admin_router())
+    api.include_router(dashboard_router())
     return api
 
 

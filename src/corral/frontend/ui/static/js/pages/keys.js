@@ -1,0 +1,128 @@
+// API keys: list, create (the secret is shown once), revoke.
+
+import { seg } from "../api.js";
+import { openDialog } from "../dialogs.js";
+import { ago, button, h, table, when } from "../dom.js";
+
+export default {
+  title: "API keys",
+
+  toolbar(ctx) {
+    const name = h("input", {
+      id: "key-name",
+      name: "name",
+      placeholder: "New key name",
+      maxlength: "255",
+      required: true,
+    });
+    const role = h(
+      "select",
+      { id: "key-role", "aria-label": "Role", hidden: true },
+      h("option", { value: "inference" }, "inference"),
+      h("option", { value: "admin" }, "admin"),
+    );
+    ctx.state.roleSelect = role;
+    return h(
+      "form",
+      {
+        class: "toolbar",
+        onsubmit: (event) => {
+          event.preventDefault();
+          const body = { name: name.value.trim() };
+          if (!body.name) return;
+          if (!role.hidden) body.role = role.value;
+          ctx.act(async () => {
+            const created = await ctx.api.post("/keys", body);
+            name.value = "";
+            showSecret(created, ctx);
+          });
+        },
+      },
+      name,
+      role,
+      h("button", { type: "submit", class: "button primary" }, "Create key"),
+    );
+  },
+
+  async load(api) {
+    return (await api.get("/keys")).keys;
+  },
+
+  render(keys, ctx) {
+    const roles = keys.some((k) => k.role !== undefined);
+    if (ctx.state.roleSelect) ctx.state.roleSelect.hidden = !roles;
+    return h(
+      "div",
+      {},
+      table(
+        "keys",
+        [
+          { title: "Name", cell: (k) => h("strong", {}, k.name) },
+          { title: "ID", cell: (k) => h("code", {}, k.id) },
+          roles ? { title: "Role", cell: (k) => k.role || "" } : null,
+          {
+            title: "Created",
+            cell: (k) => h("span", { title: when(k.created_at) }, created(k.created_at)),
+          },
+          { title: "", class: "actions", cell: (k) => revoke(k, ctx) },
+        ].filter(Boolean),
+        keys,
+        {
+          empty:
+            "No API key is stored: unless the frontend has --api-keys, the OpenAI and admin APIs are open.",
+          rowKey: (k) => k.id,
+        },
+      ),
+      h(
+        "p",
+        { class: "muted small" },
+        "Keys from the frontend's --api-keys setting are not listed. Only a digest of each key is stored.",
+      ),
+    );
+  },
+};
+
+function created(value) {
+  const ms = Date.parse(value);
+  return Number.isNaN(ms) ? String(value || "") : ago(ms / 1000);
+}
+
+function revoke(key, ctx) {
+  return button(
+    "Revoke",
+    () =>
+      ctx.act(() => ctx.api.del(`/keys/${seg(key.id)}`), {
+        title: `Revoke ${key.name}?`,
+        message: "Clients using this key get 401 from now on. This cannot be undone.",
+        label: "Revoke",
+      }),
+    "danger",
+  );
+}
+
+function showSecret(created, ctx) {
+  const secret = h("code", { id: "new-key-secret", class: "secret" }, created.key);
+  const copy = button("Copy", async () => {
+    try {
+      await navigator.clipboard.writeText(created.key);
+      copy.textContent = "Copied";
+    } catch {
+      getSelection().selectAllChildren(secret);
+      copy.textContent = "Selected: press Ctrl+C";
+    }
+  });
+  const body = [h("p", {}, "Copy the secret now: it is not shown again."), secret, copy];
+  const actions = [];
+  if (!ctx.signedIn()) {
+    body.push(
+      h(
+        "p",
+        { class: "muted small" },
+        "While any key exists, every /v1 and /api request needs one, this dashboard's too.",
+      ),
+    );
+    actions.push({ label: "Use it for this dashboard", run: async () => ctx.useKey(created.key) });
+  }
+  actions.push({ label: "Done", kind: "primary" });
+  return openDialog({ title: `Key ${created.name} created`, id: "secret", body, actions });
+}
