@@ -12,7 +12,6 @@ from typing import Any
 import nats
 import nats.errors
 import pytest
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from corral.bus.authservice import AuthCallout, WorkerSessions
@@ -20,7 +19,16 @@ from corral.bus.client import Bus, decode
 from corral.bus.messages import ReplicaEvent, StartReplica, StartReplicaReply
 from corral.bus.natsauth import NatsCredentials, worker_credentials, worker_inbox_prefix
 from corral.bus.subjects import Subjects
-from natsauth_infra import AuthNats, CredentialStore, auth_nats_server
+from natsauth_infra import (
+    AuthNats,
+    Client,
+    CredentialStore,
+    auth_nats_server,
+    collect,
+    connect,
+    publish_until_seen,
+    until,
+)
 
 SWEEP_DELAY = 1.5  # the server's auth timeout (1 s here) plus margin
 
@@ -29,61 +37,6 @@ SWEEP_DELAY = 1.5  # the server's auth timeout (1 s here) plus margin
 def server() -> Iterator[AuthNats]:
     with auth_nats_server(auth_timeout=1.0) as s:
         yield s
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> float:
-    """Poll `cond` until true; return the seconds it took (fail after `timeout`)."""
-    began = time.monotonic()
-    while not cond():
-        if time.monotonic() - began > timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - began
-
-
-@dataclass
-class Client:
-    """A raw nats-py connection that records what the server reported to it."""
-
-    nc: NatsClient
-    errors: list[Exception] = field(default_factory=list)
-    disconnects: int = 0
-
-    def violations(self) -> list[str]:
-        """The permission violations reported so far (nats-py lower-cases them)."""
-        return [str(e) for e in self.errors if "permissions violation" in str(e).lower()]
-
-
-async def connect(url: str, creds: NatsCredentials, *, reconnect: bool = False) -> Client:
-    holder: list[Client] = []
-    errors: list[Exception] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(exc)
-
-    async def on_disconnect() -> None:
-        if holder:
-            holder[0].disconnects += 1
-
-    nc = NatsClient()
-    connecting = nc.connect(
-        servers=[url],
-        allow_reconnect=reconnect,
-        max_reconnect_attempts=-1 if reconnect else 0,
-        reconnect_time_wait=0.2,
-        connect_timeout=5,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        **creds.connect_options(url),
-    )
-    try:
-        await connecting
-    except BaseException:
-        await nc.close()  # a refused connect leaves its socket open otherwise
-        raise
-    client = Client(nc, errors)
-    holder.append(client)
-    return client
 
 
 @dataclass
@@ -154,31 +107,6 @@ async def make_cluster(server: AuthNats) -> AsyncIterator[Callable[[str], Any]]:
 async def cluster(make_cluster: Callable[[str], Any], nats_prefix: str) -> Cluster:
     made: Cluster = await make_cluster(nats_prefix)
     return made
-
-
-async def collect(bus: Bus, subject: str) -> list[Msg]:
-    got: list[Msg] = []
-
-    async def cb(msg: Msg) -> None:
-        got.append(msg)
-
-    await bus.nc.subscribe(subject, cb=cb)
-    await bus.flush()
-    return got
-
-
-async def publish_until_seen(
-    nc: NatsClient, subject: str, got: list[Msg], payload: bytes = b"marker"
-) -> None:
-    """Publish `payload` until a subscriber has it: a fresh subscription on one connection may
-    reach the server's interest graph a moment after its flush on another connection."""
-    deadline = time.monotonic() + 10
-    while not any(m.data == payload and m.subject == subject for m in got):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{subject} never delivered {payload!r}")
-        await nc.publish(subject, payload)
-        await nc.flush()
-        await asyncio.sleep(0.02)
 
 
 # --- the frontend identity --------------------------------------------------------------------
