@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import nats.errors
@@ -164,39 +164,47 @@ class WorkerSessions:
             await asyncio.gather(*self._sweeps, return_exceptions=True)
 
     async def kick(self, name: str) -> int:
-        """Close every connection authorized as `name` on every server; return the count."""
+        """Close every connection authorized as `name` on every server; return the count.
+
+        Each server's list is acted on as it arrives, so the first kick does not wait for the
+        gather window that decides no further server will answer.
+        """
+        kicked = 0
         try:
-            replies = await self._gather("$SYS.REQ.SERVER.PING.CONNZ", {"user": name})
+            async for reply in self._gather("$SYS.REQ.SERVER.PING.CONNZ", {"user": name}):
+                kicked += await self._kick_listed(name, reply)
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("could not list NATS connections of %s: %s", name, exc)
-            return 0
-        kicked = 0
-        for reply in replies:
-            server_id = (reply.get("server") or {}).get("id")
-            for conn in (reply.get("data") or {}).get("connections") or []:
-                cid = conn.get("cid")
-                if not server_id or not isinstance(cid, int):
-                    continue
-                try:
-                    await self.bus.nc.request(
-                        f"$SYS.REQ.SERVER.{server_id}.KICK",
-                        json.dumps({"cid": cid}).encode(),
-                        timeout=self.timeout,
-                    )
-                    kicked += 1
-                except (nats.errors.Error, TimeoutError) as exc:
-                    log.warning("could not kick NATS connection %s of %s: %s", cid, name, exc)
         if kicked:
             log.info("kicked %d NATS connection(s) of %s", kicked, name)
+        return kicked
+
+    async def _kick_listed(self, name: str, reply: dict[str, Any]) -> int:
+        """Kick the connections one server's CONNZ answer lists."""
+        server_id = (reply.get("server") or {}).get("id")
+        kicked = 0
+        for conn in (reply.get("data") or {}).get("connections") or []:
+            cid = conn.get("cid")
+            if not server_id or not isinstance(cid, int):
+                continue
+            try:
+                await self.bus.nc.request(
+                    f"$SYS.REQ.SERVER.{server_id}.KICK",
+                    json.dumps({"cid": cid}).encode(),
+                    timeout=self.timeout,
+                )
+                kicked += 1
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("could not kick NATS connection %s of %s: %s", cid, name, exc)
         return kicked
 
     async def _sweep_later(self, name: str) -> None:
         await asyncio.sleep(self.sweep_delay)
         await self.kick(name)
 
-    async def _gather(self, subject: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-        """Send a request every server answers; collect answers until none came for the
-        gather window (or the timeout passed)."""
+    async def _gather(self, subject: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Send a request every server answers and yield the answers as they come, until none
+        came for the gather window (or the timeout passed); TimeoutError when none came."""
         nc = self.bus.nc
         inbox = nc.new_inbox()
         queue: asyncio.Queue[Msg] = asyncio.Queue()
@@ -205,26 +213,26 @@ class WorkerSessions:
             await queue.put(msg)
 
         sub = await nc.subscribe(inbox, cb=collect)
-        replies: list[dict[str, Any]] = []
+        answered = False
         try:
             await nc.publish(subject, json.dumps(body).encode(), reply=inbox)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.timeout
             while (left := deadline - loop.time()) > 0:
-                wait = min(left, self.gather_window) if replies else left
+                wait = min(left, self.gather_window) if answered else left
                 try:
                     msg = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:
                     break
+                answered = True
                 try:
                     parsed = json.loads(msg.data)
                 except ValueError:
                     continue
                 if isinstance(parsed, dict):
-                    replies.append(parsed)
+                    yield parsed
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
-        if not replies:
+        if not answered:
             raise TimeoutError(f"no server answered {subject}")
-        return replies
