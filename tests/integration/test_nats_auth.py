@@ -30,12 +30,14 @@ from natsauth_infra import (
     until,
 )
 
-SWEEP_DELAY = 1.5  # the server's auth timeout (1 s here) plus margin
+AUTH_TIMEOUT = 2.0  # the server waits this long for a callout answer
+SWEEP_DELAY = AUTH_TIMEOUT + 0.5
+PROMPT = 1.5  # "at once", with room for a loaded machine, yet below the auth timeout
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[AuthNats]:
-    with auth_nats_server(auth_timeout=1.0) as s:
+    with auth_nats_server(auth_timeout=AUTH_TIMEOUT) as s:
         yield s
 
 
@@ -286,8 +288,10 @@ async def test_bad_worker_credentials_are_refused_at_once(cluster: Cluster, case
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         await connect(cluster.server.url, creds)
     took = time.monotonic() - began
-    if case != "no credentials":  # no callout owner answers an anonymous client: auth timeout
-        assert took < 1.0, f"refused after {took:.2f}s, not by the callout's answer"
+    if case == "no credentials":  # no cluster owns an anonymous client: the auth timeout
+        assert took >= AUTH_TIMEOUT - 0.1
+    else:
+        assert took < PROMPT, f"refused after {took:.2f}s, not by the callout's answer"
 
 
 async def test_two_clusters_share_one_server(
@@ -326,7 +330,7 @@ async def test_revoked_credentials_stop_working(cluster: Cluster) -> None:
     assert await cluster.sessions.revoke("n1", revoked) == 1
     await until(lambda: worker.disconnects >= 1, timeout=5, what="the kick")
     cut = time.monotonic() - began
-    assert cut < 1.0, f"the existing connection was cut after {cut:.2f}s"
+    assert cut < PROMPT, f"the existing connection was cut after {cut:.2f}s"
     # it keeps trying to reconnect, and every attempt is refused
     await until(
         lambda: any("Authorization Violation" in str(e) for e in worker.errors),
