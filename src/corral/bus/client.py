@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from corral.bus.messages import Message
+from corral.bus.natsauth import NatsCredentials
 from corral.bus.subjects import Subjects
 from corral.errors import NodeUnreachable
 
@@ -24,12 +25,24 @@ R = TypeVar("R", bound=Message)
 
 
 class Bus:
-    """A NATS connection that speaks Corral's typed messages under one subject prefix."""
+    """A NATS connection that speaks Corral's typed messages under one subject prefix.
 
-    def __init__(self, url: str, *, prefix: str = "corral", name: str = "corral") -> None:
+    `credentials` (an identity and TLS trust, `corral.bus.natsauth`) are presented at every
+    connect and reconnect; None connects without authentication.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "corral",
+        name: str = "corral",
+        credentials: NatsCredentials | None = None,
+    ) -> None:
         self.url = url
         self.subjects = Subjects(prefix)
         self.name = name
+        self.credentials = credentials
         self._nc: NatsClient | None = None
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -69,6 +82,7 @@ class Bus:
             error_cb=on_error,
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
+            **(self.credentials.connect_options(self.url) if self.credentials else {}),
         )
 
     async def close(self) -> None:

@@ -27,6 +27,29 @@ class Subjects:
     def backend_upgrade(self, node_id: str) -> str:
         return f"{self.prefix}.node.{node_id}.backend.upgrade"
 
+    def node_all(self, node_id: str) -> str:
+        """Every subject addressed to one node (what its worker may subscribe to)."""
+        return f"{self.prefix}.node.{node_id}.>"
+
+    # --- per node, progress a worker publishes (its id in the subject binds it to it) -------
+    def node_progress(self, node_id: str) -> str:
+        """Every progress subject of one node (what its worker may publish)."""
+        return f"{self.prefix}.progress.{node_id}.>"
+
+    def install_progress(self, node_id: str) -> str:
+        return f"{self.prefix}.progress.{node_id}.install"
+
+    def load_progress(self, node_id: str, model: str) -> str:
+        return f"{self.prefix}.progress.{node_id}.load.{_token(model)}"
+
+    @property
+    def all_install_progress(self) -> str:
+        return f"{self.prefix}.progress.*.install"
+
+    @property
+    def all_load_progress(self) -> str:
+        return f"{self.prefix}.progress.*.load.>"
+
     # --- broadcast ------------------------------------------------------------------------
     @property
     def replica_events(self) -> str:
