@@ -423,6 +423,9 @@ async def test_stats_counts_successful_inference(http: httpx.AsyncClient) -> Non
         "loading": False,
         "requests": 0,
         "inflight": 0,
+        "peak_inflight": 0,
+        "fingerprint": SimConfig().system_fingerprint,
+        "engine": None,
     }
     await http.post(CHAT, json=_chat("a"))
     await http.post(CHAT, json=_chat("a", stream=True))
