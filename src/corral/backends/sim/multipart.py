@@ -85,13 +85,28 @@ def parse(body: bytes, boundary: bytes) -> list[Part]:
             if head_end < 0:
                 raise BadRequest("malformed multipart body: part headers do not end")
             data_start = head_end + 4
-        end = body.find(b"\r\n" + delimiter, data_start)
-        if end < 0:
-            raise BadRequest("malformed multipart body: a part does not end")
+        end = _next_delimiter(body, b"\r\n" + delimiter, data_start)
         if len(parts) == MAX_PARTS:
             raise BadRequest(f"multipart body has more than {MAX_PARTS} parts")
         parts.append(_part(body[start:head_end], body[data_start:end]))
         pos = end + 2 + len(delimiter)
+
+
+def _next_delimiter(body: bytes, marker: bytes, start: int) -> int:
+    """Where the CRLF of the next real delimiter line is: one followed by `--` (the last)
+    or by optional blanks and CRLF, so data that merely starts like one is kept."""
+    pos = start
+    while True:
+        end = body.find(marker, pos)
+        if end < 0:
+            raise BadRequest("malformed multipart body: a part does not end")
+        after = end + len(marker)
+        if body.startswith(b"--", after):
+            return end
+        line_end = body.find(b"\r\n", after)
+        if line_end >= 0 and not body[after:line_end].strip(b" \t"):
+            return end
+        pos = after
 
 
 def _part(head: bytes, data: bytes) -> Part:
