@@ -96,6 +96,8 @@ class Answers:
         self.requests += 1
         if not self.peak:
             self.peak = 1
+        if content_type is None:
+            return self._heads.ok_json(payload, conn_header)
         return self._whole(payload, conn_header, content_type)
 
     def _whole(self, payload: bytes, conn_header: bytes, content_type: bytes | None) -> bytes:

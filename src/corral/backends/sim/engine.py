@@ -260,10 +260,6 @@ class SimEngine:
         material = self._seed_key + b"\x00" + text.encode("utf-8", "surrogatepass")
         return hashlib.shake_256(material).digest(size)
 
-    def digest(self, text: str, size: int) -> bytes:
-        """`size` deterministic bytes for a text under this server's seed."""
-        return self._digest(text, size)
-
     def generate(self, prompt: Prompt, cap: int | None) -> Generation:
         """The output for a prompt: `tokens` words, or `cap` when that is smaller."""
         n = self._config.tokens

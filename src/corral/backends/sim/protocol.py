@@ -96,6 +96,7 @@ class Heads:
 
     json: dict[int, bytes]  # status -> status line, content type, fingerprint
     json_200: bytes  # the 200 head up to the content-length value
+    sse: bytes  # the head of a 200 event stream, up to the connection header
     extra: bytes  # the fingerprint header line
 
     @classmethod
@@ -106,7 +107,7 @@ class Heads:
             % (status, reason, extra)
             for status, reason in REASONS.items()
         }
-        return cls(json, json[200] + b"content-length: ", extra)
+        return cls(json, json[200] + b"content-length: ", _chunked(SSE, extra), extra)
 
     def ok_json(self, body: bytes, conn: bytes) -> bytes:
         """A whole 200 JSON answer."""
@@ -135,14 +136,18 @@ class Heads:
 
     def chunked(self, content_type: bytes) -> bytes:
         """The head of a 200 answer sent in chunks (SSE, audio), up to the connection header."""
-        return b"".join(
-            (
-                b"HTTP/1.1 200 OK\r\ncontent-type: ",
-                content_type,
-                b"\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n",
-                self.extra,
-            )
+        return self.sse if content_type is SSE else _chunked(content_type, self.extra)
+
+
+def _chunked(content_type: bytes, extra: bytes) -> bytes:
+    return b"".join(
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-type: ",
+            content_type,
+            b"\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n",
+            extra,
         )
+    )
 
 
 class HttpConnection(asyncio.Protocol):
