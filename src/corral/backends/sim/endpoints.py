@@ -174,10 +174,17 @@ class Endpoints:
         body = self._inference_body(req)
         gen = self._engine.generate(chat_prompt(body), max_tokens(body))
         rid, created, engine = self._next_id("chatcmpl-"), int(time.time()), self._engine
-        return self._generate(
+        answers = self._answers
+        if answers.model is None:  # the fast path: no closures
+            if body.get("stream"):
+                events = engine.chat_events(rid, created, gen, with_usage=include_usage(body))
+                return answers.stream(events, req.conn, conn)
+            payload = engine.chat_completion(rid, created, gen)
+            return answers.whole(payload, gen.completion_tokens, req.conn, conn)
+        return self._through_engine(
             body,
             gen,
-            lambda: render_chat(body),
+            render_chat(body),
             lambda g: engine.chat_completion(rid, created, g),
             lambda g: engine.chat_events(rid, created, g, with_usage=include_usage(body)),
             req,
@@ -189,39 +196,41 @@ class Endpoints:
         prompt = completion_prompt(body)
         gen = self._engine.generate(prompt, max_tokens(body))
         rid, created, engine = self._next_id("cmpl-"), int(time.time()), self._engine
-        return self._generate(
+        answers = self._answers
+        if answers.model is None:
+            if body.get("stream"):
+                events = engine.completion_events(rid, created, gen, with_usage=include_usage(body))
+                return answers.stream(events, req.conn, conn)
+            payload = engine.text_completion(rid, created, gen)
+            return answers.whole(payload, gen.completion_tokens, req.conn, conn)
+        return self._through_engine(
             body,
             gen,
-            lambda: prompt.text.encode("utf-8", "surrogatepass"),
+            prompt.text.encode("utf-8", "surrogatepass"),
             lambda g: engine.text_completion(rid, created, g),
             lambda g: engine.completion_events(rid, created, g, with_usage=include_usage(body)),
             req,
             conn,
         )
 
-    def _generate(
+    def _through_engine(
         self,
         body: dict[str, Any],
         gen: Generation,
-        rendered: Callable[[], bytes],
+        prompt: bytes,
         whole: Callable[[Generation], bytes],
         events: Callable[[Generation], StreamEvents],
         req: Request,
         conn: HttpConnection,
     ) -> Reply:
-        """A text answer, whole or streamed, under the fixed timings or the engine model (which
-        sees the `rendered` prompt; usage then counts its tokens and cache hits)."""
-        answers, stream = self._answers, body.get("stream")
-        if answers.model is None:
-            if stream:
-                return answers.stream(events(gen), req.conn, conn)
-            return answers.whole(whole(gen), gen.completion_tokens, req.conn, conn)
+        """A text answer through the engine model, which sees the rendered `prompt`; its usage
+        counts the engine's tokens and cache hits."""
 
         def counted(r: EngineRequest) -> Generation:
             return gen._replace(prompt_tokens=r.prompt_tokens, cached_tokens=r.cached_tokens)
 
-        prompt, n = rendered(), gen.completion_tokens
-        if stream:
+        answers, n = self._answers, gen.completion_tokens
+        if body.get("stream"):
             return answers.engine_stream(prompt, n, lambda r: events(counted(r)), req.conn, conn)
         return answers.engine_whole(prompt, n, lambda r: whole(counted(r)), req.conn, conn)
 
