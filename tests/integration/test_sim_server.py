@@ -9,103 +9,22 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import openai
 import orjson
 import pytest
+from simtest import CHAT, StartSim
+from simtest import chat as _chat
+from simtest import poll as _poll
+from simtest import raw as _raw
+from simtest import read_response as _read_response
+from simtest import stats as _stats
 
 from corral.backends.sim import SimConfig, SimServer
 from corral.backends.sim.engine import decode_base64
-
-StartSim = Callable[..., Awaitable[SimServer]]
-CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture
-async def start_sim() -> AsyncIterator[StartSim]:
-    servers: list[SimServer] = []
-
-    async def start(**kw: Any) -> SimServer:
-        server = SimServer(SimConfig(port=0, **kw))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.stop()
-
-
-@pytest.fixture
-async def sim(start_sim: StartSim) -> SimServer:
-    return await start_sim()
-
-
-@pytest.fixture
-async def http(sim: SimServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=sim.url, timeout=10) as client:
-        yield client
-
-
-@pytest.fixture
-async def oai(sim: SimServer) -> AsyncIterator[openai.AsyncOpenAI]:
-    client = openai.AsyncOpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0)
-    yield client
-    await client.close()
-
-
-def _chat(text: str, **extra: Any) -> dict[str, Any]:
-    return {"model": "demo", "messages": [{"role": "user", "content": text}], **extra}
-
-
-async def _stats(client: httpx.AsyncClient) -> dict[str, Any]:
-    response = await client.get("/admin/stats")
-    assert response.status_code == 200
-    stats: dict[str, Any] = response.json()
-    return stats
-
-
-async def _poll(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.01)
-
-
-# --- raw HTTP helpers (keep-alive, pipelining, disconnects) ------------------------------
-
-
-def _raw(method: str, path: str, body: bytes = b"", headers: str = "") -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nHost: sim\r\n{headers}"
-    if body or method == "POST":
-        head += f"Content-Length: {len(body)}\r\n"
-    return head.encode() + b"\r\n" + body
-
-
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    if headers.get("transfer-encoding") == "chunked":
-        body = b""
-        while True:
-            size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
-            chunk = await reader.readexactly(size + 2)
-            if size == 0:
-                break
-            body += chunk[:-2]
-        return status, headers, body
-    return status, headers, await reader.readexactly(int(headers["content-length"]))
-
 
 # --- chat --------------------------------------------------------------------------------
 
@@ -423,6 +342,9 @@ async def test_stats_counts_successful_inference(http: httpx.AsyncClient) -> Non
         "loading": False,
         "requests": 0,
         "inflight": 0,
+        "peak_inflight": 0,
+        "fingerprint": SimConfig().system_fingerprint,
+        "engine": None,
     }
     await http.post(CHAT, json=_chat("a"))
     await http.post(CHAT, json=_chat("a", stream=True))

@@ -35,22 +35,73 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         "--slowdown",
         type=float,
         default=float(os.environ.get("CORRAL_SIM_SLOWDOWN", "1")),
-        help="multiply ttft and tpot (default: $CORRAL_SIM_SLOWDOWN or 1), e.g. one slow node",
+        help="multiply every timing (ttft, tpot and the engine model's) "
+        "(default: $CORRAL_SIM_SLOWDOWN or 1), e.g. one slow node",
+    )
+    parser.add_argument(
+        "--fingerprint",
+        default="",
+        help="system_fingerprint of every answer and its x-sim-fingerprint header "
+        "(default: fp_ and a digest of the other options)",
+    )
+    parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
+    parser.add_argument(
+        "--stored-responses",
+        type=int,
+        default=defaults.stored_responses,
+        help="responses kept for previous_response_id, GET and DELETE",
+    )
+    engine = parser.add_argument_group(
+        "engine model",
+        "slots, a FIFO queue, a block-hashed LRU prefix cache and load-dependent token times; "
+        "on when --slots > 0 (ttft and tpot then add to its prefill and decode times)",
+    )
+    engine.add_argument("--slots", type=int, default=0, help="requests running at once")
+    engine.add_argument(
+        "--prefill-per-token",
+        type=float,
+        default=0.0,
+        help="seconds per prompt token not in the prefix cache (4 bytes = 1 token)",
+    )
+    engine.add_argument(
+        "--decode-base", type=float, default=0.0, help="seconds per output token ..."
+    )
+    engine.add_argument(
+        "--decode-slope", type=float, default=0.0, help="... plus this per running request"
+    )
+    engine.add_argument(
+        "--cache-blocks",
+        type=int,
+        default=defaults.cache_blocks,
+        help="prefix-cache capacity in blocks (0: no cache)",
+    )
+    engine.add_argument(
+        "--block-tokens", type=int, default=defaults.block_tokens, help="tokens per block"
     )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
+    slow = args.slowdown
     config = SimConfig(
         model=args.model,
         host=args.host,
         port=args.port,
-        ttft=args.ttft * args.slowdown,
-        tpot=args.tpot * args.slowdown,
+        ttft=args.ttft * slow,
+        tpot=args.tpot * slow,
         tokens=args.tokens,
         load_time=args.load_time,
         embedding_dim=args.embedding_dim,
         seed=args.seed,
         unloaded=args.unloaded,
+        slots=args.slots,
+        prefill_per_token=args.prefill_per_token * slow,
+        decode_base=args.decode_base * slow,
+        decode_slope=args.decode_slope * slow,
+        cache_blocks=args.cache_blocks,
+        block_tokens=args.block_tokens,
+        max_model_len=args.max_model_len,
+        stored_responses=args.stored_responses,
+        fingerprint=args.fingerprint,
     )
     try:
         return config.validate()

@@ -69,6 +69,7 @@ class Generation(NamedTuple):
     indices: bytes
     prompt_tokens: int
     finish_reason: str  # "length" when max_tokens cut it short, else "stop"
+    cached_tokens: int | None = None  # prompt tokens the engine model found cached
 
     @property
     def completion_tokens(self) -> int:
@@ -90,13 +91,16 @@ class Generation(NamedTuple):
         """The tokens joined: the words separated by single spaces."""
         return " ".join(map(VOCABULARY.__getitem__, self.indices))
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         n = len(self.indices)
-        return {
+        usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": n,
             "total_tokens": self.prompt_tokens + n,
         }
+        if self.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +137,13 @@ def _content_text(content: Any) -> str:
                 parts.append(part)
         return "\n".join(parts)
     raise BadRequest("message content must be a string, a list of parts or null", param="messages")
+
+
+def render_chat(body: dict[str, Any]) -> bytes:
+    """A chat request's messages as the engine model sees them: `role: content` lines, so a
+    conversation that grows keeps its earlier rendering as a prefix (call after chat_prompt)."""
+    lines = [f"{m.get('role')}: {_content_text(m.get('content'))}\n" for m in body["messages"]]
+    return "".join(lines).encode("utf-8", "surrogatepass")
 
 
 def chat_prompt(body: dict[str, Any]) -> Prompt:
@@ -225,7 +236,20 @@ class SimEngine:
 
     @cached_property
     def _model_json(self) -> bytes:
-        return orjson.dumps(self._config.model)
+        """`,"model":...,"system_fingerprint":...` as chunks carry them, encoded once."""
+        return b"".join(
+            (
+                b',"model":',
+                orjson.dumps(self._config.model),
+                b',"system_fingerprint":',
+                orjson.dumps(self.fingerprint),
+            )
+        )
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The `system_fingerprint` of every chat and completion answer."""
+        return self._config.system_fingerprint
 
     @cached_property
     def _seed_key(self) -> bytes:
@@ -255,6 +279,7 @@ class SimEngine:
                 "object": "chat.completion",
                 "created": created,
                 "model": self._config.model,
+                "system_fingerprint": self.fingerprint,
                 "choices": [
                     {
                         "index": 0,
@@ -274,6 +299,7 @@ class SimEngine:
                 "object": "text_completion",
                 "created": created,
                 "model": self._config.model,
+                "system_fingerprint": self.fingerprint,
                 "choices": [
                     {
                         "index": 0,
@@ -297,7 +323,6 @@ class SimEngine:
                 obj,
                 b'","created":',
                 str(created).encode(),
-                b',"model":',
                 self._model_json,
                 b',"choices":[',
             )
@@ -316,6 +341,7 @@ class SimEngine:
             "object": obj,
             "created": created,
             "model": self._config.model,
+            "system_fingerprint": self.fingerprint,
             "choices": [],
             "usage": gen.usage(),
         }
