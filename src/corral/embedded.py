@@ -49,7 +49,7 @@ from urllib.parse import quote
 
 import psutil
 
-from corral.errors import CorralError
+from corral.errors import EmbeddedError
 from corral.proc import die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -60,12 +60,6 @@ PG_SYSTEM_USER = "corral-postgres"
 _POLL_INTERVAL = 0.05
 _LOG_ROTATE_BYTES = 16 * 1024 * 1024
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "*"})
-
-
-class EmbeddedError(CorralError):
-    """An embedded server could not be prepared, started or stopped; the message says why."""
-
-    code = "embedded_server_error"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

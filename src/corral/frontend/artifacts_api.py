@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from corral.errors import BadRequest, CorralError, NotFound
 from corral.frontend.asgi import error_payload
+from corral.frontend.errors_http import describe
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def artifact_router(store: ArtifactStore | Path, *, prefix: str = "/api/artifact
         try:
             info = await artifacts.info(relpath)
         except CorralError as exc:
-            return JSONResponse(error_payload(exc), status_code=exc.status)
+            return JSONResponse(error_payload(exc), status_code=describe(exc).status)
         etag = f'"{info.digest}"'
         headers = {
             "Accept-Ranges": "bytes",

@@ -35,9 +35,16 @@ from corral.bus.messages import (
 )
 from corral.config import WorkerSettings
 from corral.domain.entities import Resources
-from corral.errors import CorralError, Forbidden, InstallError, NotFound, Unauthorized
+from corral.errors import (
+    CorralError,
+    Forbidden,
+    FrontendUnreachable,
+    InstallError,
+    NotFound,
+    Unauthorized,
+)
 from corral.worker.artifacts import ArtifactStager, StageProgress
-from corral.worker.control import ControlClient, ControlError
+from corral.worker.control import ControlClient
 from corral.worker.identity import Identity, load_identity, save_identity
 from corral.worker.installs import BackendInstaller
 from corral.worker.ports import PortAllocator
@@ -249,7 +256,7 @@ class Agent:
         while True:
             try:
                 return await self.register()
-            except ControlError as exc:
+            except FrontendUnreachable as exc:
                 log.warning("cannot register yet (%s); retrying in %.1fs", exc.message, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

@@ -6,14 +6,7 @@ from typing import Any
 
 import httpx
 
-from corral.errors import CorralError, Forbidden, NotFound, Unauthorized
-
-
-class ControlError(CorralError):
-    """The frontend could not be reached or answered with a server error."""
-
-    status = 503
-    code = "frontend_unreachable"
+from corral.errors import Forbidden, FrontendUnreachable, NotFound, Unauthorized
 
 
 class ControlClient:
@@ -60,7 +53,7 @@ class ControlClient:
                 path, json=body, headers={"authorization": f"Bearer {secret}"}
             )
         except httpx.HTTPError as exc:
-            raise ControlError(f"frontend {self.join_url} unreachable: {exc!r}") from None
+            raise FrontendUnreachable(f"frontend {self.join_url} unreachable: {exc!r}") from None
         if response.status_code < 300:
             data: dict[str, Any] = response.json()
             return data
@@ -71,7 +64,7 @@ class ControlClient:
             raise Forbidden(message)
         if response.status_code == 404:
             raise NotFound(message)
-        raise ControlError(f"frontend answered {response.status_code}: {message}")
+        raise FrontendUnreachable(f"frontend answered {response.status_code}: {message}")
 
 
 def _message(response: httpx.Response) -> str:
