@@ -24,13 +24,9 @@ from starlette.staticfiles import StaticFiles
 from corral.backends.catalog import BackendEntry
 from corral.bus.messages import InstallProgress
 from corral.errors import InstallError
-from corral.worker.installs import (
-    MARKER,
-    BackendInstaller,
-    InstallState,
-    PipSettings,
-    version_hash,
-)
+from corral.worker.installs import BackendInstaller, InstallState
+from corral.worker.pipconfig import PipSettings
+from corral.worker.venvs import MARKER, version_hash
 from fixtures.local_packages import (
     build_started,
     build_wheel,

@@ -17,9 +17,9 @@ from corral.bus.client import Bus
 from corral.bus.messages import (
     LoadProgress,
     ReplicaEvent,
-    StartReplica,
+    StartReplicaCommand,
     StartReplicaReply,
-    StopReplica,
+    StopReplicaCommand,
     StopReplicaReply,
 )
 from corral.domain.entities import ModelSpec, Replica, ReplicaState
@@ -93,7 +93,7 @@ class ReplicaActuator:
         except CorralError as exc:
             await self._forget(replica, exc.message)
             raise LoadFailed(f"artifact of {spec.name}: {exc.message}") from None
-        command = StartReplica(
+        command = StartReplicaCommand(
             model=spec.name,
             index=replica.index,
             backend=backend,
@@ -241,7 +241,7 @@ class ReplicaActuator:
         try:
             reply = await self.bus.request(
                 self.bus.subjects.replica_stop(node_id),
-                StopReplica(model=model, index=index, address=address),
+                StopReplicaCommand(model=model, index=index, address=address),
                 StopReplicaReply,
                 timeout=self.stop_timeout,
             )

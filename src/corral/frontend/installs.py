@@ -14,7 +14,7 @@ from typing import Any
 
 from corral.backends.catalog import Catalog
 from corral.bus.client import Bus, decode
-from corral.bus.messages import InstallBackend, InstallBackendReply, InstallProgress
+from corral.bus.messages import InstallBackendCommand, InstallBackendReply, InstallProgress
 from corral.domain.entities import Node
 from corral.errors import NodeUnreachable, NotFound
 from corral.store.registry import Registry
@@ -68,14 +68,14 @@ class InstallController:
             else self.bus.subjects.backend_install(node_id)
         )
         task = asyncio.create_task(
-            self._send(key, subject, InstallBackend(backend=backend, force=force), timeout)
+            self._send(key, subject, InstallBackendCommand(backend=backend, force=force), timeout)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return {"node_id": node_id, "backend": backend, "state": "installing"}
 
     async def _send(
-        self, key: tuple[str, str], subject: str, command: InstallBackend, timeout: float
+        self, key: tuple[str, str], subject: str, command: InstallBackendCommand, timeout: float
     ) -> None:
         try:
             reply = await self.bus.request(subject, command, InstallBackendReply, timeout=timeout)

@@ -13,55 +13,21 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
 
-from corral.bus.messages import ProcessInfo
+from corral.bus.contracts import (
+    DeregisterReply,
+    HeartbeatReply,
+    HeartbeatRequest,
+    RegisterReply,
+    RegisterRequest,
+    ReplicaExited,
+    ReplicaExitedReply,
+)
 from corral.domain.entities import NodeStatus
 from corral.domain.sizes import MemoryBudget
 from corral.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from corral.frontend.auth import bearer, digest
 from corral.frontend.service import Frontend
-
-
-class RegisterRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=255)
-    address: str = Field(min_length=1, max_length=255)
-    labels: dict[str, str] = Field(default_factory=dict)
-    memory_budget: str = "80%"
-    max_replicas_per_model: int = Field(default=0, ge=0)
-    backends: list[str] = Field(default_factory=list)
-    node_id: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    credential: str | None = None
-
-
-class RegisterReply(BaseModel):
-    node_id: str
-    credential: str | None = None  # only when a new credential was issued
-    nats_url: str
-    nats_prefix: str
-    heartbeat_interval: float
-
-
-class HeartbeatRequest(BaseModel):
-    resources: dict[str, Any] = Field(default_factory=dict)
-    processes: list[ProcessInfo] = Field(default_factory=list)
-    backends: list[str] = Field(default_factory=list)
-    artifacts: list[str] = Field(default_factory=list)
-    installs: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-
-class ExitReport(BaseModel):
-    model: str
-    index: int
-    address: str | None = None
-    returncode: int = 0
-    log_tail: str = ""
-
-
-class HeartbeatReply(BaseModel):
-    node_id: str
-    status: str
-    heartbeat_interval: float
 
 
 def frontend_of(request: Request) -> Frontend:
@@ -164,7 +130,9 @@ def node_router() -> APIRouter:
         )
 
     @router.post("/{node_id}/replica-exited")
-    async def replica_exited(node_id: str, body: ExitReport, request: Request) -> dict[str, Any]:
+    async def replica_exited(
+        node_id: str, body: ReplicaExited, request: Request
+    ) -> ReplicaExitedReply:
         """A node reports that one of its own backends died; only that exact row goes."""
         fe = frontend_of(request)
         await authenticate_node(fe, request, node_id)
@@ -179,7 +147,7 @@ def node_router() -> APIRouter:
                 f"{body.model}#{body.index} on {node_id}: {reason}",
                 subject=body.model,
             )
-        return {"removed": removed is not None}
+        return ReplicaExitedReply(removed=removed is not None)
 
     @router.post("/{node_id}/self-drain")
     async def self_drain(node_id: str, request: Request) -> dict[str, Any]:
@@ -189,7 +157,7 @@ def node_router() -> APIRouter:
         return await fe.drain_node(node_id, wait=False)
 
     @router.post("/{node_id}/deregister")
-    async def deregister(node_id: str, request: Request) -> dict[str, Any]:
+    async def deregister(node_id: str, request: Request) -> DeregisterReply:
         """A worker leaving cleanly: offline now, its replica rows removed."""
         fe = frontend_of(request)
         await authenticate_node(fe, request, node_id)
@@ -200,7 +168,7 @@ def node_router() -> APIRouter:
             await fe.actuator.announce_removed(replica, "node deregistered")
         await fe.registry.audit.add("node.deregistered", node_id, subject=node_id)
         await fe.publish_node(node_id, "status")
-        return {"node_id": node_id, "removed_replicas": len(removed)}
+        return DeregisterReply(node_id=node_id, removed_replicas=len(removed))
 
     return router
 

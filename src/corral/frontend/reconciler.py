@@ -17,8 +17,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from corral.bus.messages import StopReplica as StopCommand
-from corral.bus.messages import StopReplicaReply
+from corral.bus.messages import StopReplicaCommand, StopReplicaReply
 from corral.config import FrontendSettings
 from corral.domain.entities import ModelSpec, Replica, ReplicaState
 from corral.domain.reconcile import (
@@ -324,7 +323,7 @@ class Reconciler:
     async def _stop_orphan(self, node_id: str, model: str, index: int, address: str | None) -> None:
         reply = await self.actuator.bus.request(
             self.actuator.bus.subjects.replica_stop(node_id),
-            StopCommand(model=model, index=index, address=address),
+            StopReplicaCommand(model=model, index=index, address=address),
             StopReplicaReply,
             timeout=30,
         )
