@@ -22,8 +22,7 @@ import psutil
 import pytest
 
 import infra
-from corral import embedded
-from corral.embedded import EmbeddedError, EmbeddedNats, EmbeddedPostgres
+from corral.embedded import EmbeddedError, EmbeddedNats, EmbeddedPostgres, supervision
 
 
 @pytest.fixture
@@ -220,9 +219,9 @@ def test_fixed_port_in_use_fails_with_the_log(scratch: Path) -> None:
 def test_picked_port_taken_is_retried(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         occupied = taken.getsockname()[1]
-        spare = embedded.free_port()
+        spare = supervision.free_port()
         ports = iter([occupied, spare])
-        monkeypatch.setattr(embedded, "free_port", lambda host="127.0.0.1": next(ports))
+        monkeypatch.setattr(supervision, "free_port", lambda host="127.0.0.1": next(ports))
         with EmbeddedNats(scratch) as server:
             assert server.bound_port == spare
             assert server.url.endswith(f":{spare}")
