@@ -51,7 +51,7 @@ class HeartbeatReply(BaseModel):
     heartbeat_interval: float
 
 
-class ReplicaExited(BaseModel):
+class ExitReport(BaseModel):
     """POST /api/nodes/{id}/replica-exited: one of the node's backends died on its own."""
 
     model: str
@@ -61,7 +61,7 @@ class ReplicaExited(BaseModel):
     log_tail: str = ""
 
 
-class ReplicaExitedReply(BaseModel):
+class ExitReply(BaseModel):
     removed: bool  # whether a replica row matched (and is gone now)
 
 

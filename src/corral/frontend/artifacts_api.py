@@ -38,6 +38,11 @@ class RangeNotSatisfiable(Exception):
     """A Range header that lies wholly past the end of the file (HTTP 416)."""
 
 
+def is_store_path(artifact: str) -> bool:
+    """A relative path: served from the frontends' model store."""
+    return "://" not in artifact and not artifact.startswith("/")
+
+
 def resolve_artifact(store_dir: Path, relpath: str) -> Path:
     """The file `relpath` names inside `store_dir`. BadRequest for absolute paths and `..`;
     NotFound when it does not exist, is not a regular file, or (via symlinks) lies outside."""
@@ -116,6 +121,16 @@ class ArtifactStore:
             task.add_done_callback(lambda t: self._digested(key, t))
         digest = await asyncio.shield(task)
         return ArtifactInfo(path, st.st_size, digest, st.st_mtime_ns)
+
+    async def size(self, artifact: str | None) -> int | None:
+        """Bytes of a model-store artifact (for a memory estimate); None when it is not one,
+        or cannot be read."""
+        if not artifact or not is_store_path(artifact):
+            return None
+        try:
+            return (await self.info(artifact)).size
+        except CorralError:
+            return None
 
     def _digested(self, key: tuple[Path, int, int], task: asyncio.Task[str]) -> None:
         self._pending.pop(key, None)

@@ -2,7 +2,7 @@
 
 An install can take many minutes: the command is sent in the background and a request
 timeout only means "still installing". Progress comes from the node's install events; the
-durable state from its heartbeats (`backend_installs`).
+durable state from its heartbeats (`backend_installs`, written by the actuator).
 """
 
 from __future__ import annotations
@@ -34,14 +34,6 @@ class InstallController:
         self.live: dict[tuple[str, str], InstallProgress] = {}
         self.outcome: dict[tuple[str, str], dict[str, Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._last_report: dict[str, dict[str, dict[str, Any]]] = {}
-
-    async def reported(self, node_id: str, installs: dict[str, dict[str, Any]]) -> None:
-        """Store a heartbeat's install states, unless they equal what it sent last time."""
-        if not installs or self._last_report.get(node_id) == installs:
-            return
-        await self.registry.installs.report(node_id, installs)
-        self._last_report[node_id] = installs
 
     async def on_event(self, payload: bytes) -> None:
         event = decode(payload, InstallProgress)

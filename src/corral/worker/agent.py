@@ -18,11 +18,11 @@ from pathlib import Path
 from corral.backends.catalog import Catalog
 from corral.bus.client import Bus
 from corral.bus.contracts import (
+    ExitReport,
     HeartbeatReply,
     HeartbeatRequest,
     RegisterReply,
     RegisterRequest,
-    ReplicaExited,
 )
 from corral.bus.messages import InstallProgress, resources_to_wire
 from corral.config import WorkerSettings
@@ -247,7 +247,7 @@ class Agent:
         log.warning("backend %s#%d (pid %d) exited with %d", *process.key, process.pid, returncode)
         if self.identity is None or self._stopping.is_set():
             return
-        body = ReplicaExited(
+        body = ExitReport(
             model=process.key[0],
             index=process.key[1],
             address=process.address,

@@ -13,12 +13,12 @@ from pydantic import BaseModel, ValidationError
 from corral.bus.contracts import (
     DeregisterReply,
     DrainReply,
+    ExitReply,
+    ExitReport,
     HeartbeatReply,
     HeartbeatRequest,
     RegisterReply,
     RegisterRequest,
-    ReplicaExited,
-    ReplicaExitedReply,
 )
 from corral.errors import Forbidden, FrontendUnreachable, NotFound, Unauthorized
 
@@ -52,11 +52,9 @@ class ControlClient:
     ) -> HeartbeatReply:
         return await self._post(f"/api/nodes/{node_id}/heartbeat", credential, body, HeartbeatReply)
 
-    async def replica_exited(
-        self, node_id: str, credential: str, body: ReplicaExited
-    ) -> ReplicaExitedReply:
+    async def replica_exited(self, node_id: str, credential: str, body: ExitReport) -> ExitReply:
         path = f"/api/nodes/{node_id}/replica-exited"
-        return await self._post(path, credential, body, ReplicaExitedReply)
+        return await self._post(path, credential, body, ExitReply)
 
     async def drain(self, node_id: str, credential: str) -> DrainReply:
         return await self._post(f"/api/nodes/{node_id}/self-drain", credential, None, DrainReply)
