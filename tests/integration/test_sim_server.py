@@ -19,6 +19,7 @@ import pytest
 
 from corral.backends.sim import SimConfig, SimServer
 from corral.backends.sim.engine import decode_base64
+from infra import apoll_until
 
 StartSim = Callable[..., Awaitable[SimServer]]
 CHAT = "/v1/chat/completions"
@@ -66,14 +67,6 @@ async def _stats(client: httpx.AsyncClient) -> dict[str, Any]:
     assert response.status_code == 200
     stats: dict[str, Any] = response.json()
     return stats
-
-
-async def _poll(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.01)
 
 
 # --- raw HTTP helpers (keep-alive, pipelining, disconnects) ------------------------------
@@ -379,7 +372,7 @@ async def test_load_time(start_sim: StartSim) -> None:
         async def healthy() -> bool:
             return (await client.get("/health")).status_code == 200
 
-        await _poll(healthy)
+        await apoll_until(healthy, timeout=5, interval=0.01)
         assert (await client.get("/health")).json() == {"status": "ok"}
         assert (await client.post(CHAT, json=_chat("x"))).status_code == 200
 
@@ -519,12 +512,12 @@ async def test_client_disconnect_mid_stream(
             inflight: int = (await _stats(admin))["inflight"]
             return inflight == 0
 
-        await _poll(drained)
+        await apoll_until(drained, timeout=5, interval=0.01)
 
         async def closed() -> bool:
             return server.open_connections == 1  # only the admin client's
 
-        await _poll(closed)
+        await apoll_until(closed, timeout=5, interval=0.01)
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
