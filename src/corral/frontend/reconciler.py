@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -48,12 +49,14 @@ class Reconciler:
         health: ReplicaHealth,
         settings: FrontendSettings,
         gpu_backends: frozenset[str],
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = parts.registry
         self.inflight = parts.inflight
         self.actuator = parts.actuator
         self.health = health
         self.settings = settings
+        self.clock = clock
         self.config = ReconcileConfig(
             heartbeat_interval=settings.heartbeat_interval,
             unhealthy_after=settings.unhealthy_after,
@@ -89,7 +92,7 @@ class Reconciler:
                 async with self.registry.advisory_lock(RECONCILER_LOCK) as lease:
                     if lease is not None:
                         self.leader = True
-                        self.leader_since = time.time()
+                        self.leader_since = self.clock()
                         await self.actuator.apply(ReportLeader(self.settings.frontend_id))
                         await self._lead(lease)
             except asyncio.CancelledError:
@@ -128,7 +131,7 @@ class Reconciler:
         rows = {r.key for r in replicas}
         replicas += [r for key, r in self._starting.items() if key not in rows]
         inflight = {r.key: self.inflight.total(r.key) for r in replicas}
-        now = time.time()
+        now = self.clock()
         avoid: dict[str, set[str]] = {}
         for (model, node_id), until in list(self.avoid.items()):
             if until > now:
@@ -152,7 +155,7 @@ class Reconciler:
 
     async def tick(self) -> Plan:
         state = await self.observe()
-        decided = plan(state, time.time(), self.config)
+        decided = plan(state, self.clock(), self.config)
         self.last_plan = decided
         self.ticks += 1
         for action in decided.actions:
@@ -160,7 +163,7 @@ class Reconciler:
                 await self._hand_out(action)
             except CorralError as exc:
                 log.warning("applying %s failed: %s", action, exc.message)
-        self._end_shortages(decided, time.time())
+        self._end_shortages(decided, self.clock())
         servable = {n.id for n in state.nodes if n.servable}
         self.health.start_round([r for r in state.replicas if r.node_id in servable])
         return decided
@@ -203,14 +206,14 @@ class Reconciler:
             action.node_id,
             ReplicaState.SCHEDULED,
             memory=action.memory,
-            updated=time.time(),
+            updated=self.clock(),
         )
 
         def done(task: asyncio.Task[Any]) -> None:
             self._starting.pop(key, None)
             if not task.cancelled() and isinstance(task.exception(), CorralError):
                 # try the other nodes first; the model itself is not to blame for one node
-                until = time.time() + self.config.capacity_cooldown
+                until = self.clock() + self.config.capacity_cooldown
                 self.avoid[(action.model, action.node_id)] = until
 
         task.add_done_callback(done)

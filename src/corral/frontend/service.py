@@ -106,6 +106,12 @@ class Frontend:
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
+        await self.open()
+        self.run_loops()
+
+    async def open(self) -> None:
+        """Migrate, connect, declare the models directory, fill the view and follow the events:
+        all of `start` but the background loops (in-process tests drive those by hand)."""
         await self.registry.migrate()
         await self.bus.connect()
         if self.settings.models_dir is not None:
@@ -118,6 +124,10 @@ class Frontend:
         await self.bus.subscribe(s.all_load_events, self._on_load_event)
         await self.bus.subscribe(s.load_reports, self._on_load_report)
         await self.bus.subscribe(s.install_events, self.installs.on_event)
+
+    def run_loops(self) -> None:
+        """Start the background loops: in-flight reports, last-used flushes, resyncs, the
+        reconciler and any extra loop."""
         loops: list[tuple[str, Callable[[], Awaitable[None]], float]] = [
             ("report-load", self._report_load, self.settings.load_report_interval),
             ("flush-last-used", self._flush_last_used, self.settings.last_used_flush_interval),
