@@ -279,17 +279,17 @@ class RecordUse:
     last_used: Mapping[ReplicaKey, float]
 
 
-ReplicaAction = (
-    StartReplica
-    | StopReplica
+#: Replica actions whose outcome is whether the replica (or process) was there.
+ReplicaChange = (
+    StopReplica
     | DropReplica
     | MarkUnloading
     | AdoptReplica
     | RemoveReplicaRow
     | ReplicaExited
     | StopOrphan
-    | RemoveNodeReplicas
 )
+ReplicaAction = StartReplica | ReplicaChange | RemoveNodeReplicas
 NodeAction = (
     RegisterNode
     | RecordHeartbeat

@@ -31,6 +31,7 @@ from corral.domain.actions import (
     RemoveModel,
     RemoveNodeReplicas,
     RemoveReplicaRow,
+    ReplicaChange,
     ReplicaExited,
     ReportDrained,
     ReportLeader,
@@ -88,18 +89,7 @@ class Actuator:
     @overload
     async def apply(self, action: StartReplica) -> Replica: ...
     @overload
-    async def apply(
-        self,
-        action: StopReplica
-        | DropReplica
-        | MarkUnloading
-        | AdoptReplica
-        | RemoveReplicaRow
-        | ReplicaExited
-        | StopOrphan
-        | MarkNode
-        | UpsertModel,
-    ) -> bool: ...
+    async def apply(self, action: ReplicaChange | MarkNode | UpsertModel) -> bool: ...
     @overload
     async def apply(self, action: RemoveNodeReplicas | DeregisterNode) -> int: ...
     @overload

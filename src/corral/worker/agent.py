@@ -29,7 +29,7 @@ from corral.config import WorkerSettings
 from corral.domain.entities import Resources
 from corral.errors import CorralError, Forbidden, FrontendUnreachable, NotFound, Unauthorized
 from corral.worker.artifacts import ArtifactStager
-from corral.worker.commands import Installer, NodeCommands, Stager
+from corral.worker.commands import NodeCommands
 from corral.worker.control import ControlClient
 from corral.worker.identity import Identity, load_identity, save_identity
 from corral.worker.installs import BackendInstaller
@@ -50,17 +50,17 @@ class Agent:
         settings: WorkerSettings,
         *,
         catalog: Catalog,
-        installer: Installer | None = None,
-        stager: Stager | None = None,
+        installer: BackendInstaller | None = None,
+        stager: ArtifactStager | None = None,
         resources: Callable[[Path], Resources] = probe_resources,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
         data = settings.data_dir
-        self.installer: Installer = installer or BackendInstaller(
+        self.installer = installer or BackendInstaller(
             settings.backends_root or data / "backends", publish=self._publish_install
         )
-        self.stager: Stager = stager or ArtifactStager(data / "artifacts")
+        self.stager = stager or ArtifactStager(data / "artifacts")
         self.probe = resources
         self.control = ControlClient(settings.join)
         self.identity: Identity | None = None

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
 
 from corral.backends.catalog import BackendEntry, Catalog
 from corral.bus.client import Bus
@@ -32,44 +30,14 @@ from corral.bus.messages import (
 )
 from corral.config import WorkerSettings
 from corral.errors import CorralError, InstallError
-from corral.worker.artifacts import StageProgress
+from corral.worker.artifacts import ArtifactStager, StageProgress
 from corral.worker.identity import Identity
+from corral.worker.installs import BackendInstaller
 from corral.worker.process import LaunchSpec, RunningProcess
 from corral.worker.supervisor import Supervisor
 
 #: Called when a backend stops without a stop command (it died, or an upgrade stopped it).
 OnExit = Callable[[RunningProcess, int], Awaitable[None]]
-
-
-class Installer(Protocol):
-    """What the commands need from the backend installer (corral.worker.installs)."""
-
-    async def ensure(self, entry: BackendEntry, *, force: bool = False) -> str: ...
-
-    async def upgrade(self, entry: BackendEntry) -> str: ...
-
-    def survey(self, entries: Iterable[BackendEntry]) -> Mapping[str, Any]: ...
-
-    async def close(self) -> None: ...
-
-
-class Stager(Protocol):
-    """What the commands need from the artifact stager (corral.worker.artifacts)."""
-
-    async def stage(
-        self,
-        ref: str,
-        *,
-        url: str | None = None,
-        digest: str | None = None,
-        size: int | None = None,
-        headers: Mapping[str, str] | None = None,
-        progress: Callable[[StageProgress], Awaitable[None]] | None = None,
-    ) -> Path: ...
-
-    def held(self) -> list[str]: ...
-
-    async def close(self) -> None: ...
 
 
 class NodeCommands:
@@ -80,8 +48,8 @@ class NodeCommands:
         *,
         settings: WorkerSettings,
         catalog: Catalog,
-        installer: Installer,
-        stager: Stager,
+        installer: BackendInstaller,
+        stager: ArtifactStager,
         supervisor: Supervisor,
         hosts: tuple[str, str],  # (bind host, advertise host) of the backends
         on_exit: OnExit,
