@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import psutil
 import yaml
 
 from corral.embedded import free_port
+from infra import poll_until
 
 TOKEN = "test-cluster-token"
 
@@ -33,21 +34,8 @@ FAST_FRONTEND_ENV = {
 }
 
 
-def wait_for(
-    check: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05, what: str = ""
-) -> Any:
-    """Poll `check` until it returns something truthy; fail with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except (httpx.HTTPError, OSError, KeyError, ValueError) as exc:
-            last_exc = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: {last_exc!r}")
+#: `poll_until` for checks that talk to processes still starting (their errors mean "not yet").
+wait_for = functools.partial(poll_until, ignore=(httpx.HTTPError, OSError, KeyError, ValueError))
 
 
 class Proc:

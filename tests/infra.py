@@ -1,14 +1,19 @@
-"""Test infrastructure: a PostgreSQL and a NATS server per session, a database per test."""
+"""Test infrastructure: a PostgreSQL and a NATS server per session, a database per test, and
+`poll_until`, the one way tests wait for a condition (a deadline, never a bare sleep)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -22,6 +27,8 @@ ENV_NATS_URL = "CORRAL_TEST_NATS_URL"
 """A NATS server (JetStream enabled) to use instead of an embedded one."""
 
 TEST_DATABASE_PREFIX = "corral_t_"
+
+T = TypeVar("T")
 
 # The session's server holds throwaway data: no need to make it durable.
 _THROWAWAY_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
@@ -104,3 +111,68 @@ async def drop_database(server_url: str, url: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+# --- waiting for a condition ---------------------------------------------------------------
+
+
+class _Deadline:
+    """When a poll gives up, and the message it fails with."""
+
+    def __init__(self, timeout: float, what: object) -> None:
+        self.timeout = timeout
+        self.what = what
+        self.end = time.monotonic() + timeout
+        self.last: BaseException | None = None
+
+    def expire(self) -> None:
+        if time.monotonic() > self.end:
+            raise AssertionError(
+                f"timed out after {self.timeout}s waiting for {self.what}"
+                + (f": {self.last!r}" if self.last is not None else "")
+            )
+
+
+def poll_until(
+    check: Callable[[], T],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Call `check` until it returns something truthy and return that; fail after `timeout`
+    seconds naming `what`. Exceptions of the `ignore` types count as "not yet"."""
+    deadline = _Deadline(timeout, what or check)
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except ignore as exc:
+            deadline.last = exc
+        deadline.expire()
+        time.sleep(interval)
+
+
+async def apoll_until(
+    check: Callable[[], T | Awaitable[T]],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.02,
+    what: str = "",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """`poll_until` inside an event loop: `check` may be a plain or an async function."""
+    deadline = _Deadline(timeout, what or check)
+    while True:
+        try:
+            value: Any = check()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value  # type: ignore[no-any-return]
+        except ignore as exc:
+            deadline.last = exc
+        deadline.expire()
+        await asyncio.sleep(interval)

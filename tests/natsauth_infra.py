@@ -34,7 +34,8 @@ from corral.bus.natsauth import (
     new_worker_secret,
     server_config,
 )
-from corral.embedded import _nats_info, _nats_server_binary, free_port
+from corral.embedded import free_port
+from corral.embedded.nats import nats_info, nats_server_binary
 from corral.frontend.auth import digest
 from corral.proc import die_with_parent
 
@@ -73,7 +74,7 @@ def auth_nats_server(
         log_file = root / "nats.log"
         with log_file.open("ab") as log:
             proc = subprocess.Popen(
-                [_nats_server_binary(), "-c", str(path)],
+                [nats_server_binary(), "-c", str(path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -82,7 +83,7 @@ def auth_nats_server(
         try:
             deadline = time.monotonic() + start_timeout
             while True:
-                info = _nats_info("127.0.0.1", port)
+                info = nats_info("127.0.0.1", port)
                 if info is not None and info.get("server_name") == name:
                     break
                 if proc.poll() is not None or time.monotonic() > deadline:

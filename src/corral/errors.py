@@ -1,37 +1,104 @@
-"""The one exception tree of Corral; every error a caller may handle is a subclass of CorralError.
+"""The one exception tree of Corral, organised by cause (the way httpx organises its exceptions).
 
-HTTP-facing errors carry the status, OpenAI error type and code they map to, so a handler
-turns any of them into the same OpenAI-style JSON without a lookup table.
+A class says *why* something failed, not how an API shows it: the HTTP status, OpenAI error
+type and error code of each class are mapped at the API edge (`corral.frontend.errors_http`).
+Every class says whether trying again can help (`retryable`); an instance may say when
+(`retry_after`, seconds).
+
+    CorralError
+    ├── InvalidInput            the caller sent something malformed
+    │   ├── BadRequest
+    │   ├── PayloadTooLarge
+    │   └── MethodNotAllowed
+    ├── ConfigError             a configuration file or setting is invalid
+    ├── AccessDenied
+    │   ├── Unauthorized        missing or wrong credentials
+    │   └── Forbidden           valid credentials acting outside what they allow
+    ├── NotFound
+    │   └── ModelNotFound
+    ├── Conflict                the request conflicts with the current state
+    ├── CapacityError           not enough room right now                       (retryable)
+    │   ├── RateLimited
+    │   └── Unavailable
+    │       ├── NoCapacity
+    │       └── LoadTimeout     (also TimedOut)
+    ├── TransportError          another part of the cluster could not be reached (retryable)
+    │   ├── NodeUnreachable     a node did not answer a NATS command
+    │   ├── FrontendUnreachable a worker could not reach a frontend over HTTP
+    │   └── UpstreamError       a backend failed over HTTP
+    │       ├── ReplicaGone
+    │       └── UpstreamTimeout (also TimedOut)
+    ├── TimedOut                something did not answer or finish in time      (retryable)
+    └── OperationFailed         a step of real work failed; the message says why
+        ├── LoadFailed          (retryable: another node or a later try may work)
+        ├── CommandFailed
+        ├── ProcessStartError
+        ├── InstallError
+        ├── ArtifactError
+        └── EmbeddedError
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from corral.frontend.errors_http import HttpError
 
 
 class CorralError(Exception):
     """Base of every error Corral raises on purpose."""
 
-    status: int = 500
-    type: str = "server_error"
-    code: str | None = None
+    retryable: bool = False  # whether the same request may succeed later
 
     def __init__(self, message: str, *, retry_after: float | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
-        self.retry_after = retry_after
-        self.extra = extra
+        self.retry_after = retry_after  # seconds to wait before retrying, when known
+        self.extra = extra  # fields an API may show (param, load progress, ...)
+
+    # HTTP servers outside the frontend (the sim backend) read these; new code asks the edge
+    # mapping (`corral.frontend.errors_http.describe`) directly.
+    @property
+    def status(self) -> int:
+        return _describe(self).status
+
+    @property
+    def type(self) -> str:
+        return _describe(self).type
+
+    @property
+    def code(self) -> str | None:
+        return _describe(self).code
 
 
-# --- configuration -----------------------------------------------------------------------
+def _describe(exc: CorralError) -> HttpError:
+    from corral.frontend.errors_http import describe  # the edge owns the mapping
+
+    return describe(exc)
+
+
+# --- the caller's fault --------------------------------------------------------------------
+
+
+class InvalidInput(CorralError):
+    """The caller sent something malformed."""
+
+
+class BadRequest(InvalidInput):
+    """The request body or parameters are malformed."""
+
+
+class PayloadTooLarge(InvalidInput):
+    """The request body exceeds the configured limit."""
+
+
+class MethodNotAllowed(InvalidInput):
+    """The endpoint exists, but not for this method."""
 
 
 class ConfigError(CorralError):
     """A configuration file or setting is invalid; the message names the file and the field."""
-
-    status = 400
-    type = "invalid_request_error"
-    code = "invalid_config"
 
     def __init__(self, message: str, *, path: str | None = None, field: str | None = None) -> None:
         where = ": ".join(p for p in (path, field) if p)
@@ -40,167 +107,121 @@ class ConfigError(CorralError):
         self.field = field
 
 
-# --- API (client-facing) -----------------------------------------------------------------
+class AccessDenied(CorralError):
+    """The caller may not do this."""
 
 
-class BadRequest(CorralError):
-    """The request body or parameters are malformed (HTTP 400)."""
-
-    status = 400
-    type = "invalid_request_error"
-    code = "invalid_request"
+class Unauthorized(AccessDenied):
+    """Missing or wrong credentials."""
 
 
-class Unauthorized(CorralError):
-    """Missing or wrong credentials (HTTP 401)."""
-
-    status = 401
-    type = "authentication_error"
-    code = "invalid_api_key"
-
-
-class Forbidden(CorralError):
-    """Valid credentials acting outside what they allow (HTTP 403)."""
-
-    status = 403
-    type = "permission_error"
-    code = "forbidden"
-
-
-class ModelNotFound(CorralError):
-    """The requested model is not declared (HTTP 404)."""
-
-    status = 404
-    type = "invalid_request_error"
-    code = "model_not_found"
+class Forbidden(AccessDenied):
+    """Valid credentials acting outside what they allow."""
 
 
 class NotFound(CorralError):
-    """A resource other than a model does not exist (HTTP 404)."""
-
-    status = 404
-    type = "invalid_request_error"
-    code = "not_found"
+    """A resource does not exist."""
 
 
-class MethodNotAllowed(CorralError):
-    """The endpoint exists but not for this HTTP method (HTTP 405)."""
-
-    status = 405
-    type = "invalid_request_error"
-    code = "method_not_allowed"
+class ModelNotFound(NotFound):
+    """The requested model is not declared."""
 
 
 class Conflict(CorralError):
-    """The request conflicts with the current state (HTTP 409)."""
-
-    status = 409
-    type = "invalid_request_error"
-    code = "conflict"
+    """The request conflicts with the current state."""
 
 
-class PayloadTooLarge(CorralError):
-    """The request body exceeds the configured limit (HTTP 413)."""
-
-    status = 413
-    type = "invalid_request_error"
-    code = "payload_too_large"
+# --- not enough room ------------------------------------------------------------------------
 
 
-class RateLimited(CorralError):
-    """Too many requests in flight (HTTP 429)."""
+class CapacityError(CorralError):
+    """Not enough room right now; retrying later can help."""
 
-    status = 429
-    type = "rate_limit_error"
-    code = "rate_limited"
+    retryable = True
 
 
-class Unavailable(CorralError):
-    """No replica can serve now; the client should retry after `retry_after` (HTTP 503)."""
+class RateLimited(CapacityError):
+    """Too many requests in flight."""
 
-    status = 503
-    type = "server_error"
-    code = "unavailable"
+
+class Unavailable(CapacityError):
+    """No replica can serve now; the client should retry after `retry_after`."""
 
 
 class NoCapacity(Unavailable):
     """No healthy node can host the model (no worker, selector matches nothing, no memory)."""
 
-    code = "no_capacity"
+
+# --- another part could not be reached, or did not answer in time ----------------------------
 
 
-class LoadTimeout(Unavailable):
-    """A model load is still running past the wait budget; the body carries its progress."""
+class TransportError(CorralError):
+    """Another part of the cluster could not be reached; retrying can help."""
 
-    code = "model_loading"
-
-
-class LoadFailed(CorralError):
-    """A model load failed on its node; the message carries the backend's own error."""
-
-    status = 503
-    type = "server_error"
-    code = "model_load_failed"
+    retryable = True
 
 
-class UpstreamError(CorralError):
-    """A backend failed in a way that is not the client's fault (HTTP 502)."""
+class TimedOut(CorralError):
+    """Something did not answer or finish in time; retrying can help."""
 
-    status = 502
-    type = "server_error"
-    code = "upstream_error"
+    retryable = True
 
 
-class UpstreamTimeout(UpstreamError):
-    """A backend did not answer in time (HTTP 504)."""
-
-    status = 504
-    code = "upstream_timeout"
+class LoadTimeout(Unavailable, TimedOut):
+    """A model load is still running past the wait budget; the error carries its progress."""
 
 
-# --- internal (not client-facing) --------------------------------------------------------
+class NodeUnreachable(TransportError):
+    """A node did not answer a command (`no_responders` or `timed_out` in `extra`)."""
 
 
-class ReplicaGone(CorralError):
+class FrontendUnreachable(TransportError):
+    """A worker could not reach a frontend, or the frontend answered with a server error."""
+
+
+class UpstreamError(TransportError):
+    """A backend failed in a way that is not the client's fault."""
+
+
+class ReplicaGone(UpstreamError):
     """A backend no longer serves the model (unloaded, other model, connection refused).
 
     Raised before any byte reached the client, so the router may drop the replica and retry.
     """
 
-    status = 502
-    code = "replica_gone"
+
+class UpstreamTimeout(UpstreamError, TimedOut):
+    """A backend did not answer in time."""
 
 
-class NodeUnreachable(CorralError):
-    """A node did not answer a command (no responders or timeout)."""
-
-    status = 503
-    code = "node_unreachable"
+# --- real work failed ----------------------------------------------------------------------
 
 
-class CommandFailed(CorralError):
+class OperationFailed(CorralError):
+    """A step of real work (a load, a start, an install) failed; the message says why."""
+
+
+class LoadFailed(OperationFailed):
+    """A model load failed on its node; the message carries the backend's own error."""
+
+    retryable = True  # on another node, or once the cause is fixed
+
+
+class CommandFailed(OperationFailed):
     """A node answered a command with an error."""
 
-    status = 502
-    code = "command_failed"
 
-
-class ProcessStartError(CorralError):
+class ProcessStartError(OperationFailed):
     """A backend process exited or never became healthy; the message holds its stderr tail."""
 
-    status = 502
-    code = "backend_start_failed"
 
-
-class InstallError(CorralError):
+class InstallError(OperationFailed):
     """Installing a backend failed; the message holds the installer's output tail."""
 
-    status = 502
-    code = "backend_install_failed"
 
-
-class ArtifactError(CorralError):
+class ArtifactError(OperationFailed):
     """A model artifact could not be staged (digest mismatch, no disk space, not found)."""
 
-    status = 502
-    code = "artifact_error"
+
+class EmbeddedError(OperationFailed):
+    """An embedded server could not be prepared, started or stopped; the message says why."""

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from cluster import Cluster, Proc, wait_for
+from infra import poll_until
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +68,11 @@ class Traffic:
         return [o for o in list(self.outcomes) if o.sent >= after and o.status != 200]
 
     def wait_for_successes(self, count: int, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while sum(1 for o in list(self.outcomes) if o.status == 200) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"traffic never reached {count} successes: {self.outcomes}")
-            time.sleep(0.05)
+        poll_until(
+            lambda: sum(1 for o in list(self.outcomes) if o.status == 200) >= count,
+            timeout=timeout,
+            what=f"{count} successful requests (so far: {self.outcomes})",
+        )
 
 
 def start_workers(cluster: Cluster, *names: str, args: list[str] | None = None) -> list[Proc]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,14 +23,6 @@ async def stats(client: httpx.AsyncClient) -> dict[str, Any]:
     assert response.status_code == 200
     answer: dict[str, Any] = response.json()
     return answer
-
-
-async def poll(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.01)
 
 
 # --- raw HTTP helpers (keep-alive, pipelining, disconnects) ------------------------------

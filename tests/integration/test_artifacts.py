@@ -25,6 +25,7 @@ from corral.frontend.artifacts_api import (
     resolve_artifact,
 )
 from corral.worker.artifacts import ArtifactStager, StageProgress
+from infra import apoll_until
 
 SIZE = 3 * 1024 * 1024 + 123  # several 1 MiB chunks, not a multiple of one
 CUT = 300_000  # where a dropped transfer breaks off
@@ -113,10 +114,7 @@ async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stor
     config = uvicorn.Config(Faulty(app, behaviour), log_level="critical", lifespan="off")
     srv = uvicorn.Server(config)
     task = asyncio.create_task(srv.serve(sockets=[sock]))
-    deadline = asyncio.get_running_loop().time() + 10
-    while not srv.started:
-        assert asyncio.get_running_loop().time() < deadline, "test server did not start"
-        await asyncio.sleep(0.01)
+    await apoll_until(lambda: srv.started, timeout=10, interval=0.01, what="the test server")
     try:
         yield StoreServer(
             f"http://127.0.0.1:{port}", store, behaviour, data, hashlib.sha256(data).hexdigest()

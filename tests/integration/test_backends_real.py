@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from starlette.routing import Route
 from corral.backends.catalog import BackendEntry, Catalog
 from corral.worker.installs import BackendInstaller
 from fixtures.tiny_gguf import write_tiny_llama
+from infra import apoll_until
 
 pytestmark = pytest.mark.slow
 
@@ -93,18 +93,22 @@ async def running(
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + timeout
         async with httpx.AsyncClient(trust_env=False) as client:
-            while True:
+
+            async def ready() -> bool:
                 if proc.returncode is not None:
                     raise AssertionError(f"{argv[:3]} exited with {proc.returncode}:\n{tail(log)}")
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{health_url} not ready in {timeout}s:\n{tail(log)}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(health_url, timeout=2)).status_code == 200:
-                        break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), 0.2)  # poll interval, or an early exit
+                    await asyncio.wait_for(proc.wait(), 0.01)  # notices an early exit
+                return (await client.get(health_url, timeout=2)).status_code == 200
+
+            await apoll_until(
+                ready,
+                timeout=timeout,
+                interval=0.2,
+                what=f"{health_url} to answer (log {log})",
+                ignore=(httpx.HTTPError,),
+            )
         yield proc
     finally:
         if proc.returncode is None:
@@ -396,10 +400,7 @@ async def capturing_server(seen: list[dict[str, str]]) -> AsyncIterator[tuple[st
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+    await apoll_until(lambda: server.started, timeout=10, interval=0.01, what="the test server")
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
     finally:
@@ -455,13 +456,14 @@ async def test_openai_proxy_health_follows_the_upstream(catalog: Catalog, tmp_pa
         async with running(argv, f"http://127.0.0.1:{port}/health", tmp_path / "p.log"):
             server.should_exit = True  # the upstream goes away
             async with httpx.AsyncClient(trust_env=False) as client:
-                deadline = time.monotonic() + 30
-                while True:
+
+                async def unhealthy() -> bool:
                     r = await client.get(f"http://127.0.0.1:{port}/health")
-                    if r.status_code == 503:
-                        break
-                    assert time.monotonic() < deadline, "health never noticed the upstream left"
-                    await asyncio.sleep(0.1)
+                    return r.status_code == 503
+
+                await apoll_until(
+                    unhealthy, timeout=30, interval=0.1, what="health to notice the upstream left"
+                )
                 r = await client.post(
                     f"http://127.0.0.1:{port}/v1/chat/completions",
                     json={"model": "remote", "messages": []},

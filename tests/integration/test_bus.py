@@ -13,7 +13,7 @@ from corral.bus.messages import (
     LoadReport,
     Message,
     ReplicaEvent,
-    StartReplica,
+    StartReplicaCommand,
     StartReplicaReply,
 )
 from corral.bus.subjects import Subjects
@@ -37,8 +37,8 @@ async def make_bus(nats_url: str, nats_prefix: str) -> AsyncIterator[MakeBus]:
         await bus.close()
 
 
-def start(model: str = "m", index: int = 0) -> StartReplica:
-    return StartReplica(model=model, index=index, backend="sim", options={"n_ctx": 1})
+def start(model: str = "m", index: int = 0) -> StartReplicaCommand:
+    return StartReplicaCommand(model=model, index=index, backend="sim", options={"n_ctx": 1})
 
 
 def failed(text: str) -> Message:
@@ -164,14 +164,14 @@ def test_subjects_are_prefixed_single_tokens() -> None:
 async def test_request_reply_via_serve(make_bus: MakeBus) -> None:
     worker = await make_bus(name="worker")
     frontend = await make_bus(name="frontend")
-    received: list[StartReplica] = []
+    received: list[StartReplicaCommand] = []
 
-    async def handle(request: StartReplica) -> Message:
+    async def handle(request: StartReplicaCommand) -> Message:
         received.append(request)
         return StartReplicaReply(ok=True, address=f"10.0.0.1:{20000 + request.index}", pid=42)
 
     subject = worker.subjects.replica_start("n1")
-    await worker.serve(subject, StartReplica, handle, error_reply=failed)
+    await worker.serve(subject, StartReplicaCommand, handle, error_reply=failed)
     await sync(worker, frontend)
     reply = await frontend.request(subject, start(index=3), StartReplicaReply, timeout=5)
     assert reply == StartReplicaReply(ok=True, address="10.0.0.1:20003", pid=42)
@@ -195,12 +195,12 @@ async def test_slow_handler_is_timed_out(make_bus: MakeBus) -> None:
     frontend = await make_bus()
     release = asyncio.Event()
 
-    async def handle(request: StartReplica) -> Message:
+    async def handle(request: StartReplicaCommand) -> Message:
         await release.wait()
         return StartReplicaReply(ok=True)
 
     subject = worker.subjects.replica_start("n1")
-    await worker.serve(subject, StartReplica, handle, error_reply=failed)
+    await worker.serve(subject, StartReplicaCommand, handle, error_reply=failed)
     await sync(worker, frontend)
     try:
         with pytest.raises(NodeUnreachable) as info:
@@ -218,14 +218,16 @@ async def test_slow_request_does_not_delay_a_fast_one(make_bus: MakeBus, concurr
     slow_started = asyncio.Event()
     release = asyncio.Event()
 
-    async def handle(request: StartReplica) -> Message:
+    async def handle(request: StartReplicaCommand) -> Message:
         if request.model == "slow":
             slow_started.set()
             await release.wait()
         return StartReplicaReply(ok=True, address=request.model)
 
     subject = worker.subjects.replica_start("n1")
-    await worker.serve(subject, StartReplica, handle, error_reply=failed, concurrent=concurrent)
+    await worker.serve(
+        subject, StartReplicaCommand, handle, error_reply=failed, concurrent=concurrent
+    )
     await sync(worker, frontend)
     slow = asyncio.create_task(
         frontend.request(subject, start("slow"), StartReplicaReply, timeout=10)
@@ -249,11 +251,11 @@ async def test_handler_exception_becomes_error_reply(make_bus: MakeBus) -> None:
     worker = await make_bus()
     frontend = await make_bus()
 
-    async def handle(request: StartReplica) -> Message:
+    async def handle(request: StartReplicaCommand) -> Message:
         raise ValueError(f"cannot start {request.model}")
 
     subject = worker.subjects.replica_start("n1")
-    await worker.serve(subject, StartReplica, handle, error_reply=failed)
+    await worker.serve(subject, StartReplicaCommand, handle, error_reply=failed)
     await sync(worker, frontend)
     reply = await frontend.request(subject, start("m"), StartReplicaReply, timeout=5)
     assert reply == StartReplicaReply(ok=False, error="ValueError: cannot start m")
@@ -272,13 +274,13 @@ async def test_malformed_request_gets_error_reply(make_bus: MakeBus, payload: by
     frontend = await make_bus()
     calls = 0
 
-    async def handle(request: StartReplica) -> Message:
+    async def handle(request: StartReplicaCommand) -> Message:
         nonlocal calls
         calls += 1
         return StartReplicaReply(ok=True)
 
     subject = worker.subjects.replica_start("n1")
-    await worker.serve(subject, StartReplica, handle, error_reply=failed)
+    await worker.serve(subject, StartReplicaCommand, handle, error_reply=failed)
     await sync(worker, frontend)
     msg = await frontend.nc.request(subject, payload, timeout=5)
     reply = decode(msg.data, StartReplicaReply)

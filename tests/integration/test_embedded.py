@@ -12,8 +12,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -22,8 +21,8 @@ import psutil
 import pytest
 
 import infra
-from corral import embedded
-from corral.embedded import EmbeddedError, EmbeddedNats, EmbeddedPostgres
+from corral.embedded import EmbeddedError, EmbeddedNats, EmbeddedPostgres, supervision
+from infra import poll_until
 
 
 @pytest.fixture
@@ -43,14 +42,6 @@ def _gone(pid: int) -> bool:
 
 def _descendants() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
-
-
-def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 async def _fetchval(url: str, sql: str) -> object:
@@ -139,7 +130,7 @@ async def test_start_after_sigkill_with_stale_pidfile(scratch: Path) -> None:
     assert killed is not None
     try:
         os.kill(killed, signal.SIGKILL)
-        _wait_until(lambda: pg.pid is None, "the postmaster to die")
+        poll_until(lambda: pg.pid is None, timeout=20, what="the postmaster to die")
         pidfile = scratch / "pgdata" / "postmaster.pid"
         assert pidfile.read_text().split("\n", 1)[0] == str(killed)
         assert not _gone(backend)
@@ -220,9 +211,9 @@ def test_fixed_port_in_use_fails_with_the_log(scratch: Path) -> None:
 def test_picked_port_taken_is_retried(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         occupied = taken.getsockname()[1]
-        spare = embedded.free_port()
+        spare = supervision.free_port()
         ports = iter([occupied, spare])
-        monkeypatch.setattr(embedded, "free_port", lambda host="127.0.0.1": next(ports))
+        monkeypatch.setattr(supervision, "free_port", lambda host="127.0.0.1": next(ports))
         with EmbeddedNats(scratch) as server:
             assert server.bound_port == spare
             assert server.url.endswith(f":{spare}")
@@ -265,7 +256,9 @@ def test_servers_die_with_a_killed_parent(scratch: Path) -> None:
 
     parent.kill()
     parent.communicate(timeout=30)
-    _wait_until(lambda: _gone(pg_pid) and _gone(nats_pid), "the orphaned servers to exit")
+    poll_until(
+        lambda: _gone(pg_pid) and _gone(nats_pid), timeout=20, what="the orphaned servers to exit"
+    )
     # SIGINT is a fast shutdown: postgres removed its pid file, the next start is clean.
     assert not (scratch / "pg" / "pgdata" / "postmaster.pid").exists()
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,9 @@ from starlette.staticfiles import StaticFiles
 from corral.backends.catalog import BackendEntry
 from corral.bus.messages import InstallProgress
 from corral.errors import InstallError
-from corral.worker.installs import (
-    MARKER,
-    BackendInstaller,
-    InstallState,
-    PipSettings,
-    version_hash,
-)
+from corral.worker.installs import BackendInstaller, InstallState
+from corral.worker.pipconfig import PipSettings
+from corral.worker.venvs import MARKER, version_hash
 from fixtures.local_packages import (
     build_started,
     build_wheel,
@@ -39,6 +35,7 @@ from fixtures.local_packages import (
     set_failing,
     write_project,
 )
+from infra import apoll_until
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 TESTS = Path(__file__).resolve().parents[1]
@@ -51,15 +48,6 @@ def entry(name: str, *projects: Path, version: str = "1") -> BackendEntry:
         requirements=tuple(requirement(p) for p in projects),
         command=("{python}", "-c", "pass"),
     )
-
-
-async def until(cond: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    """Poll `cond` until it holds (fails the test after `timeout` seconds)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def leftovers(root: Path, name: str) -> list[str]:
@@ -151,7 +139,12 @@ async def test_two_backends_install_concurrently(tmp_path: Path) -> None:
     ta = asyncio.create_task(inst.ensure(entry("a", a)))
     tb = asyncio.create_task(inst.ensure(entry("b", b)))
     # Both builds run at the same time: neither can finish before the gate opens.
-    await until(lambda: build_started(a) and build_started(b), "both builds to start")
+    await apoll_until(
+        lambda: build_started(a) and build_started(b),
+        timeout=120,
+        interval=0.05,
+        what="both builds to start",
+    )
     assert not ta.done() and not tb.done()
     assert inst.status()["a"].state in (InstallState.RESOLVING, InstallState.DOWNLOADING)
     gate.touch()
@@ -167,7 +160,9 @@ async def test_identical_concurrent_ensures_share_one_install(tmp_path: Path) ->
     inst = BackendInstaller(tmp_path / "root", publish=events)
     e = entry("same", project)
     tasks = [asyncio.create_task(inst.ensure(e)) for _ in range(3)]
-    await until(lambda: build_started(project), "the build to start")
+    await apoll_until(
+        lambda: build_started(project), timeout=120, interval=0.05, what="the build to start"
+    )
     tasks.append(asyncio.create_task(inst.ensure(e, force=True)))  # joins the running one
     gate.touch()
     results = await asyncio.gather(*tasks)
@@ -186,7 +181,12 @@ async def test_slow_upgrade_of_one_backend_does_not_delay_another(tmp_path: Path
     old = await inst.ensure(entry("slow", v1, version="1"))
 
     upgrade = asyncio.create_task(inst.upgrade(entry("slow", v2, version="2")))
-    await until(lambda: build_started(v2), "the slow upgrade's build to start")
+    await apoll_until(
+        lambda: build_started(v2),
+        timeout=120,
+        interval=0.05,
+        what="the slow upgrade's build to start",
+    )
     started = time.monotonic()
     python = await inst.ensure(entry("quick", quick))  # another backend: not held up
     took = time.monotonic() - started
@@ -270,7 +270,9 @@ async def test_cancelled_install_leaves_nothing_and_kills_the_installer(tmp_path
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}  # e.g. session servers
     task = asyncio.create_task(inst.ensure(e))
-    await until(lambda: build_started(project), "the build to start")
+    await apoll_until(
+        lambda: build_started(project), timeout=120, interval=0.05, what="the build to start"
+    )
     assert _installers_of(me, before)
     await inst.close()
     with pytest.raises(asyncio.CancelledError):
@@ -279,7 +281,12 @@ async def test_cancelled_install_leaves_nothing_and_kills_the_installer(tmp_path
     assert leftovers(tmp_path / "root", "cancelled") == []
     assert inst.status()["cancelled"].state is InstallState.MISSING
     # The installer's process group (uv and the build it ran) is gone.
-    await until(lambda: not _installers_of(me, before), "the installer processes to exit")
+    await apoll_until(
+        lambda: not _installers_of(me, before),
+        timeout=120,
+        interval=0.05,
+        what="the installer processes to exit",
+    )
     gate.touch()
     assert await inst.ensure(e) == inst.installed(e)  # no backoff after a cancel
 
@@ -317,8 +324,11 @@ async def test_killed_worker_leaves_no_ready_install_and_next_ensure_rebuilds(
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{TESTS}"}
     worker = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
     try:
-        await until(
-            lambda: build_started(project) or worker.poll() is not None, "the build to start"
+        await apoll_until(
+            lambda: build_started(project) or worker.poll() is not None,
+            timeout=120,
+            interval=0.05,
+            what="the build to start",
         )
         assert worker.poll() is None, "the worker process exited on its own"
         stragglers = psutil.Process(worker.pid).children(recursive=True)
@@ -326,9 +336,11 @@ async def test_killed_worker_leaves_no_ready_install_and_next_ensure_rebuilds(
         worker.wait(timeout=30)
         # The kernel kills the installer with the worker (PR_SET_PDEATHSIG); the build it ran
         # was left waiting on the gate: end it here.
-        await until(
+        await apoll_until(
             lambda: not any(p.is_running() and p.name() == "uv" for p in _alive(stragglers)),
-            "the installer to die with the worker",
+            timeout=120,
+            interval=0.05,
+            what="the installer to die with the worker",
         )
         for p in _alive(stragglers):
             p.kill()
@@ -460,7 +472,9 @@ async def serving(app: Any) -> AsyncIterator[str]:
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    await until(lambda: server.started, "the test server to start", timeout=10)
+    await apoll_until(
+        lambda: server.started, timeout=10, interval=0.05, what="the test server to start"
+    )
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:

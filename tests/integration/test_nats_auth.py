@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 
 from corral.bus.authservice import AuthCallout, WorkerSessions
 from corral.bus.client import Bus, decode
-from corral.bus.messages import ReplicaEvent, StartReplica, StartReplicaReply
+from corral.bus.messages import ReplicaEvent, StartReplicaCommand, StartReplicaReply
 from corral.bus.natsauth import NatsCredentials, worker_credentials, worker_inbox_prefix
 from corral.bus.subjects import Subjects
 from natsauth_infra import (
@@ -138,7 +138,7 @@ async def test_frontend_identity_uses_the_whole_prefix(cluster: Cluster, server:
         await publish_until_seen(cluster.frontend.nc, subject, got)
     reply = await cluster.frontend.request(
         s.replica_start("n1"),
-        StartReplica(model="m", index=3, backend="sim"),
+        StartReplicaCommand(model="m", index=3, backend="sim"),
         StartReplicaReply,
         timeout=5,
     )
@@ -160,15 +160,15 @@ async def test_worker_answers_its_commands_and_publishes_its_progress(cluster: C
     try:
         s = cluster.subjects
 
-        async def answer(request: StartReplica) -> StartReplicaReply:
+        async def answer(request: StartReplicaCommand) -> StartReplicaReply:
             return StartReplicaReply(ok=True, address=f"w:{request.index}")
 
-        await worker.serve(s.replica_start("n1"), StartReplica, answer, error_reply=failed)
+        await worker.serve(s.replica_start("n1"), StartReplicaCommand, answer, error_reply=failed)
         await worker.flush()
         progress = await collect(cluster.frontend, s.all_install_progress)
         reply = await cluster.frontend.request(
             s.replica_start("n1"),
-            StartReplica(model="m", index=7, backend="sim"),
+            StartReplicaCommand(model="m", index=7, backend="sim"),
             StartReplicaReply,
             timeout=5,
         )

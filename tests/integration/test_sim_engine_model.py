@@ -13,9 +13,10 @@ from typing import Any
 import httpx
 import openai
 import orjson
-from simtest import CHAT, StartSim, chat, poll, raw, stats
+from simtest import CHAT, StartSim, chat, raw, stats
 
 from corral.backends.sim import SimConfig, SimServer
+from infra import apoll_until
 
 
 def _metrics(text: str) -> dict[str, float]:
@@ -48,7 +49,7 @@ async def test_requests_queue_behind_the_slots(start_sim: StartSim) -> None:
             engine = await _engine(client)
             return engine["running"] == 1 and engine["waiting"] == 2
 
-        await poll(queued)
+        await apoll_until(queued)
         gauges = _metrics((await client.get("/metrics")).text)
         assert gauges["vllm:num_requests_running"] == 1.0
         assert gauges["vllm:num_requests_waiting"] == 2.0
@@ -149,7 +150,7 @@ async def test_clients_that_leave_free_their_place(start_sim: StartSim) -> None:
             engine = await _engine(client)
             return engine["running"] == 1 and engine["waiting"] == 1
 
-        await poll(both_in)
+        await apoll_until(both_in)
         for writer in reversed(writers):  # the queued client first, then the running one
             writer.close()
             await writer.wait_closed()
@@ -158,7 +159,7 @@ async def test_clients_that_leave_free_their_place(start_sim: StartSim) -> None:
             s = await stats(client)
             return s["inflight"] == 0 and s["engine"]["running"] == s["engine"]["waiting"] == 0
 
-        await poll(empty)
+        await apoll_until(empty)
         quick = await client.post(CHAT, json=chat("next", max_tokens=1))
         assert quick.status_code == 200
         assert (await _engine(client))["finished"] == 1

@@ -18,13 +18,13 @@ import orjson
 import pytest
 from simtest import CHAT, StartSim
 from simtest import chat as _chat
-from simtest import poll as _poll
 from simtest import raw as _raw
 from simtest import read_response as _read_response
 from simtest import stats as _stats
 
 from corral.backends.sim import SimConfig, SimServer
 from corral.backends.sim.engine import decode_base64
+from infra import apoll_until
 
 # --- chat --------------------------------------------------------------------------------
 
@@ -298,7 +298,7 @@ async def test_load_time(start_sim: StartSim) -> None:
         async def healthy() -> bool:
             return (await client.get("/health")).status_code == 200
 
-        await _poll(healthy)
+        await apoll_until(healthy, timeout=5, interval=0.01)
         assert (await client.get("/health")).json() == {"status": "ok"}
         assert (await client.post(CHAT, json=_chat("x"))).status_code == 200
 
@@ -441,12 +441,12 @@ async def test_client_disconnect_mid_stream(
             inflight: int = (await _stats(admin))["inflight"]
             return inflight == 0
 
-        await _poll(drained)
+        await apoll_until(drained, timeout=5, interval=0.01)
 
         async def closed() -> bool:
             return server.open_connections == 1  # only the admin client's
 
-        await _poll(closed)
+        await apoll_until(closed, timeout=5, interval=0.01)
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 

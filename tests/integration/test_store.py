@@ -6,16 +6,17 @@ import asyncio
 import dataclasses
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from sqlalchemy import text
 
 from corral.domain.entities import Gpu, ModelSpec, NodeStatus, ReplicaState, Resources, Scheduling
+from corral.domain.reconcile import ReportedProcess
 from corral.domain.sizes import MemoryBudget
 from corral.store.registry import Registry
 from corral.store.replicas import LoadInfo
+from infra import apoll_until
 
 
 @pytest.fixture
@@ -57,14 +58,6 @@ async def heartbeat(
 
 def spec(name: str = "m", **kw: object) -> ModelSpec:
     return ModelSpec(name=name, backend="sim", **kw)  # type: ignore[arg-type]
-
-
-async def poll(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.02)
 
 
 # --- migrations ----------------------------------------------------------------------------------
@@ -160,8 +153,12 @@ async def test_heartbeat_makes_pending_node_healthy(registry: Registry) -> None:
     assert node.resources == Resources(8, 64, 32, 100, (Gpu(0, "H100", 80, 70),))
     assert node.backends == frozenset({"sim", "vllm"})
     assert node.artifacts == frozenset({"sha256:abc"})
-    assert await registry.nodes.processes("n1") == [{"model": "m", "index": 0}]
-    assert await registry.nodes.all_processes() == {"n1": [{"model": "m", "index": 0}]}
+    assert await registry.nodes.processes("n1") == [
+        {"model": "m", "index": 0, "first_seen": 1234.5}
+    ]
+    assert await registry.nodes.reported_processes() == {
+        "n1": [ReportedProcess("m", 0, None, first_seen=1234.5)]
+    }
     assert await heartbeat(registry) == NodeStatus.HEALTHY
 
 
@@ -549,8 +546,7 @@ async def test_advisory_lock_frees_when_holder_connection_dies(
     try:
         async with registry.advisory_lock(key) as held:
             assert held is not None
-            pid = (await held.execute(text("SELECT pg_backend_pid()"))).scalar_one()
-            await held.commit()
+            pid = await held.backend_pid()
             killer = await asyncpg.connect(database_url, timeout=10)
             try:
                 await killer.execute("SELECT pg_terminate_backend($1)", pid)
@@ -561,6 +557,8 @@ async def test_advisory_lock_frees_when_holder_connection_dies(
                 async with other.advisory_lock(key) as got:
                     return got is not None
 
-            await poll(lock_free)  # the crashed holder's lock is gone
+            await apoll_until(
+                lock_free, timeout=10, what="the lock to be free"
+            )  # the crashed holder's lock is gone
     finally:
         await other.close()

@@ -9,7 +9,7 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -20,6 +20,7 @@ from corral.errors import Conflict, ProcessStartError
 from corral.worker.ports import PortAllocator
 from corral.worker.process import LaunchSpec, ProcessState, RunningProcess
 from corral.worker.supervisor import Supervisor
+from infra import apoll_until
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -115,15 +116,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.02)
-
-
 async def read_pid(path: Path) -> int:
-    await eventually(path.exists)
+    await apoll_until(path.exists, timeout=10)
     return int(path.read_text())
 
 
@@ -277,7 +271,7 @@ async def test_stop_kills_grandchildren(
     grandchild = await read_pid(pidfile)
     assert alive(grandchild)
     assert await sup.stop(info.key) is True
-    await eventually(lambda: not alive(grandchild))
+    await apoll_until(lambda: not alive(grandchild), timeout=10)
     assert not alive(info.pid)
 
 
@@ -311,7 +305,7 @@ async def test_stop_during_start_fails_the_start(
     sup: Supervisor, scripts: dict[str, Path], ports: PortAllocator
 ) -> None:
     starting = asyncio.create_task(sup.start(backend_spec(scripts, "--never-ready")))
-    await eventually(lambda: bool(sup.running()))
+    await apoll_until(lambda: bool(sup.running()), timeout=10)
     (info,) = sup.running()
     assert info.state is ProcessState.STARTING
     assert await sup.stop(info.key) is True
@@ -391,7 +385,7 @@ async def test_backend_dies_with_a_killed_parent(scripts: dict[str, Path], tmp_p
     finally:
         parent.kill()
         await parent.communicate()
-    await eventually(lambda: not alive(backend_pid))
+    await apoll_until(lambda: not alive(backend_pid), timeout=10)
 
 
 async def test_bad_health_path_is_a_start_error(

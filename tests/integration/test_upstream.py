@@ -17,6 +17,7 @@ import pytest
 from corral.errors import ReplicaGone, UpstreamError, UpstreamTimeout
 from corral.frontend.probe import ProbeCache
 from corral.frontend.upstream import UpstreamPool
+from infra import apoll_until
 
 # --- a tiny scripted HTTP/1.1 server ------------------------------------------------------------
 
@@ -178,14 +179,6 @@ def refused_address() -> Iterator[str]:
         yield f"127.0.0.1:{sock.getsockname()[1]}"
     finally:
         sock.close()
-
-
-async def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.005)
 
 
 # --- keep-alive and framing ----------------------------------------------------------------------
@@ -405,7 +398,7 @@ async def test_timeout_mid_stream(start_backend: StartBackend, pool: UpstreamPoo
     with pytest.raises(UpstreamTimeout):
         await anext(body)
     await body.aclose()
-    await wait_until(backend.readers[0].at_eof)  # the pool hung up on it
+    await apoll_until(backend.readers[0].at_eof, timeout=5, interval=0.005)  # the pool hung up
 
 
 # --- failures ------------------------------------------------------------------------------------
@@ -458,7 +451,7 @@ async def test_idle_connection_closed_by_server_is_replaced(
     for _ in range(3):
         resp = await pool.request(backend.address, b"GET", b"/", timeout=5)
         assert await resp.read() == b"bye"
-        await wait_until(lambda: backend.closed == backend.connections)
+        await apoll_until(lambda: backend.closed == backend.connections, timeout=5, interval=0.005)
     assert backend.connections == 3
 
 
@@ -493,7 +486,7 @@ async def test_no_answer_within_timeout(start_backend: StartBackend, pool: Upstr
         await pool.request(backend.address, b"GET", b"/", timeout=0.3)
     assert 0.25 < time.monotonic() - started < 3
     assert info.value.status == 504
-    await wait_until(backend.readers[0].at_eof)  # the pool hung up on it
+    await apoll_until(backend.readers[0].at_eof, timeout=5, interval=0.005)  # the pool hung up
 
 
 async def _close_mid_content_length(request: Request, writer: asyncio.StreamWriter) -> bool:
@@ -561,7 +554,7 @@ async def test_abort_closes_the_connection(start_backend: StartBackend, pool: Up
         await anext(body)
     await body.aclose()
     # the server sees the client hang up (its handler is still blocked, not reading)
-    await wait_until(backend.readers[0].at_eof)
+    await apoll_until(backend.readers[0].at_eof, timeout=5, interval=0.005)
     again = await pool.request(backend.address, b"GET", b"/", timeout=5)
     assert await again.read() == b"fresh"
     assert backend.connections == 2, "an aborted connection never goes back to the pool"
@@ -632,7 +625,7 @@ async def test_pool_close_and_close_host_close_idle_connections(
         assert one.connections == 2
     finally:
         await pool.close()
-    await wait_until(lambda: one.closed == 2 and two.closed == 1)
+    await apoll_until(lambda: one.closed == 2 and two.closed == 1, timeout=5, interval=0.005)
 
 
 # --- ProbeCache ----------------------------------------------------------------------------------

@@ -6,44 +6,28 @@ from collections.abc import Mapping
 
 import pytest
 
+import factories
 from corral.domain.entities import (
-    Gpu,
     Node,
-    NodeStatus,
     Replica,
     ReplicaKey,
     ReplicaState,
-    Resources,
 )
 from corral.domain.eviction import EvictionPlan, plan_eviction
 from corral.domain.memory import MemoryPool
-from corral.domain.sizes import MemoryBudget
+from factories import GB
 
-GB = 1000**3
+LOADED = ReplicaState.LOADED
 
 
 def node(nid: str, budget: int = 10 * GB, vram: int = 0) -> Node:
-    gpus = (Gpu(0, "g", vram, vram),) if vram else ()
-    return Node(
-        id=nid,
-        name=nid,
-        status=NodeStatus.HEALTHY,
-        resources=Resources(ram_total=100 * GB, gpus=gpus),
-        memory_budget=MemoryBudget(size=budget),
-    )
+    return factories.node(nid, budget=budget, vram=vram)
 
 
 def rep(
-    model: str,
-    index: int,
-    nid: str,
-    memory: int,
-    last_used: float,
-    state: ReplicaState = ReplicaState.LOADED,
+    model: str, index: int, nid: str, memory: int, last_used: float, state: ReplicaState = LOADED
 ) -> Replica:
-    return Replica(
-        model, index, nid, state, address=f"{nid}:{index}", memory=memory, last_used=last_used
-    )
+    return factories.replica(model, index, nid, state, memory=memory, last_used=last_used)
 
 
 def victims(p: EvictionPlan | None) -> list[tuple[str, int]] | None:
@@ -181,7 +165,7 @@ def test_victims_carry_exact_identity() -> None:
     p = plan_eviction(4 * GB, [node("a")], [rep("x", 3, "a", 9 * GB, 1.0)], {}, {}, "m")
     assert p is not None
     (v,) = p.victims
-    assert (v.model, v.index, v.node_id, v.address) == ("x", 3, "a", "a:3")
+    assert (v.model, v.index, v.node_id, v.address) == ("x", 3, "a", "a:9003")
 
 
 NODE_CHOICE = [

@@ -6,14 +6,12 @@ from typing import Any
 
 import pytest
 
+import factories
 from corral.domain.entities import (
-    Gpu,
     ModelSpec,
     Node,
-    NodeStatus,
     Replica,
     ReplicaState,
-    Resources,
 )
 from corral.domain.memory import (
     KV_BYTES_PER_TOKEN,
@@ -26,13 +24,11 @@ from corral.domain.memory import (
     reserved_memory,
 )
 from corral.domain.sizes import MemoryBudget
-
-GB = 1000**3
-MB = 1000**2
+from factories import GB, MB
 
 
 def spec(backend: str = "llama", memory: int | None = None, **options: Any) -> ModelSpec:
-    return ModelSpec(name="m", backend=backend, memory=memory, options=options)
+    return factories.model(backend=backend, memory=memory, options=options)
 
 
 ESTIMATES = [
@@ -87,9 +83,7 @@ def test_memory_pool(model: ModelSpec, gpu_backends: frozenset[str], expected: M
 
 
 def node(budget: MemoryBudget, ram: int = 100 * GB, vram: tuple[int, ...] = ()) -> Node:
-    gpus = tuple(Gpu(i, "g", v, v) for i, v in enumerate(vram))
-    res = Resources(ram_total=ram, gpus=gpus)
-    return Node(id="n", name="n", status=NodeStatus.HEALTHY, resources=res, memory_budget=budget)
+    return factories.node("n", budget=budget, ram_total=ram, vram=vram)
 
 
 BUDGETS = [

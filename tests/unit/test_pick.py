@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+import factories
 from corral.domain.entities import Node, NodeStatus, Replica, ReplicaKey, ReplicaState, Scheduling
 from corral.domain.pick import eligible, pick_replica
 
@@ -18,8 +19,7 @@ def rep(
     state: ReplicaState = ReplicaState.LOADED,
     address: str | None = "auto",
 ) -> Replica:
-    addr = f"{node}:{9000 + index}" if address == "auto" else address
-    return Replica("m", index, node, state, address=addr, last_used=last_used)
+    return factories.replica("m", index, node, state, address=address, last_used=last_used)
 
 
 R0, R1, R2 = rep(0, "n1"), rep(1, "n2"), rep(2, "n3")
@@ -93,7 +93,7 @@ def test_sequential_requests_in_same_instant_take_turns() -> None:
 
 
 def node(nid: str, status: NodeStatus = NodeStatus.HEALTHY, **labels: str) -> Node:
-    return Node(id=nid, name=nid, status=status, labels=labels)
+    return factories.node(nid, status=status, labels=labels)
 
 
 GPU = Scheduling(node_selector={"gpu": "a100"})

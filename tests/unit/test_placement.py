@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+import factories
 from corral.domain.entities import (
-    Gpu,
     ModelSpec,
     Node,
     NodeStatus,
     Replica,
     ReplicaState,
-    Resources,
     Scheduling,
 )
 from corral.domain.memory import MemoryPool
 from corral.domain.placement import PlacementDecision, Strategy, place
-from corral.domain.sizes import MemoryBudget
-
-GB = 1000**3
+from factories import GB
 
 
 def node(
@@ -33,24 +30,23 @@ def node(
     disk: int = 100 * GB,
     vram: int = 0,
 ) -> Node:
-    gpus = (Gpu(0, "g", vram, vram),) if vram else ()
-    return Node(
-        id=nid,
-        name=nid,
+    return factories.node(
+        nid,
         status=status,
-        labels=labels or {},
-        resources=Resources(ram_total=100 * GB, disk_free=disk, gpus=gpus),
-        memory_budget=MemoryBudget(size=budget),
-        max_replicas_per_model=cap,
+        budget=budget,
+        labels=labels,
         backends=backends,
         artifacts=artifacts,
+        cap=cap,
+        disk=disk,
+        vram=vram,
     )
 
 
 def rep(
     model: str, index: int, nid: str, memory: int, state: ReplicaState = ReplicaState.LOADED
 ) -> Replica:
-    return Replica(model, index, nid, state, address=f"{nid}:1", memory=memory)
+    return factories.replica(model, index, nid, state, memory=memory)
 
 
 SPEC = ModelSpec(name="m", backend="llama", artifact="hf://m")

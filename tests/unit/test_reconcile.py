@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
+import factories
+from corral.domain.actions import (
+    AdoptReplica,
+    MarkNode,
+    RemoveNodeReplicas,
+    RemoveReplicaRow,
+    ReportWaiting,
+    SetCooldown,
+    StartReplica,
+    StopOrphan,
+    StopReplica,
+)
 from corral.domain.entities import (
     ModelSpec,
     Node,
@@ -14,28 +27,16 @@ from corral.domain.entities import (
     Replica,
     ReplicaKey,
     ReplicaState,
-    Resources,
-    Scheduling,
 )
 from corral.domain.reconcile import (
-    Action,
-    AdoptReplica,
     ClusterState,
-    MarkNode,
+    PlanAction,
     ReconcileConfig,
-    RemoveNodeReplicas,
-    RemoveReplicaRow,
-    ReportWaiting,
-    RunningProcess,
-    SetCooldown,
-    StartReplica,
-    StopOrphan,
-    StopReplica,
+    ReportedProcess,
     plan,
 )
-from corral.domain.sizes import MemoryBudget
+from factories import GB
 
-GB = 1000**3
 NOW = 10_000.0
 CFG = ReconcileConfig()  # stale after 15 s, offline after 60 s, graces 30 s, cooldown 30 s
 LOADED, LOADING, FAILED = ReplicaState.LOADED, ReplicaState.LOADING, ReplicaState.FAILED
@@ -49,35 +50,18 @@ def node(
     budget: int = 10 * GB,
     **labels: str,
 ) -> Node:
-    return Node(
-        id=nid,
-        name=nid,
+    return factories.node(
+        nid,
         status=status,
         labels=labels,
-        resources=Resources(ram_total=100 * GB),
-        memory_budget=MemoryBudget(size=budget),
-        backends=frozenset({"llama"}),
+        budget=budget,
+        backends={"llama"},
         last_heartbeat=NOW - age,
     )
 
 
-def model(
-    name: str = "m",
-    *,
-    backend: str = "llama",
-    min_replicas: int = 0,
-    max_replicas: int = 0,
-    spread_all: bool = False,
-    selector: dict[str, str] | None = None,
-) -> ModelSpec:
-    sched = Scheduling(
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-        spread_all=spread_all,
-        node_selector=selector or {},
-        scale_down_delay=300.0,
-    )
-    return ModelSpec(name=name, backend=backend, memory=4 * GB, scheduling=sched)
+def model(name: str = "m", **scheduling: Any) -> ModelSpec:
+    return factories.model(name, **{"backend": "llama", "memory": 4 * GB, **scheduling})
 
 
 def rep(
@@ -89,20 +73,13 @@ def rep(
     idle: float = 0.0,
     age: float = 1000.0,
 ) -> Replica:
-    return Replica(
-        name,
-        index,
-        nid,
-        state,
-        address=f"{nid}:{9000 + index}",
-        memory=4 * GB,
-        last_used=NOW - idle,
-        updated=NOW - age,
+    return factories.replica(
+        name, index, nid, state, memory=4 * GB, last_used=NOW - idle, updated=NOW - age
     )
 
 
-def proc(index: int, nid: str = "a", *, name: str = "m", age: float = 1000.0) -> RunningProcess:
-    return RunningProcess(name, index, f"{nid}:{9000 + index}", NOW - age)
+def proc(index: int, nid: str = "a", *, name: str = "m", age: float = 1000.0) -> ReportedProcess:
+    return ReportedProcess(name, index, f"{nid}:{9000 + index}", NOW - age)
 
 
 def state(
@@ -111,7 +88,7 @@ def state(
     replicas: list[Replica] | None = None,
     *,
     inflight: dict[ReplicaKey, int] | None = None,
-    processes: dict[str, list[RunningProcess]] | None = None,
+    processes: dict[str, list[ReportedProcess]] | None = None,
     load_info: frozenset[str] | None = None,
     cooldowns: dict[str, float] | None = None,
     reported: frozenset[str] = frozenset(),
@@ -147,7 +124,7 @@ def cooldown(reason: str, name: str = "m") -> SetCooldown:
 H, U, OFF, D = NodeStatus.HEALTHY, NodeStatus.UNHEALTHY, NodeStatus.OFFLINE, NodeStatus.DRAINING
 FULL = "no node fits m: a: needs 4.0 GB, 0 B free of 4.0 GB budget"
 
-CASES: list[tuple[str, ClusterState, list[Action]]] = [
+CASES: list[tuple[str, ClusterState, list[PlanAction]]] = [
     # --- nodes ---------------------------------------------------------------------------
     ("steady-nothing-to-do", state([node("a")], [model(min_replicas=1)], [rep(0)]), []),
     ("late-node-unhealthy", state([node("a", age=20)], []), [MarkNode("a", U, H)]),
@@ -468,7 +445,7 @@ CASES: list[tuple[str, ClusterState, list[Action]]] = [
             [node("a")],
             [model(min_replicas=1)],
             [rep(0, state=LOADING, age=5000)],
-            processes={"a": [RunningProcess("m", 0, None, NOW - 5000, ready=False)]},
+            processes={"a": [ReportedProcess("m", 0, None, NOW - 5000, ready=False)]},
         ),
         [],
     ),
@@ -539,7 +516,7 @@ CASES: list[tuple[str, ClusterState, list[Action]]] = [
             [node("a")],
             [model(min_replicas=1)],
             [rep(0)],
-            processes={"a": [RunningProcess("m", 0, "a:1234", NOW - 100)]},
+            processes={"a": [ReportedProcess("m", 0, "a:1234", NOW - 100)]},
         ),
         [
             RemoveReplicaRow("m", 0, "a", "process not running"),
@@ -556,7 +533,7 @@ CASES: list[tuple[str, ClusterState, list[Action]]] = [
 
 
 @pytest.mark.parametrize(("st", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_plan(st: ClusterState, expected: list[Action]) -> None:
+def test_plan(st: ClusterState, expected: list[PlanAction]) -> None:
     assert list(plan(st, NOW, CFG).actions) == expected
 
 

@@ -23,7 +23,7 @@ class Message(BaseModel):
 # --- node commands ------------------------------------------------------------------------
 
 
-class StartReplica(Message):
+class StartReplicaCommand(Message):
     """Ask a node to start one backend process for (model, index)."""
 
     model: str
@@ -45,7 +45,7 @@ class StartReplicaReply(Message):
     error: str | None = None
 
 
-class StopReplica(Message):
+class StopReplicaCommand(Message):
     """Stop exactly one replica: its model, index and (when known) the address it serves on."""
 
     model: str
@@ -73,7 +73,7 @@ class ProcessInfo(BaseModel):
     started_at: float = 0.0
 
 
-class ListReplicas(Message):
+class ListReplicasCommand(Message):
     pass
 
 
@@ -82,7 +82,7 @@ class ListReplicasReply(Message):
     processes: list[ProcessInfo] = Field(default_factory=list)
 
 
-class InstallBackend(Message):
+class InstallBackendCommand(Message):
     backend: str
     force: bool = False
 

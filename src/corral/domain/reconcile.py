@@ -57,6 +57,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from corral.domain.actions import (
+    AdoptReplica,
+    MarkNode,
+    RemoveNodeReplicas,
+    RemoveReplicaRow,
+    ReportWaiting,
+    SetCooldown,
+    StartReplica,
+    StopOrphan,
+    StopReplica,
+)
 from corral.domain.entities import (
     ACTIVE_REPLICA_STATES,
     ModelSpec,
@@ -75,8 +86,8 @@ from corral.domain.placement import BUILTIN_BACKENDS, Strategy, place
 
 
 @dataclass(frozen=True, slots=True)
-class RunningProcess:
-    """A backend process a worker reports running."""
+class ReportedProcess:
+    """A backend process a worker reports running (or starting)."""
 
     model: str
     index: int
@@ -93,7 +104,7 @@ class ClusterState:
     models: Sequence[ModelSpec]
     replicas: Sequence[Replica]
     inflight: Mapping[ReplicaKey, int] = field(default_factory=dict)  # summed over frontends
-    processes: Mapping[str, Sequence[RunningProcess]] = field(
+    processes: Mapping[str, Sequence[ReportedProcess]] = field(
         default_factory=dict
     )  # node id -> its processes; a node missing here has sent no report (nothing is judged)
     load_info: frozenset[str] = frozenset()  # models whose load information was ever recorded
@@ -124,97 +135,8 @@ class ReconcileConfig:
     builtin_backends: frozenset[str] = BUILTIN_BACKENDS
 
 
-# --- actions -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MarkNode:
-    """Set a node's status."""
-
-    node_id: str
-    status: NodeStatus
-    previous: NodeStatus
-
-
-@dataclass(frozen=True, slots=True)
-class RemoveNodeReplicas:
-    """Delete every replica row of an offline node."""
-
-    node_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class StartReplica:
-    """Insert a SCHEDULED row (model, index) on the node and start it from the load info."""
-
-    model: str
-    node_id: str
-    index: int
-    backend: str
-    memory: int  # bytes the placement reserved
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class StopReplica:
-    """Stop exactly this replica through its node, then delete its row."""
-
-    model: str
-    index: int
-    node_id: str
-    address: str | None
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class AdoptReplica:
-    """Mark the starting row (model, index) LOADED at `address`: its process is ready, but the
-    frontend that started it is gone and will never say so."""
-
-    model: str
-    index: int
-    node_id: str
-    address: str
-
-
-@dataclass(frozen=True, slots=True)
-class RemoveReplicaRow:
-    """Delete the row (model, index) on the node: its process is gone."""
-
-    model: str
-    index: int
-    node_id: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class StopOrphan:
-    """Stop exactly this process on the node: no row claims it."""
-
-    node_id: str
-    model: str
-    index: int
-    address: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class SetCooldown:
-    """Plan no starts of the model before `until` (the caller clears it when capacity changes)."""
-
-    model: str
-    until: float
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReportWaiting:
-    """Tell the operator once that the model cannot be started yet, and why."""
-
-    model: str
-    reason: str
-
-
-Action = (
+#: What a plan may contain (the actions themselves live in `corral.domain.actions`).
+PlanAction = (
     MarkNode
     | RemoveNodeReplicas
     | StartReplica
@@ -234,7 +156,7 @@ _A = TypeVar("_A")
 class Plan:
     """The actions of one tick, in the order they should be applied."""
 
-    actions: tuple[Action, ...] = ()
+    actions: tuple[PlanAction, ...] = ()
 
     def of(self, kind: type[_A]) -> list[_A]:
         """Return the actions of one kind, in order."""
@@ -246,7 +168,7 @@ class Plan:
 
 def plan(state: ClusterState, now: float, cfg: ReconcileConfig) -> Plan:
     """Return the actions that move the cluster towards its desired state (rules: module doc)."""
-    actions: list[Action] = []
+    actions: list[PlanAction] = []
     nodes = _node_health(state, now, cfg, actions)
     gone = _offline_rows(state, nodes, actions)
     gone |= _missing_processes(state, nodes, now, cfg, gone, actions)
@@ -258,7 +180,7 @@ def plan(state: ClusterState, now: float, cfg: ReconcileConfig) -> Plan:
 
 
 def _node_health(
-    state: ClusterState, now: float, cfg: ReconcileConfig, actions: list[Action]
+    state: ClusterState, now: float, cfg: ReconcileConfig, actions: list[PlanAction]
 ) -> dict[str, Node]:
     nodes: dict[str, Node] = {}
     for node in sorted(state.nodes, key=lambda n: n.id):
@@ -281,7 +203,7 @@ def _node_health(
 
 
 def _offline_rows(
-    state: ClusterState, nodes: Mapping[str, Node], actions: list[Action]
+    state: ClusterState, nodes: Mapping[str, Node], actions: list[PlanAction]
 ) -> set[ReplicaKey]:
     gone: set[ReplicaKey] = set()
     for node in nodes.values():
@@ -294,7 +216,7 @@ def _offline_rows(
     return gone
 
 
-def _matches(p: RunningProcess, r: Replica) -> bool:
+def _matches(p: ReportedProcess, r: Replica) -> bool:
     return (
         p.model == r.model
         and p.index == r.index
@@ -308,7 +230,7 @@ def _missing_processes(
     now: float,
     cfg: ReconcileConfig,
     gone: set[ReplicaKey],
-    actions: list[Action],
+    actions: list[PlanAction],
 ) -> set[ReplicaKey]:
     removed: set[ReplicaKey] = set()
     for r in sorted(state.replicas, key=lambda r: r.key):
@@ -343,7 +265,7 @@ def _orphans(
     now: float,
     cfg: ReconcileConfig,
     gone: set[ReplicaKey],
-    actions: list[Action],
+    actions: list[PlanAction],
 ) -> None:
     for node_id in sorted(state.processes):
         node = nodes.get(node_id)
@@ -390,9 +312,9 @@ class _Tick:
     def busy(self, r: Replica) -> int:
         return self.state.inflight.get(r.key, 0)
 
-    def model(self, spec: ModelSpec) -> list[Action]:
+    def model(self, spec: ModelSpec) -> list[PlanAction]:
         sched = spec.scheduling
-        out: list[Action] = []
+        out: list[PlanAction] = []
         counted: list[Replica] = []
         for r in sorted(self.work, key=lambda r: r.index):
             node = self.nodes.get(r.node_id)
@@ -425,7 +347,7 @@ class _Tick:
         routable = eligible(counted, self.nodes, spec.scheduling)
         return bool(routable) and all(self.busy(r) >= self.cfg.busy_inflight for r in routable)
 
-    def _scale_down(self, spec: ModelSpec, counted: list[Replica]) -> list[Action]:
+    def _scale_down(self, spec: ModelSpec, counted: list[Replica]) -> list[PlanAction]:
         sched = spec.scheduling
         staying = [r for r in counted if self.nodes[r.node_id].status != NodeStatus.DRAINING]
         if len(staying) <= sched.min_replicas:
@@ -442,8 +364,8 @@ class _Tick:
         r = max(idle, key=lambda r: r.index)
         return [StopReplica(r.model, r.index, r.node_id, r.address, "idle above minimum")]
 
-    def _spread(self, spec: ModelSpec, counted: list[Replica]) -> list[Action]:
-        out: list[Action] = []
+    def _spread(self, spec: ModelSpec, counted: list[Replica]) -> list[PlanAction]:
+        out: list[PlanAction] = []
         by_node: dict[str, list[Replica]] = {}
         for r in counted:
             by_node.setdefault(r.node_id, []).append(r)
@@ -464,7 +386,7 @@ class _Tick:
 
     def _start(
         self, spec: ModelSpec, count: int, reason: str, *, targets: list[Node] | None = None
-    ) -> list[Action]:
+    ) -> list[PlanAction]:
         """Plan up to `count` starts (one per target node when `targets` is given)."""
         state = self.state
         if not spec.backend.strip() or spec.name not in state.load_info:
@@ -479,7 +401,7 @@ class _Tick:
         if estimate is None:
             estimate = estimate_memory(spec, None)
         pool = self.pools.get(spec.name, MemoryPool.RAM)
-        out: list[Action] = []
+        out: list[PlanAction] = []
         failure = ""
         for i in range(count):
             candidates = [targets[i]] if targets is not None else self.node_list

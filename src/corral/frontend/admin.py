@@ -1,6 +1,7 @@
 """Operator API under /api: models, scheduling, nodes, labels, replicas, loads and the audit log.
 
-Handlers are thin: validate, call the registry or the frontend's helpers, announce the change.
+Handlers are thin: validate, read the registry, and turn every change into an action for the
+actuator (API keys and backend installs are not cluster state: their stores write them).
 """
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from corral.domain.entities import ModelSpec, Node, NodeStatus, Replica
+from corral.domain.actions import (
+    RemoveModel,
+    SetNodeLabels,
+    SetScheduling,
+    StopReplica,
+    UndrainNode,
+    UpsertModel,
+)
+from corral.domain.entities import ModelSpec, Node, Replica
 from corral.errors import BadRequest, NotFound
 from corral.frontend.nodes_api import frontend_of
 from corral.frontend.service import Frontend
@@ -112,14 +121,8 @@ def admin_router() -> APIRouter:
     @router.put("/models/{name:path}/scheduling")
     async def put_scheduling(name: str, body: SchedulingDecl, request: Request) -> dict[str, Any]:
         fe = frontend_of(request)
-        await _model(fe, name)
-        await fe.registry.models.set_scheduling(name, body.to_domain())
-        spec = await _model(fe, name)
-        await fe.publish_model(spec, name)
-        await fe.registry.audit.add(
-            "model.scheduling", f"{name}: {body.model_dump()}", subject=name
-        )
-        return scheduling_json(spec)
+        await fe.actuator.apply(SetScheduling(name, body.to_domain()))
+        return scheduling_json(await _model(fe, name))
 
     @router.get("/models/{name:path}")
     async def get_model(name: str, request: Request) -> dict[str, Any]:
@@ -136,21 +139,14 @@ def admin_router() -> APIRouter:
         problem = fe.catalog.check_model(spec)
         if problem and not any(spec.backend in n.backends for n in fe.view.nodes.values()):
             raise BadRequest(problem, param="backend")
-        await fe.registry.models.upsert(spec, source="api")
-        stored = await _model(fe, name)
-        await fe.publish_model(stored, name)
-        await fe.registry.audit.add("model.updated", f"{name} via API", subject=name)
-        return model_json(stored)
+        await fe.actuator.apply(UpsertModel(spec, "api"))
+        return model_json(await _model(fe, name))
 
     @router.delete("/models/{name:path}")
     async def delete_model(name: str, request: Request) -> dict[str, Any]:
         fe = frontend_of(request)
-        spec = await _model(fe, name)
-        for replica in await fe.registry.replicas.all(name):
-            await fe.actuator.stop(replica, "model deleted")
-        await fe.registry.models.delete(name)
-        await fe.publish_model(None, spec.name)
-        await fe.registry.audit.add("model.deleted", name, subject=name)
+        await _model(fe, name)
+        await fe.actuator.apply(RemoveModel(name))
         return {"deleted": name}
 
     # --- nodes --------------------------------------------------------------------------
@@ -174,25 +170,17 @@ def admin_router() -> APIRouter:
 
     @router.put("/nodes/{node_id}/labels")
     async def put_labels(node_id: str, body: LabelsBody, request: Request) -> dict[str, Any]:
-        fe = frontend_of(request)
-        if not await fe.registry.nodes.set_labels(node_id, body.labels):
-            raise NotFound(f"node {node_id} not found")
-        await fe.publish_node(node_id, "labels")
-        await fe.registry.audit.add("node.labels", f"{node_id}: {body.labels}", subject=node_id)
+        await frontend_of(request).actuator.apply(SetNodeLabels(node_id, body.labels))
         return {"node_id": node_id, "labels": body.labels}
 
     @router.post("/nodes/{node_id}/drain")
     async def drain_node(node_id: str, request: Request, wait: bool = True) -> dict[str, Any]:
-        return await frontend_of(request).drain_node(node_id, wait=wait)
+        reply = await frontend_of(request).drainer.request(node_id, wait=wait)
+        return reply.model_dump(exclude_none=True)
 
     @router.post("/nodes/{node_id}/undrain")
     async def undrain_node(node_id: str, request: Request) -> dict[str, Any]:
-        fe = frontend_of(request)
-        if not await fe.registry.nodes.set_status(
-            node_id, NodeStatus.HEALTHY, only_from=[NodeStatus.DRAINING]
-        ):
-            raise NotFound(f"node {node_id} is not draining")
-        await fe.publish_node(node_id, "status")
+        await frontend_of(request).actuator.apply(UndrainNode(node_id))
         return {"node_id": node_id, "status": "healthy"}
 
     # --- backend installs ---------------------------------------------------------------
@@ -235,7 +223,7 @@ def admin_router() -> APIRouter:
         replica = await fe.registry.replicas.get(model, index)
         if replica is None:
             raise NotFound(f"replica {model}#{index} not found")
-        stopped = await fe.actuator.stop(replica, "stopped by operator")
+        stopped = await fe.actuator.apply(StopReplica.of(replica, "stopped by operator"))
         return {"model": model, "index": index, "stopped": stopped}
 
     @router.get("/loads")

@@ -18,6 +18,7 @@ from corral.errors import BadRequest, CorralError, MethodNotAllowed, ModelNotFou
 from corral.frontend.admin import admin_router
 from corral.frontend.artifacts_api import artifact_router
 from corral.frontend.asgi import Receive, Scope, Send, error_headers, error_payload, send_error
+from corral.frontend.errors_http import describe
 from corral.frontend.metrics import render_metrics
 from corral.frontend.nodes_api import node_router, require_node
 from corral.frontend.service import Frontend
@@ -30,7 +31,7 @@ INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/emb
 
 def error_response(exc: CorralError) -> JSONResponse:
     headers = {k.decode(): v.decode() for k, v in error_headers(exc) if k != b"content-type"}
-    return JSONResponse(error_payload(exc), status_code=exc.status, headers=headers)
+    return JSONResponse(error_payload(exc), status_code=describe(exc).status, headers=headers)
 
 
 def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:

@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from corral.errors import BadRequest, CorralError, NotFound
 from corral.frontend.asgi import error_payload
+from corral.frontend.errors_http import describe
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,11 @@ class ArtifactInfo:
 
 class RangeNotSatisfiable(Exception):
     """A Range header that lies wholly past the end of the file (HTTP 416)."""
+
+
+def is_store_path(artifact: str) -> bool:
+    """A relative path: served from the frontends' model store."""
+    return "://" not in artifact and not artifact.startswith("/")
 
 
 def resolve_artifact(store_dir: Path, relpath: str) -> Path:
@@ -116,6 +122,16 @@ class ArtifactStore:
         digest = await asyncio.shield(task)
         return ArtifactInfo(path, st.st_size, digest, st.st_mtime_ns)
 
+    async def size(self, artifact: str | None) -> int | None:
+        """Bytes of a model-store artifact (for a memory estimate); None when it is not one,
+        or cannot be read."""
+        if not artifact or not is_store_path(artifact):
+            return None
+        try:
+            return (await self.info(artifact)).size
+        except CorralError:
+            return None
+
     def _digested(self, key: tuple[Path, int, int], task: asyncio.Task[str]) -> None:
         self._pending.pop(key, None)
         if task.cancelled() or task.exception() is not None:
@@ -135,7 +151,7 @@ def artifact_router(store: ArtifactStore | Path, *, prefix: str = "/api/artifact
         try:
             info = await artifacts.info(relpath)
         except CorralError as exc:
-            return JSONResponse(error_payload(exc), status_code=exc.status)
+            return JSONResponse(error_payload(exc), status_code=describe(exc).status)
         etag = f'"{info.digest}"'
         headers = {
             "Accept-Ranges": "bytes",

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from corral.errors import CorralError, PayloadTooLarge
+from corral.frontend.errors_http import describe
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -49,11 +50,12 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 
 def error_payload(exc: CorralError) -> dict[str, Any]:
     """The OpenAI-style error object for `exc` (extra fields such as load progress included)."""
+    wire = describe(exc)
     error: dict[str, Any] = {
         "message": exc.message,
-        "type": exc.type,
+        "type": wire.type,
         "param": exc.extra.get("param"),
-        "code": exc.code,
+        "code": wire.code,
     }
     for key, value in exc.extra.items():
         if key not in error and key not in ("no_responders", "timed_out"):
@@ -83,7 +85,7 @@ async def send_json(
 
 
 async def send_error(send: Send, exc: CorralError) -> None:
-    await send_json(send, exc.status, error_payload(exc), error_headers(exc))
+    await send_json(send, describe(exc).status, error_payload(exc), error_headers(exc))
 
 
 def sse_error(exc: CorralError) -> bytes:

@@ -1,5 +1,7 @@
 """The cold path: one load per model across the cluster, placement, eviction, and the wait budget.
 
+It decides and waits; the actuator starts the replica, evicts and reports the progress.
+
 Requests for a model without a loaded replica call `ensure_replica`. On each frontend, one
 task per model does the work; across frontends, the `load_jobs` claim in PostgreSQL elects a
 single loader while the others wait for its replica event. Waiters give up after the wait
@@ -17,15 +19,14 @@ import logging
 import time
 from collections.abc import Callable
 
+from corral.domain.actions import ReportLoad, StartReplica, StopReplica
 from corral.domain.entities import ModelSpec, Node, Replica
 from corral.domain.eviction import plan_eviction
 from corral.domain.memory import MemoryPool, estimate_memory, memory_pool
 from corral.domain.placement import Strategy, place
 from corral.errors import CorralError, LoadFailed, LoadTimeout, NoCapacity
-from corral.frontend.actuator import ReplicaActuator
-from corral.frontend.inflight import InflightTracker
-from corral.frontend.view import ClusterView
-from corral.store.registry import Registry
+from corral.frontend.artifacts_api import ArtifactStore
+from corral.frontend.parts import Parts
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +38,22 @@ class ColdLoader:
 
     def __init__(
         self,
+        parts: Parts,
         *,
-        registry: Registry,
-        view: ClusterView,
-        inflight: InflightTracker,
-        actuator: ReplicaActuator,
         frontend_id: str,
+        artifacts: ArtifactStore | None,
         wait_budget: float,
         job_ttl: float,
         strategy: Strategy = "binpack",
         gpu_backends: frozenset[str] = frozenset(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.registry = registry
-        self.view = view
-        self.inflight = inflight
-        self.actuator = actuator
+        self.registry = parts.registry
+        self.view = parts.view
+        self.inflight = parts.inflight
+        self.actuator = parts.actuator
         self.frontend_id = frontend_id
+        self.artifacts = artifacts
         self.wait_budget = wait_budget
         self.job_ttl = job_ttl
         self.strategy: Strategy = strategy
@@ -135,16 +135,18 @@ class ColdLoader:
         renew = asyncio.create_task(self._renew(spec.name))
         try:
             self.starts += 1
-            await self.actuator.progress(spec.name, "placing")
+            await self.actuator.apply(ReportLoad(spec.name, "placing"))
             node_id, estimate = await self.choose_node(spec)
-            await self.actuator.start(spec, node_id, memory=estimate)
+            await self.actuator.apply(
+                StartReplica(spec.name, node_id, None, spec.backend, estimate, "cold start")
+            )
         except CorralError as exc:
             await self.registry.jobs.fail(spec.name, self.frontend_id, exc.message)
-            await self.actuator.progress(spec.name, "failed", error=exc.message)
+            await self.actuator.apply(ReportLoad(spec.name, "failed", error=exc.message))
             raise
         except Exception as exc:
             await self.registry.jobs.fail(spec.name, self.frontend_id, repr(exc))
-            await self.actuator.progress(spec.name, "failed", error=repr(exc))
+            await self.actuator.apply(ReportLoad(spec.name, "failed", error=repr(exc)))
             raise LoadFailed(f"loading {spec.name} failed: {exc!r}") from exc
         else:
             await self.registry.jobs.finish(spec.name, self.frontend_id)
@@ -161,7 +163,8 @@ class ColdLoader:
 
     async def choose_node(self, spec: ModelSpec) -> tuple[str, int]:
         """Choose a node, evicting idle replicas when that makes room; wait while all are busy."""
-        estimate = estimate_memory(spec, await self.actuator.artifact_size(spec.artifact))
+        size = await self.artifacts.size(spec.artifact) if self.artifacts else None
+        estimate = estimate_memory(spec, size)
         pool = memory_pool(spec, self.gpu_backends)
         deadline = self.clock() + self.wait_budget
         while True:
@@ -202,11 +205,13 @@ class ColdLoader:
             await asyncio.sleep(CAPACITY_POLL)
 
     async def _evict(self, spec: ModelSpec, node_id: str, victims: tuple[Replica, ...]) -> None:
-        await self.actuator.progress(spec.name, "evicting", node_id=node_id)
+        await self.actuator.apply(ReportLoad(spec.name, "evicting", node_id=node_id))
         names = ", ".join(f"{v.model}#{v.index}" for v in victims)
         log.info("evicting %s on %s to make room for %s", names, node_id, spec.name)
         for victim in victims:
-            await self.actuator.stop(victim, f"evicted to make room for {spec.name}")
+            await self.actuator.apply(
+                StopReplica.of(victim, f"evicted to make room for {spec.name}")
+            )
 
     def _fresh_use(self, replicas: list[Replica]) -> list[Replica]:
         """Rows with this frontend's own last-used times, which the DB gets only in batches."""

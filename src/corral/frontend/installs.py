@@ -2,7 +2,7 @@
 
 An install can take many minutes: the command is sent in the background and a request
 timeout only means "still installing". Progress comes from the node's install events; the
-durable state from its heartbeats (`backend_installs`).
+durable state from its heartbeats (`backend_installs`, written by the actuator).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from corral.backends.catalog import Catalog
 from corral.bus.client import Bus, decode
-from corral.bus.messages import InstallBackend, InstallBackendReply, InstallProgress
+from corral.bus.messages import InstallBackendCommand, InstallBackendReply, InstallProgress
 from corral.domain.entities import Node
 from corral.errors import NodeUnreachable, NotFound
 from corral.store.registry import Registry
@@ -34,14 +34,6 @@ class InstallController:
         self.live: dict[tuple[str, str], InstallProgress] = {}
         self.outcome: dict[tuple[str, str], dict[str, Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._last_report: dict[str, dict[str, dict[str, Any]]] = {}
-
-    async def reported(self, node_id: str, installs: dict[str, dict[str, Any]]) -> None:
-        """Store a heartbeat's install states, unless they equal what it sent last time."""
-        if not installs or self._last_report.get(node_id) == installs:
-            return
-        await self.registry.installs.report(node_id, installs)
-        self._last_report[node_id] = installs
 
     async def on_event(self, payload: bytes) -> None:
         event = decode(payload, InstallProgress)
@@ -68,14 +60,14 @@ class InstallController:
             else self.bus.subjects.backend_install(node_id)
         )
         task = asyncio.create_task(
-            self._send(key, subject, InstallBackend(backend=backend, force=force), timeout)
+            self._send(key, subject, InstallBackendCommand(backend=backend, force=force), timeout)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return {"node_id": node_id, "backend": backend, "state": "installing"}
 
     async def _send(
-        self, key: tuple[str, str], subject: str, command: InstallBackend, timeout: float
+        self, key: tuple[str, str], subject: str, command: InstallBackendCommand, timeout: float
     ) -> None:
         try:
             reply = await self.bus.request(subject, command, InstallBackendReply, timeout=timeout)

@@ -10,58 +10,24 @@ import hmac
 import secrets
 import time
 import uuid
-from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
 
-from corral.bus.messages import ProcessInfo
-from corral.domain.entities import NodeStatus
+from corral.bus.contracts import (
+    DeregisterReply,
+    DrainReply,
+    ExitReply,
+    ExitReport,
+    HeartbeatReply,
+    HeartbeatRequest,
+    RegisterReply,
+    RegisterRequest,
+)
+from corral.domain.actions import DeregisterNode, RecordHeartbeat, RegisterNode, ReplicaExited
 from corral.domain.sizes import MemoryBudget
 from corral.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from corral.frontend.auth import bearer, digest
 from corral.frontend.service import Frontend
-
-
-class RegisterRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=255)
-    address: str = Field(min_length=1, max_length=255)
-    labels: dict[str, str] = Field(default_factory=dict)
-    memory_budget: str = "80%"
-    max_replicas_per_model: int = Field(default=0, ge=0)
-    backends: list[str] = Field(default_factory=list)
-    node_id: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    credential: str | None = None
-
-
-class RegisterReply(BaseModel):
-    node_id: str
-    credential: str | None = None  # only when a new credential was issued
-    nats_url: str
-    nats_prefix: str
-    heartbeat_interval: float
-
-
-class HeartbeatRequest(BaseModel):
-    resources: dict[str, Any] = Field(default_factory=dict)
-    processes: list[ProcessInfo] = Field(default_factory=list)
-    backends: list[str] = Field(default_factory=list)
-    artifacts: list[str] = Field(default_factory=list)
-    installs: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-
-class ExitReport(BaseModel):
-    model: str
-    index: int
-    address: str | None = None
-    returncode: int = 0
-    log_tail: str = ""
-
-
-class HeartbeatReply(BaseModel):
-    node_id: str
-    status: str
-    heartbeat_interval: float
 
 
 def frontend_of(request: Request) -> Frontend:
@@ -106,20 +72,18 @@ def node_router() -> APIRouter:
             node_id = uuid.uuid4().hex
             issued = secrets.token_urlsafe(32)
             token_hash = digest(issued)
-        await fe.registry.nodes.upsert(
-            node_id=node_id,
-            name=body.name,
-            address=body.address,
-            token_hash=token_hash,
-            labels=body.labels,
-            memory_budget=body.memory_budget,
-            max_replicas_per_model=body.max_replicas_per_model,
-            backends=body.backends,
+        await fe.actuator.apply(
+            RegisterNode(
+                node_id=node_id,
+                name=body.name,
+                address=body.address,
+                token_hash=token_hash,
+                labels=body.labels,
+                memory_budget=body.memory_budget,
+                max_replicas_per_model=body.max_replicas_per_model,
+                backends=body.backends,
+            )
         )
-        await fe.registry.audit.add(
-            "node.registered", f"{body.name} ({node_id}) at {body.address}", subject=node_id
-        )
-        await fe.publish_node(node_id, "joined")
         return RegisterReply(
             node_id=node_id,
             credential=issued,
@@ -132,75 +96,46 @@ def node_router() -> APIRouter:
     async def heartbeat(node_id: str, body: HeartbeatRequest, request: Request) -> HeartbeatReply:
         fe = frontend_of(request)
         await authenticate_node(fe, request, node_id)
-        previous = {
-            (p.get("model"), p.get("index"), p.get("address")): p.get("first_seen", 0.0)
-            for p in await fe.registry.nodes.processes(node_id)
-        }
-        now = time.time()
-        processes = []
-        for p in body.processes:
-            entry = p.model_dump()
-            entry["first_seen"] = previous.get((p.model, p.index, p.address), now)
-            processes.append(entry)
-        before = await fe.registry.nodes.heartbeat(
-            node_id,
-            resources=body.resources,
-            processes=processes,
-            backends=body.backends,
-            artifacts=body.artifacts,
-            now=now,
+        status = await fe.actuator.apply(
+            RecordHeartbeat(
+                node_id=node_id,
+                resources=body.resources,
+                processes=[p.model_dump() for p in body.processes],
+                backends=body.backends,
+                artifacts=body.artifacts,
+                installs=body.installs,
+                at=time.time(),
+            )
         )
-        if before is None:
-            raise NotFound(f"node {node_id} is not registered")
-        await fe.installs.reported(node_id, body.installs)
-        node = await fe.registry.nodes.get(node_id)
-        status = node.status if node else NodeStatus.HEALTHY
-        if before != status:
-            await fe.publish_node(node_id, "status")
-        elif node is not None:
-            fe.view.put_node(node)
         return HeartbeatReply(
             node_id=node_id, status=status.value, heartbeat_interval=fe.settings.heartbeat_interval
         )
 
     @router.post("/{node_id}/replica-exited")
-    async def replica_exited(node_id: str, body: ExitReport, request: Request) -> dict[str, Any]:
+    async def replica_exited(node_id: str, body: ExitReport, request: Request) -> ExitReply:
         """A node reports that one of its own backends died; only that exact row goes."""
         fe = frontend_of(request)
         await authenticate_node(fe, request, node_id)
-        removed = await fe.registry.replicas.remove(
-            body.model, body.index, node_id=node_id, address=body.address
+        exited = ReplicaExited(
+            body.model, body.index, node_id, body.address, body.returncode, body.log_tail
         )
-        if removed is not None:
-            reason = f"process exited with {body.returncode}: {body.log_tail[-500:]}"
-            await fe.actuator.announce_removed(removed, reason)
-            await fe.registry.audit.add(
-                "replica.exited",
-                f"{body.model}#{body.index} on {node_id}: {reason}",
-                subject=body.model,
-            )
-        return {"removed": removed is not None}
+        removed = await fe.actuator.apply(exited)
+        return ExitReply(removed=removed)
 
-    @router.post("/{node_id}/self-drain")
-    async def self_drain(node_id: str, request: Request) -> dict[str, Any]:
+    @router.post("/{node_id}/self-drain", response_model_exclude_none=True)
+    async def self_drain(node_id: str, request: Request) -> DrainReply:
         """A worker about to stop asks to have its replicas moved away first."""
         fe = frontend_of(request)
         await authenticate_node(fe, request, node_id)
-        return await fe.drain_node(node_id, wait=False)
+        return await fe.drainer.request(node_id, wait=False)
 
     @router.post("/{node_id}/deregister")
-    async def deregister(node_id: str, request: Request) -> dict[str, Any]:
+    async def deregister(node_id: str, request: Request) -> DeregisterReply:
         """A worker leaving cleanly: offline now, its replica rows removed."""
         fe = frontend_of(request)
         await authenticate_node(fe, request, node_id)
-        await fe.registry.nodes.set_status(node_id, NodeStatus.OFFLINE)
-        removed = await fe.registry.replicas.remove_on_node(node_id)
-        for replica in removed:
-            fe.view.drop_replica(replica.model, replica.index)
-            await fe.actuator.announce_removed(replica, "node deregistered")
-        await fe.registry.audit.add("node.deregistered", node_id, subject=node_id)
-        await fe.publish_node(node_id, "status")
-        return {"node_id": node_id, "removed_replicas": len(removed)}
+        removed = await fe.actuator.apply(DeregisterNode(node_id))
+        return DeregisterReply(node_id=node_id, removed_replicas=removed)
 
     return router
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from corral.domain.actions import DropReplica
 from corral.domain.entities import ModelSpec, Replica
 from corral.domain.pick import pick_replica
 from corral.errors import (
@@ -98,7 +99,7 @@ class OpenAIProxy:
         pool: UpstreamPool,
         probes: ProbeCache,
         ensure_replica: Callable[[ModelSpec], Awaitable[None]],
-        drop_replica: Callable[[Replica, str], Awaitable[None]],
+        drop_replica: Callable[[DropReplica], Awaitable[object]],  # the actuator's apply
         authorizer: Authorizer,
         max_body_bytes: int,
         request_timeout: float,
@@ -166,7 +167,7 @@ class OpenAIProxy:
             except ReplicaGone as exc:
                 tried.add(replica.key)
                 last_error = exc
-                await self.drop_replica(replica, exc.message)
+                await self.drop_replica(DropReplica.of(replica, exc.message))
             except CorralError as exc:
                 await send_error(send, exc)
                 return
@@ -223,7 +224,7 @@ class OpenAIProxy:
         assert replica.address is not None
         reason = await self.probes.check(replica.node_id, replica.address, spec.name)
         if reason is not None:
-            await self.drop_replica(replica, reason)
+            await self.drop_replica(DropReplica.of(replica, reason))
             return None
         started = time.monotonic()
         response = await self.pool.request(
@@ -241,7 +242,7 @@ class OpenAIProxy:
             if response.status != 400 or b"not loaded" in body:
                 lowered = body.lower()
                 if any(m in lowered for m in NOT_LOADED_MARKERS):
-                    await self.drop_replica(replica, _reason(body, response.status))
+                    await self.drop_replica(DropReplica.of(replica, _reason(body, response.status)))
                     return None
             return _Buffered(response, body)
         return response
@@ -287,7 +288,7 @@ class OpenAIProxy:
                 return  # the client left; nothing to tell it
             await send({"type": "http.response.body", "body": sse_error(exc), "more_body": True})
             if not isinstance(exc, UpstreamTimeout):  # slow is not dead
-                await self.drop_replica(replica, f"stream broke: {exc.message}")
+                await self.drop_replica(DropReplica.of(replica, f"stream broke: {exc.message}"))
         finally:
             watcher.remove_done_callback(client_left)
             watcher.cancel()

@@ -1,12 +1,12 @@
-"""The control loop: one frontend at a time (advisory lock) observes, plans and acts each tick.
+"""The control loop: one frontend at a time (advisory lock) observes, plans and hands out actions.
 
-Observation reads PostgreSQL; `corral.domain.reconcile.plan` decides; this module applies the
-actions. Starts and stops run as background tasks so a slow load never stalls the tick; a start
-in flight counts as a SCHEDULED replica in the next observations until its row exists, so a
-fast tick never plans it twice. A node where a start failed is avoided for that model for one
-capacity cooldown. A capacity shortage is reported once per episode (until the model is
-satisfied again), not once per tick or cooldown. It also probes loaded replicas: several
-consecutive misses drop one, a busy one is never probed.
+Observation reads the registry's snapshot; `corral.domain.reconcile.plan` decides; the actuator
+applies every action. Starts, stops and orphan stops run in the background (one at a time per
+replica), so a slow load never stalls the tick; a start in flight counts as a SCHEDULED replica
+in the next observations until its row exists, so a fast tick never plans it twice. A node
+where a start failed is avoided for that model for one capacity cooldown. A capacity shortage
+is reported once per episode (until the model is satisfied again), not once per tick or
+cooldown. Health probes (`frontend/health.py`) run beside each tick.
 """
 
 from __future__ import annotations
@@ -14,42 +14,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from corral.bus.messages import StopReplica as StopCommand
-from corral.bus.messages import StopReplicaReply
 from corral.config import FrontendSettings
-from corral.domain.entities import ModelSpec, Replica, ReplicaState
-from corral.domain.reconcile import (
-    Action,
-    AdoptReplica,
-    ClusterState,
-    MarkNode,
-    Plan,
-    ReconcileConfig,
-    RemoveNodeReplicas,
-    RemoveReplicaRow,
+from corral.domain.actions import (
+    ReportLeader,
     ReportWaiting,
-    RunningProcess,
     SetCooldown,
     StartReplica,
     StopOrphan,
     StopReplica,
-    plan,
 )
+from corral.domain.entities import Replica, ReplicaState
+from corral.domain.reconcile import ClusterState, Plan, PlanAction, ReconcileConfig, plan
 from corral.errors import CorralError
-from corral.frontend.actuator import ReplicaActuator
-from corral.frontend.inflight import InflightTracker
-from corral.frontend.probe import ProbeCache
-from corral.frontend.view import ClusterView
+from corral.frontend.health import ReplicaHealth
+from corral.frontend.parts import Parts
 from corral.store.db import RECONCILER_LOCK
-from corral.store.registry import Registry
+from corral.store.registry import Lease
 from corral.store.replicas import LoadInfo
 
 log = logging.getLogger(__name__)
-
-PROBE_MISSES = 3  # consecutive failed probes before a loaded replica is dropped
 
 
 class Reconciler:
@@ -57,23 +44,19 @@ class Reconciler:
 
     def __init__(
         self,
+        parts: Parts,
         *,
-        registry: Registry,
-        view: ClusterView,
-        inflight: InflightTracker,
-        actuator: ReplicaActuator,
-        probes: ProbeCache,
+        health: ReplicaHealth,
         settings: FrontendSettings,
         gpu_backends: frozenset[str],
-        publish_node: Any,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self.registry = registry
-        self.view = view
-        self.inflight = inflight
-        self.actuator = actuator
-        self.probes = probes
+        self.registry = parts.registry
+        self.inflight = parts.inflight
+        self.actuator = parts.actuator
+        self.health = health
         self.settings = settings
-        self.publish_node = publish_node
+        self.clock = clock
         self.config = ReconcileConfig(
             heartbeat_interval=settings.heartbeat_interval,
             unhealthy_after=settings.unhealthy_after,
@@ -94,10 +77,7 @@ class Reconciler:
         self._starting: dict[tuple[str, int], Replica] = {}  # starts whose row may not exist
         self._info: dict[str, LoadInfo] = {}  # load information as of the last observation
         self.last_plan = Plan()
-        self._misses: dict[tuple[str, int, str], int] = {}
-        self._busy: dict[tuple[str, int], asyncio.Task[Any]] = {}
         self._wake = asyncio.Event()
-        self._probing: asyncio.Future[None] | None = None
 
     # --- leadership ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -109,15 +89,12 @@ class Reconciler:
         retry = self.settings.reconcile_interval / 2
         while True:
             try:
-                async with self.registry.advisory_lock(RECONCILER_LOCK) as conn:
-                    if conn is not None:
+                async with self.registry.advisory_lock(RECONCILER_LOCK) as lease:
+                    if lease is not None:
                         self.leader = True
-                        self.leader_since = time.time()
-                        log.info("this frontend leads the reconciler")
-                        await self.registry.audit.add(
-                            "reconciler.leader", self.settings.frontend_id
-                        )
-                        await self._lead(conn)
+                        self.leader_since = self.clock()
+                        await self.actuator.apply(ReportLeader(self.settings.frontend_id))
+                        await self._lead(lease)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -126,12 +103,9 @@ class Reconciler:
                 self.leader = False
             await asyncio.sleep(retry)
 
-    async def _lead(self, conn: Any) -> None:
-        from sqlalchemy import text
-
+    async def _lead(self, lease: Lease) -> None:
         while True:
-            await conn.execute(text("SELECT 1"))  # the lock lives as long as this connection
-            await conn.commit()  # never sit idle in a transaction between ticks
+            await lease.renew()  # the lock lives as long as this connection
             try:
                 await self.tick()
             except asyncio.CancelledError:
@@ -152,68 +126,97 @@ class Reconciler:
 
     # --- one tick -------------------------------------------------------------------------
     async def observe(self) -> ClusterState:
-        nodes = await self.registry.nodes.all()
-        models = await self.registry.models.all()
-        replicas = await self.registry.replicas.all()
-        info = await self.registry.replicas.load_info()
-        reported = await self.registry.nodes.all_processes()
-        processes = {
-            node.id: [
-                RunningProcess(
-                    model=str(p["model"]),
-                    index=int(p["index"]),
-                    address=p.get("address"),
-                    first_seen=float(p.get("first_seen", 0.0)),
-                    ready=p.get("state", "ready") == "ready",
-                )
-                for p in reported.get(node.id, [])
-            ]
-            for node in nodes
-            if node.last_heartbeat > 0
-        }
+        snap = await self.registry.snapshot()
+        replicas = list(snap.replicas)
         rows = {r.key for r in replicas}
         replicas += [r for key, r in self._starting.items() if key not in rows]
         inflight = {r.key: self.inflight.total(r.key) for r in replicas}
-        now = time.time()
+        now = self.clock()
         avoid: dict[str, set[str]] = {}
         for (model, node_id), until in list(self.avoid.items()):
             if until > now:
                 avoid.setdefault(model, set()).add(node_id)
             else:
                 del self.avoid[(model, node_id)]
-        self._info = info
+        self._info = dict(snap.load_info)
         return ClusterState(
-            nodes=nodes,
-            models=models,
+            nodes=snap.nodes,
+            models=snap.models,
             replicas=replicas,
             inflight=inflight,
-            processes=processes,
-            load_info=frozenset(info),
+            processes=snap.processes,
+            load_info=frozenset(snap.load_info),
             cooldowns=dict(self.cooldowns),
             already_reported=frozenset(self.reported),
-            estimates={m: i.memory for m, i in info.items() if i.memory > 0},
+            estimates={m: i.memory for m, i in snap.load_info.items() if i.memory > 0},
             monitor_since=self.leader_since,
             avoid={m: frozenset(n) for m, n in avoid.items()},
         )
 
     async def tick(self) -> Plan:
         state = await self.observe()
-        decided = plan(state, time.time(), self.config)
+        decided = plan(state, self.clock(), self.config)
         self.last_plan = decided
         self.ticks += 1
-        specs = {m.name: m for m in state.models}
-        rows = {r.key: r for r in state.replicas}
         for action in decided.actions:
             try:
-                await self._apply(action, specs, rows)
+                await self._hand_out(action)
             except CorralError as exc:
                 log.warning("applying %s failed: %s", action, exc.message)
-        self._end_shortages(decided, time.time())
-        if self._probing is None or self._probing.done():  # a hung backend never stalls ticks
-            servable = {n.id for n in state.nodes if n.servable}
-            replicas = [r for r in state.replicas if r.node_id in servable]
-            self._probing = asyncio.ensure_future(self._guard(self._probe_loaded(replicas)))
+        self._end_shortages(decided, self.clock())
+        servable = {n.id for n in state.nodes if n.servable}
+        self.health.start_round([r for r in state.replicas if r.node_id in servable])
         return decided
+
+    async def _hand_out(self, action: PlanAction) -> None:
+        """Give one planned action to the actuator: slow ones in the background, reports only
+        once per episode; the rest at once."""
+        match action:
+            case StartReplica():
+                self._start(action)
+            case StopReplica() | StopOrphan():
+                self.actuator.submit(action)
+            case SetCooldown():
+                self.cooldowns[action.model] = action.until
+                if action.model in self.short:
+                    log.debug("model %s still short: %s", action.model, action.reason)
+                    return
+                self.short.add(action.model)
+                await self.actuator.apply(action)
+            case ReportWaiting():
+                self.reported.add(action.model)
+                await self.actuator.apply(action)
+            case _:
+                await self.actuator.apply(action)
+
+    def _start(self, action: StartReplica) -> None:
+        """Start from the recorded load information; remember the start until its row exists,
+        and avoid the node for a while when it fails there."""
+        info = self._info.get(action.model)
+        if info is None or action.index is None:
+            return
+        key = (action.model, action.index)
+        start = replace(action, backend=info.backend or action.backend, options=info.options)
+        task = self.actuator.submit(start)
+        if task is None:
+            return
+        self._starting[key] = Replica(
+            action.model,
+            action.index,
+            action.node_id,
+            ReplicaState.SCHEDULED,
+            memory=action.memory,
+            updated=self.clock(),
+        )
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._starting.pop(key, None)
+            if not task.cancelled() and isinstance(task.exception(), CorralError):
+                # try the other nodes first; the model itself is not to blame for one node
+                until = self.clock() + self.config.capacity_cooldown
+                self.avoid[(action.model, action.node_id)] = until
+
+        task.add_done_callback(done)
 
     def _end_shortages(self, decided: Plan, now: float) -> None:
         """A reported model that planned without running short (and is not cooling down) is
@@ -224,170 +227,5 @@ class Reconciler:
                 self.short.discard(model)
                 log.info("model %s: enough capacity again", model)
 
-    async def _apply(
-        self, action: Action, specs: dict[str, ModelSpec], rows: dict[tuple[str, int], Replica]
-    ) -> None:
-        if isinstance(action, MarkNode):
-            # only from the status observed: a heartbeat, drain or deregistration that landed
-            # since the observation wins over this tick's judgement
-            if not await self.registry.nodes.set_status(
-                action.node_id, action.status, only_from=[action.previous]
-            ):
-                return
-            log.info("node %s: %s -> %s", action.node_id, action.previous, action.status)
-            await self.registry.audit.add(
-                "node.status",
-                f"{action.node_id}: {action.previous} -> {action.status}",
-                subject=action.node_id,
-            )
-            await self.publish_node(action.node_id, "status")
-        elif isinstance(action, RemoveNodeReplicas):
-            for gone in await self.registry.replicas.remove_on_node(action.node_id):
-                await self.actuator.announce_removed(gone, "node offline")
-        elif isinstance(action, RemoveReplicaRow):
-            removed = await self.registry.replicas.remove(
-                action.model, action.index, node_id=action.node_id
-            )
-            if removed is not None:
-                await self.actuator.announce_removed(removed, action.reason)
-                await self.registry.audit.add(
-                    "replica.gone", f"{action.model}#{action.index}: {action.reason}"
-                )
-        elif isinstance(action, AdoptReplica):
-            row = rows.get((action.model, action.index))
-            if row is not None and await self.actuator.mark(
-                row, ReplicaState.LOADED, address=action.address
-            ):
-                log.warning("adopted %s#%d at %s", action.model, action.index, action.address)
-                await self.registry.audit.add(
-                    "replica.adopted",
-                    f"{action.model}#{action.index} on {action.node_id} at {action.address}: "
-                    "its start outlived the frontend that began it",
-                    subject=action.model,
-                )
-        elif isinstance(action, StartReplica):
-            key = (action.model, action.index)
-            if self._background(key, self._start(action, specs)):
-                self._starting[key] = Replica(
-                    action.model,
-                    action.index,
-                    action.node_id,
-                    ReplicaState.SCHEDULED,
-                    memory=action.memory,
-                    updated=time.time(),
-                )
-        elif isinstance(action, StopReplica):
-            replica = rows.get((action.model, action.index))
-            if replica is not None:
-                self._background(replica.key, self.actuator.stop(replica, action.reason))
-        elif isinstance(action, StopOrphan):
-            self._background(
-                (action.model, action.index),
-                self._stop_orphan(action.node_id, action.model, action.index, action.address),
-            )
-        elif isinstance(action, SetCooldown):
-            self.cooldowns[action.model] = action.until
-            if action.model in self.short:
-                log.debug("model %s still short: %s", action.model, action.reason)
-                return
-            self.short.add(action.model)
-            log.warning("model %s: %s", action.model, action.reason)
-            await self.registry.audit.add("model.capacity", action.reason, subject=action.model)
-        elif isinstance(action, ReportWaiting):
-            self.reported.add(action.model)
-            log.warning("model %s waits: %s", action.model, action.reason)
-            await self.registry.audit.add("model.waiting", action.reason, subject=action.model)
-
-    async def _start(self, action: StartReplica, specs: dict[str, ModelSpec]) -> None:
-        key = (action.model, action.index)
-        spec = specs.get(action.model)
-        info = self._info.get(action.model)
-        try:
-            if spec is None or info is None:
-                return
-            await self.actuator.start(
-                spec,
-                action.node_id,
-                memory=action.memory,
-                index=action.index,
-                backend=info.backend or spec.backend,
-                options=info.options,
-            )
-        except CorralError as exc:
-            # try the other nodes first; the model itself is not to blame for one node
-            until = time.time() + self.config.capacity_cooldown
-            self.avoid[(action.model, action.node_id)] = until
-            log.warning("reconciler start of %s failed: %s", action.model, exc.message)
-        finally:
-            self._starting.pop(key, None)
-
-    async def _stop_orphan(self, node_id: str, model: str, index: int, address: str | None) -> None:
-        reply = await self.actuator.bus.request(
-            self.actuator.bus.subjects.replica_stop(node_id),
-            StopCommand(model=model, index=index, address=address),
-            StopReplicaReply,
-            timeout=30,
-        )
-        if not reply.stopped:
-            return  # a report from before its row went: that process was already stopped
-        log.info("stopped orphan %s#%d on %s (%s)", model, index, node_id, address)
-        await self.registry.audit.add(
-            "replica.orphan", f"{model}#{index} on {node_id} at {address}", subject=model
-        )
-
-    def _background(self, key: tuple[str, int], coro: Coroutine[Any, Any, Any]) -> bool:
-        """Run `coro` unless that replica is already being acted on; True when it runs."""
-        running = self._busy.get(key)
-        if running is not None and not running.done():
-            coro.close()
-            return False
-        task = asyncio.ensure_future(self._guard(coro))
-        self._busy[key] = task
-        task.add_done_callback(
-            lambda t: self._busy.pop(key, None) if self._busy.get(key) is t else None
-        )
-        return True
-
-    async def _guard(self, coro: Coroutine[Any, Any, Any]) -> None:
-        try:
-            await coro
-        except CorralError as exc:
-            log.warning("reconciler action failed: %s", exc.message)
-        except Exception:
-            log.exception("reconciler action failed")
-
-    # --- replica probes -------------------------------------------------------------------
-    async def _probe_loaded(self, replicas: Sequence[Replica]) -> None:
-        targets = [
-            r
-            for r in replicas
-            if r.state == ReplicaState.LOADED
-            and r.address
-            and self.inflight.total(r.key) == 0  # busy is not dead: never probe it
-            and not self.probes.fresh(r.node_id, r.address)
-        ]
-        if not targets:
-            return
-        reasons = await asyncio.gather(
-            *(self.probes.check(r.node_id, r.address or "", r.model) for r in targets)
-        )
-        seen = set()
-        for replica, reason in zip(targets, reasons, strict=True):
-            key = (replica.model, replica.index, replica.address or "")
-            seen.add(key)
-            if reason is None:
-                self._misses.pop(key, None)
-                continue
-            misses = self._misses.get(key, 0) + 1
-            self._misses[key] = misses
-            if misses >= PROBE_MISSES:
-                self._misses.pop(key, None)
-                await self.actuator.drop(replica, f"{misses} probes failed: {reason}")
-        for key in [k for k in self._misses if k not in seen]:
-            del self._misses[key]
-
     async def close(self) -> None:
-        tasks = [*self._busy.values(), *([self._probing] if self._probing else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.health.close()

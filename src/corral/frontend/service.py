@@ -13,15 +13,18 @@ from corral.backends.catalog import Catalog
 from corral.bus.client import Bus, decode
 from corral.bus.messages import LoadProgress, LoadReport, ModelEvent, NodeEvent, ReplicaEvent
 from corral.config import FrontendSettings
-from corral.domain.entities import ModelSpec, NodeStatus, Replica, ReplicaState
-from corral.errors import NotFound
-from corral.frontend.actuator import ReplicaActuator
+from corral.domain.actions import RecordUse, RemoveModel, UpsertModel
+from corral.domain.entities import Replica, ReplicaState
+from corral.frontend.actuator import Actuator
 from corral.frontend.artifacts_api import ArtifactStore
 from corral.frontend.auth import Authorizer, digest
 from corral.frontend.coldpath import ColdLoader
 from corral.frontend.drain import Drainer
+from corral.frontend.health import ReplicaHealth
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.installs import InstallController
+from corral.frontend.node_client import NodeClient
+from corral.frontend.parts import Parts
 from corral.frontend.probe import ProbeCache
 from corral.frontend.proxy import OpenAIProxy
 from corral.frontend.reconciler import Reconciler
@@ -50,45 +53,37 @@ class Frontend:
         self.probes = ProbeCache(self.pool, ttl=settings.health_ttl)
         self.authorizer = Authorizer(digest(k.get_secret_value()) for k in settings.api_keys)
         self.artifacts = ArtifactStore(settings.model_store) if settings.model_store else None
-        self.actuator = ReplicaActuator(
+        self.nodes = NodeClient(
+            self.bus, start_timeout=settings.start_timeout, artifacts=self.artifacts
+        )
+        self.actuator = Actuator(
             registry=self.registry,
             bus=self.bus,
             view=self.view,
+            nodes=self.nodes,
             frontend_id=self.id,
-            start_timeout=settings.start_timeout,
-            artifacts=self.artifacts,
         )
         self.installs = InstallController(
             registry=self.registry, bus=self.bus, catalog=self.catalog
         )
+        parts = Parts(self.registry, self.view, self.inflight, self.actuator)
         self.cold = ColdLoader(
-            registry=self.registry,
-            view=self.view,
-            inflight=self.inflight,
-            actuator=self.actuator,
+            parts,
             frontend_id=self.id,
+            artifacts=self.artifacts,
             wait_budget=settings.wait_budget,
             job_ttl=settings.load_job_ttl,
             strategy=settings.placement,
             gpu_backends=self.catalog.gpu_backends(),
         )
-        self.drainer = Drainer(
-            registry=self.registry,
-            view=self.view,
-            inflight=self.inflight,
-            actuator=self.actuator,
-            cold=self.cold,
-            timeout=settings.drain_timeout,
-        )
+        self.drainer = Drainer(parts, cold=self.cold, timeout=settings.drain_timeout)
         self.reconciler = Reconciler(
-            registry=self.registry,
-            view=self.view,
-            inflight=self.inflight,
-            actuator=self.actuator,
-            probes=self.probes,
+            parts,
+            health=ReplicaHealth(
+                probes=self.probes, inflight=self.inflight, actuator=self.actuator
+            ),
             settings=settings,
             gpu_backends=self.catalog.gpu_backends(),
-            publish_node=self.publish_node,
         )
         self.proxy = OpenAIProxy(
             view=self.view,
@@ -96,7 +91,7 @@ class Frontend:
             pool=self.pool,
             probes=self.probes,
             ensure_replica=self.cold.ensure_replica,
-            drop_replica=self.actuator.drop,
+            drop_replica=self.actuator.apply,
             authorizer=self.authorizer,
             max_body_bytes=settings.max_body_bytes,
             request_timeout=settings.request_timeout,
@@ -106,12 +101,17 @@ class Frontend:
         self.extra_loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._static_key_digests = set(self.authorizer.digests)
-        self._drains: set[asyncio.Task[int]] = set()
         self._reported_version = -1
         self._quiet_reports = 0
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
+        await self.open()
+        self.run_loops()
+
+    async def open(self) -> None:
+        """Migrate, connect, declare the models directory, fill the view and follow the events:
+        all of `start` but the background loops (in-process tests drive those by hand)."""
         await self.registry.migrate()
         await self.bus.connect()
         if self.settings.models_dir is not None:
@@ -124,6 +124,10 @@ class Frontend:
         await self.bus.subscribe(s.all_load_events, self._on_load_event)
         await self.bus.subscribe(s.load_reports, self._on_load_report)
         await self.bus.subscribe(s.install_events, self.installs.on_event)
+
+    def run_loops(self) -> None:
+        """Start the background loops: in-flight reports, last-used flushes, resyncs, the
+        reconciler and any extra loop."""
         loops: list[tuple[str, Callable[[], Awaitable[None]], float]] = [
             ("report-load", self._report_load, self.settings.load_report_interval),
             ("flush-last-used", self._flush_last_used, self.settings.last_used_flush_interval),
@@ -143,8 +147,7 @@ class Frontend:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for drain in list(self._drains):
-            drain.cancel()
+        await self.drainer.close()
         await self.cold.close()
         await self.reconciler.close()
         await self.installs.close()
@@ -189,18 +192,12 @@ class Frontend:
             problem = self.catalog.check_model(spec)
             if problem:  # a node's own --backends-dir may provide it: warn, keep the model
                 log.warning("model %s in %s: %s", spec.name, directory, problem)
-            if await self.registry.models.upsert(spec, source=f"{source}/{spec.name}"):
-                await self.bus.publish(
-                    self.bus.subjects.model_events, ModelEvent(kind="updated", name=spec.name)
-                )
+            await self.actuator.apply(UpsertModel(spec, f"{source}/{spec.name}"))
         kept = {s.name for s in specs}
         sources = await self.registry.models.sources()
         for name, src in sources.items():
             if src.startswith(source + "/") and name not in kept:
-                await self.registry.models.delete(name)
-                await self.bus.publish(
-                    self.bus.subjects.model_events, ModelEvent(kind="removed", name=name)
-                )
+                await self.actuator.apply(RemoveModel(name))
         return [e.message for e in errors]
 
     # --- event handlers -------------------------------------------------------------------
@@ -285,39 +282,4 @@ class Frontend:
     async def _flush_last_used(self) -> None:
         used, self.proxy.used = self.proxy.used, {}
         if used:
-            await self.registry.replicas.touch(used)
-
-    # --- helpers for the APIs -------------------------------------------------------------
-    async def publish_model(self, spec: ModelSpec | None, name: str) -> None:
-        if spec is None:
-            self.view.drop_model(name)
-        else:
-            self.view.put_model(spec)
-        await self.bus.publish(
-            self.bus.subjects.model_events,
-            ModelEvent(kind="updated" if spec else "removed", name=name, origin=self.id),
-        )
-
-    async def drain_node(self, node_id: str, *, wait: bool) -> dict[str, Any]:
-        """Mark a node draining and move its replicas away (now, or in the background)."""
-        if not await self.registry.nodes.set_status(node_id, NodeStatus.DRAINING):
-            raise NotFound(f"node {node_id} not found")
-        await self.publish_node(node_id, "status")
-        await self.registry.audit.add("node.draining", node_id, subject=node_id)
-        if wait:
-            stopped = await self.drainer.drain(node_id)
-            return {"node_id": node_id, "status": "drained", "stopped_replicas": stopped}
-        task = asyncio.create_task(self.drainer.drain(node_id), name=f"drain:{node_id}")
-        self._drains.add(task)
-        task.add_done_callback(self._drains.discard)
-        return {"node_id": node_id, "status": "draining"}
-
-    async def publish_node(self, node_id: str, kind: Any) -> None:
-        node = await self.registry.nodes.get(node_id)
-        if node is None:
-            self.view.drop_node(node_id)
-        else:
-            self.view.put_node(node)
-        await self.bus.publish(
-            self.bus.subjects.node_events, NodeEvent(kind=kind, node_id=node_id, origin=self.id)
-        )
+            await self.actuator.apply(RecordUse(used))

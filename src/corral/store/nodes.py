@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from corral.bus.messages import resources_from_wire
 from corral.domain.entities import Node, NodeStatus
+from corral.domain.reconcile import ReportedProcess
 from corral.domain.sizes import MemoryBudget
 from corral.store.tables import node_labels, nodes
 
@@ -86,23 +87,40 @@ class NodeStore:
     ) -> NodeStatus | None:
         """Record a heartbeat; a pending, unhealthy or offline node becomes healthy.
 
-        Returns the status before the heartbeat (None if the node does not exist).
+        Each process keeps the time it was first reported (`first_seen`, this heartbeat's time
+        for a new one). Returns the status before the heartbeat (None if the node does not
+        exist).
         """
         now = time.time() if now is None else now
         async with self.engine.begin() as conn:
-            row = await conn.execute(
-                select(nodes.c.status).where(nodes.c.id == node_id).with_for_update()
-            )
-            before = row.scalar_one_or_none()
-            if before is None:
+            row = (
+                await conn.execute(
+                    select(nodes.c.status, nodes.c.processes)
+                    .where(nodes.c.id == node_id)
+                    .with_for_update()
+                )
+            ).first()
+            if row is None:
                 return None
+            before = row.status
+            seen = {
+                (p.get("model"), p.get("index"), p.get("address")): p.get("first_seen", 0.0)
+                for p in row.processes or []
+            }
+            reported = [
+                {
+                    **p,
+                    "first_seen": seen.get((p.get("model"), p.get("index"), p.get("address")), now),
+                }
+                for p in processes
+            ]
             status = before if before == NodeStatus.DRAINING else NodeStatus.HEALTHY.value
             await conn.execute(
                 update(nodes)
                 .where(nodes.c.id == node_id)
                 .values(
                     resources=dict(resources),
-                    processes=[dict(p) for p in processes],
+                    processes=reported,
                     backends=list(backends),
                     artifacts=list(artifacts),
                     last_heartbeat=now,
@@ -117,10 +135,13 @@ class NodeStore:
             value = row.scalar_one_or_none()
             return list(value or [])
 
-    async def all_processes(self) -> dict[str, list[dict[str, Any]]]:
+    async def reported_processes(self) -> dict[str, list[ReportedProcess]]:
+        """Per node that ever sent a heartbeat, the processes its latest one reported."""
         async with self.engine.connect() as conn:
-            rows = await conn.execute(select(nodes.c.id, nodes.c.processes))
-            return {r.id: list(r.processes or []) for r in rows}
+            rows = await conn.execute(
+                select(nodes.c.id, nodes.c.processes).where(nodes.c.last_heartbeat > 0)
+            )
+            return {r.id: [row_to_process(p) for p in r.processes or []] for r in rows}
 
     async def set_status(
         self, node_id: str, status: NodeStatus, *, only_from: Sequence[NodeStatus] = ()
@@ -194,4 +215,18 @@ def row_to_node(row: Mapping[Any, Any], labels: Mapping[str, str]) -> Node:
         backends=frozenset(row["backends"] or []),
         artifacts=frozenset(row["artifacts"] or []),
         last_heartbeat=row["last_heartbeat"],
+    )
+
+
+def _identity(process: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    return process.get("model"), process.get("index"), process.get("address")
+
+
+def row_to_process(p: Mapping[str, Any]) -> ReportedProcess:
+    return ReportedProcess(
+        model=str(p["model"]),
+        index=int(p["index"]),
+        address=p.get("address"),
+        first_seen=float(p.get("first_seen", 0.0)),
+        ready=p.get("state", "ready") == "ready",
     )

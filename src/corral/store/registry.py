@@ -2,19 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from corral.domain.entities import ModelSpec, Node, Replica
+from corral.domain.reconcile import ReportedProcess
 from corral.store.audit import AuditStore
 from corral.store.db import create_engine, migrate
 from corral.store.installs import InstallStore
 from corral.store.jobs import LoadJobStore
 from corral.store.models import ModelStore
 from corral.store.nodes import NodeStore
-from corral.store.replicas import ReplicaStore
+from corral.store.replicas import LoadInfo, ReplicaStore
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The whole cluster as the registry holds it, read at one moment (for the reconciler)."""
+
+    nodes: Sequence[Node]
+    models: Sequence[ModelSpec]
+    replicas: Sequence[Replica]
+    load_info: Mapping[str, LoadInfo]  # model -> its last successful load
+    processes: Mapping[str, Sequence[ReportedProcess]]  # node -> what its heartbeat reported
+
+
+class Lease:
+    """A session-level advisory lock this process holds; it lives as long as its connection."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def renew(self) -> None:
+        """Use the connection (raises when it died, and with it the lock), and never leave it
+        idle in a transaction."""
+        await self.conn.execute(text("SELECT 1"))
+        await self.conn.commit()
+
+    async def backend_pid(self) -> int:
+        """The PostgreSQL server process of the lock's session."""
+        pid = (await self.conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        await self.conn.commit()
+        return int(pid)
 
 
 class Registry:
@@ -43,12 +76,21 @@ class Registry:
     async def close(self) -> None:
         await self.engine.dispose()
 
+    async def snapshot(self) -> Snapshot:
+        return Snapshot(
+            nodes=await self.nodes.all(),
+            models=await self.models.all(),
+            replicas=await self.replicas.all(),
+            load_info=await self.replicas.load_info(),
+            processes=await self.nodes.reported_processes(),
+        )
+
     @asynccontextmanager
-    async def advisory_lock(self, key: int) -> AsyncIterator[AsyncConnection | None]:
+    async def advisory_lock(self, key: int) -> AsyncIterator[Lease | None]:
         """Hold a session-level advisory lock while the context runs.
 
-        Yields the connection holding the lock, or None when another session holds it. The
-        lock is released when the context exits or the connection dies (frontend crash).
+        Yields the lease, or None when another session holds the lock. The lock is released
+        when the context exits or the connection dies (frontend crash).
         """
         async with self.engine.connect() as conn:
             got = (
@@ -59,7 +101,7 @@ class Registry:
                 yield None
                 return
             try:
-                yield conn
+                yield Lease(conn)
             finally:
                 try:
                     await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})

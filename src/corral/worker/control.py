@@ -1,19 +1,28 @@
-"""The worker's HTTP client to a frontend: register, heartbeat, report exits, deregister."""
+"""The worker's HTTP client to a frontend: register, heartbeat, report exits, drain, deregister.
+
+Bodies are the shared contract models of `corral.bus.contracts`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
-from corral.errors import CorralError, Forbidden, NotFound, Unauthorized
+from corral.bus.contracts import (
+    DeregisterReply,
+    DrainReply,
+    ExitReply,
+    ExitReport,
+    HeartbeatReply,
+    HeartbeatRequest,
+    RegisterReply,
+    RegisterRequest,
+)
+from corral.errors import Forbidden, FrontendUnreachable, NotFound, Unauthorized
 
-
-class ControlError(CorralError):
-    """The frontend could not be reached or answered with a server error."""
-
-    status = 503
-    code = "frontend_unreachable"
+R = TypeVar("R", bound=BaseModel)
 
 
 class ControlClient:
@@ -35,35 +44,40 @@ class ControlClient:
             await self._client.aclose()
             self._client = None
 
-    async def register(self, token: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._post("/api/nodes/register", token, body)
+    async def register(self, token: str, body: RegisterRequest) -> RegisterReply:
+        return await self._post("/api/nodes/register", token, body, RegisterReply)
 
     async def heartbeat(
-        self, node_id: str, credential: str, body: dict[str, Any]
-    ) -> dict[str, Any]:
-        return await self._post(f"/api/nodes/{node_id}/heartbeat", credential, body)
+        self, node_id: str, credential: str, body: HeartbeatRequest
+    ) -> HeartbeatReply:
+        return await self._post(f"/api/nodes/{node_id}/heartbeat", credential, body, HeartbeatReply)
 
-    async def replica_exited(
-        self, node_id: str, credential: str, body: dict[str, Any]
-    ) -> dict[str, Any]:
-        return await self._post(f"/api/nodes/{node_id}/replica-exited", credential, body)
+    async def replica_exited(self, node_id: str, credential: str, body: ExitReport) -> ExitReply:
+        path = f"/api/nodes/{node_id}/replica-exited"
+        return await self._post(path, credential, body, ExitReply)
 
-    async def drain(self, node_id: str, credential: str) -> dict[str, Any]:
-        return await self._post(f"/api/nodes/{node_id}/self-drain", credential, {})
+    async def drain(self, node_id: str, credential: str) -> DrainReply:
+        return await self._post(f"/api/nodes/{node_id}/self-drain", credential, None, DrainReply)
 
-    async def deregister(self, node_id: str, credential: str) -> dict[str, Any]:
-        return await self._post(f"/api/nodes/{node_id}/deregister", credential, {})
+    async def deregister(self, node_id: str, credential: str) -> DeregisterReply:
+        path = f"/api/nodes/{node_id}/deregister"
+        return await self._post(path, credential, None, DeregisterReply)
 
-    async def _post(self, path: str, secret: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, path: str, secret: str, body: BaseModel | None, reply: type[R]) -> R:
+        payload = body.model_dump(mode="json") if body is not None else {}
         try:
             response = await self.client.post(
-                path, json=body, headers={"authorization": f"Bearer {secret}"}
+                path, json=payload, headers={"authorization": f"Bearer {secret}"}
             )
         except httpx.HTTPError as exc:
-            raise ControlError(f"frontend {self.join_url} unreachable: {exc!r}") from None
+            raise FrontendUnreachable(f"frontend {self.join_url} unreachable: {exc!r}") from None
         if response.status_code < 300:
-            data: dict[str, Any] = response.json()
-            return data
+            try:
+                return reply.model_validate_json(response.content)
+            except ValidationError as exc:
+                raise FrontendUnreachable(
+                    f"frontend {self.join_url} answered {path} with an unexpected body: {exc}"
+                ) from None
         message = _message(response)
         if response.status_code == 401:
             raise Unauthorized(message)
@@ -71,7 +85,7 @@ class ControlClient:
             raise Forbidden(message)
         if response.status_code == 404:
             raise NotFound(message)
-        raise ControlError(f"frontend answered {response.status_code}: {message}")
+        raise FrontendUnreachable(f"frontend answered {response.status_code}: {message}")
 
 
 def _message(response: httpx.Response) -> str:

@@ -1,0 +1,88 @@
+"""Privileges of embedded server children: the unprivileged user a server runs as under root,
+and the permissions that user needs on the data directory and the bundled binaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.errors import EmbeddedError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The unprivileged user a server child runs as."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def system_user(name: str) -> RunAs:
+    """Look up the system user `name`, creating it (no home, no shell) when missing."""
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+        argv = [useradd, "--system", "--user-group", "--no-create-home"]
+        argv += ["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        except OSError as exc:
+            raise EmbeddedError(f"cannot create system user {name!r}: {exc}") from exc
+        if done.returncode not in (0, 9):  # 9: created concurrently by someone else
+            raise EmbeddedError(
+                f"cannot create system user {name!r} for PostgreSQL: {done.stderr.strip()}"
+            ) from None
+        logger.info("created system user %s to run PostgreSQL", name)
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            raise EmbeddedError(f"system user {name!r} is missing after useradd") from None
+    return RunAs(name, pw.pw_uid, pw.pw_gid)
+
+
+def _grant(path: Path, st: os.stat_result, user: RunAs, bits: int) -> None:
+    """Give `user` the permission `bits` (a combination of S_IROTH/S_IXOTH) on `path`."""
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == user.uid:
+        have = (mode & stat.S_IRWXU) >> 6
+    elif st.st_gid == user.gid:
+        have = (mode & stat.S_IRWXG) >> 3
+    else:
+        have = mode & stat.S_IRWXO
+    if have & bits == bits:
+        return
+    what = ("r" if bits & stat.S_IROTH else "") + ("x" if bits & stat.S_IXOTH else "")
+    logger.warning("chmod o+%s %s, so that user %s can reach it", what, path, user.name)
+    os.chmod(path, mode | bits)
+
+
+def ensure_traversable(path: Path, user: RunAs) -> None:
+    """Make `path` and each of its ancestors traversable by `user`."""
+    for p in (path, *path.parents):
+        _grant(p, p.stat(), user, stat.S_IXOTH)
+
+
+def ensure_readable_tree(root: Path, user: RunAs) -> None:
+    """Make every directory under `root` listable and every file readable by `user`."""
+    ensure_traversable(root, user)
+    for dirpath, _dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        _grant(d, d.stat(), user, stat.S_IROTH | stat.S_IXOTH)
+        for name in filenames:
+            f = d / name
+            st = f.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            bits = stat.S_IROTH | (stat.S_IXOTH if st.st_mode & stat.S_IXUSR else 0)
+            _grant(f, st, user, bits)

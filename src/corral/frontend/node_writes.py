@@ -1,0 +1,111 @@
+"""The actuator's node actions: registration, heartbeats, status, labels, drain and departure.
+
+Each method is the one place its action writes: the node row (and what hangs off it), this
+frontend's view, the node event and the audit entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from corral.domain.actions import (
+    DeregisterNode,
+    DrainNode,
+    MarkNode,
+    RecordHeartbeat,
+    RegisterNode,
+    SetNodeLabels,
+    UndrainNode,
+)
+from corral.domain.entities import NodeStatus
+from corral.errors import NotFound
+from corral.frontend.announce import Announcer
+from corral.frontend.replica_writes import ReplicaWrites
+from corral.store.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class NodeWrites:
+    """Node rows, with their announcements."""
+
+    def __init__(self, *, registry: Registry, announce: Announcer, replicas: ReplicaWrites) -> None:
+        self.registry = registry
+        self.announce = announce
+        self.replicas = replicas
+        self._installs: dict[str, Mapping[str, Any]] = {}  # install states last written per node
+
+    async def register(self, action: RegisterNode) -> None:
+        """Create the node or update what its worker declares (its fields are the row's)."""
+        await self.registry.nodes.upsert(**dataclasses.asdict(action))
+        text = f"{action.name} ({action.node_id}) at {action.address}"
+        await self.announce.audit("node.registered", text, action.node_id)
+        await self.announce.node(action.node_id, "joined")
+
+    async def heartbeat(self, action: RecordHeartbeat) -> NodeStatus:
+        """Record a heartbeat; returns the node's status after it (NotFound when unknown)."""
+        before = await self.registry.nodes.heartbeat(
+            action.node_id,
+            resources=action.resources,
+            processes=action.processes,
+            backends=action.backends,
+            artifacts=action.artifacts,
+            now=action.at,
+        )
+        if before is None:
+            raise NotFound(f"node {action.node_id} is not registered")
+        installs = action.installs
+        if installs and self._installs.get(action.node_id) != installs:  # only changes
+            await self.registry.installs.report(action.node_id, installs)
+            self._installs[action.node_id] = installs
+        node = await self.registry.nodes.get(action.node_id)
+        status = node.status if node else NodeStatus.HEALTHY
+        if before != status:
+            await self.announce.node(action.node_id, "status")
+        elif node is not None:
+            self.announce.node_refreshed(node)
+        return status
+
+    async def mark(self, action: MarkNode) -> bool:
+        """Set the status only from the one observed; False when something else won."""
+        if not await self.registry.nodes.set_status(
+            action.node_id, action.status, only_from=[action.previous]
+        ):
+            return False
+        log.info("node %s: %s -> %s", action.node_id, action.previous, action.status)
+        text = f"{action.node_id}: {action.previous} -> {action.status}"
+        await self.announce.audit("node.status", text, action.node_id)
+        await self.announce.node(action.node_id, "status")
+        return True
+
+    async def set_labels(self, action: SetNodeLabels) -> None:
+        if not await self.registry.nodes.set_labels(action.node_id, action.labels):
+            raise NotFound(f"node {action.node_id} not found")
+        await self.announce.node(action.node_id, "labels")
+        text = f"{action.node_id}: {dict(action.labels)}"
+        await self.announce.audit("node.labels", text, action.node_id)
+
+    async def drain(self, action: DrainNode) -> None:
+        if not await self.registry.nodes.set_status(action.node_id, NodeStatus.DRAINING):
+            raise NotFound(f"node {action.node_id} not found")
+        await self.announce.node(action.node_id, "status")
+        await self.announce.audit("node.draining", action.node_id, action.node_id)
+
+    async def undrain(self, action: UndrainNode) -> None:
+        if not await self.registry.nodes.set_status(
+            action.node_id, NodeStatus.HEALTHY, only_from=[NodeStatus.DRAINING]
+        ):
+            raise NotFound(f"node {action.node_id} is not draining")
+        await self.announce.node(action.node_id, "status")
+        await self.announce.audit("node.undrained", action.node_id, action.node_id)
+
+    async def deregister(self, action: DeregisterNode) -> int:
+        """Offline now, its replica rows gone; returns how many there were."""
+        await self.registry.nodes.set_status(action.node_id, NodeStatus.OFFLINE)
+        removed = await self.replicas.remove_on_node(action.node_id, "node deregistered")
+        await self.announce.audit("node.deregistered", action.node_id, action.node_id)
+        await self.announce.node(action.node_id, "status")
+        return removed
