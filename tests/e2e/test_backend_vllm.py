@@ -204,10 +204,13 @@ def test_vllm_serves_a_tiny_llama_through_corral(
             cosine = sum(a * b for a, b in zip(vector, reference, strict=True))
             assert cosine > 0.99, cosine  # bfloat16 in vLLM, float32 here
 
-    # responses and tokenize, on the replica Corral started (the frontend routes only chat,
-    # completions and embeddings so far)
-    (replica,) = [r for r in cluster.replicas("tiny") if r["state"] == "loaded"]
-    base = f"http://{replica['address']}"
+    # responses, tokenize, score and rerank, on the replicas Corral started (the frontend
+    # routes only chat, completions and embeddings so far)
+    def address(model: str) -> str:
+        (replica,) = [r for r in cluster.replicas(model) if r["state"] == "loaded"]
+        return f"http://{replica['address']}"
+
+    base = address("tiny")
     response = httpx.post(
         base + "/v1/responses",
         json={"model": "tiny", "input": "hello there", "max_output_tokens": 6, "temperature": 0},
@@ -222,3 +225,23 @@ def test_vllm_serves_a_tiny_llama_through_corral(
         base + "/tokenize", json={"model": "tiny", "prompt": "hello world"}, timeout=60
     ).json()
     assert tokens["tokens"] == [3, 4]  # <unk> <s> </s>, then the words in order
+
+    # the embedding model scores by the cosine of those same embeddings
+    embed = address("tiny-embed")
+    scored = httpx.post(
+        embed + "/v1/score",
+        json={"model": "tiny-embed", "text_1": texts[0], "text_2": texts[1:]},
+        timeout=60,
+    )
+    assert scored.status_code == 200, scored.text
+    cosines = [sum(a * b for a, b in zip(expected[0], e, strict=True)) for e in expected[1:]]
+    got_scores = [d["score"] for d in scored.json()["data"]]
+    assert got_scores == pytest.approx(cosines, abs=0.02)
+    ranked = httpx.post(
+        embed + "/v1/rerank",
+        json={"model": "tiny-embed", "query": texts[0], "documents": texts[1:]},
+        timeout=60,
+    ).json()
+    relevance = [r["relevance_score"] for r in ranked["results"]]
+    assert relevance == sorted(relevance, reverse=True)
+    assert sorted(r["index"] for r in ranked["results"]) == [0, 1]
