@@ -175,7 +175,7 @@ def test_vllm_serves_a_tiny_llama_through_corral(
                 if choice.delta.content:
                     pieces.append(choice.delta.content)
                 finish.append(choice.finish_reason)
-        assert len(pieces) == 6, pieces
+        assert len(pieces) >= 2, pieces  # a loaded engine may send two tokens in one chunk
         assert "".join(pieces) == content
         assert finish[-1] == "length"
 
