@@ -230,12 +230,18 @@ def nodes(url: AdminUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> No
 
 @app.command()
 def models(url: AdminUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
-    """List the declared models."""
-    for m in _admin("GET", url, "/api/models", api_key)["models"]:
+    """List the declared models, and the errors of broken model files."""
+    data = _admin("GET", url, "/api/models", api_key)
+    for m in data["models"]:
         s = m["scheduling"]
         typer.echo(
             f"{m['name']:<24} {m['backend']:<12} min={s['min_replicas']} max={s['max_replicas']}"
         )
+    errors = data.get("errors") or []
+    if errors:
+        typer.echo(f"\n{len(errors)} model file error(s):")
+        for e in errors:
+            typer.echo(f"  {e['message']}")
 
 
 @app.command()
