@@ -105,6 +105,13 @@ def serve(
     placement: Annotated[str | None, typer.Option(help="binpack or spread")] = None,
     nats_prefix: Annotated[str | None, typer.Option(help="NATS subject prefix")] = None,
     reconcile_interval: Annotated[float | None, typer.Option(help="Seconds per tick")] = None,
+    forward_headers: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated request headers (or prefix*) passed on to backends, besides "
+            "x-*, openai-*, traceparent, accept and user-agent (CORRAL_FORWARD_HEADERS)"
+        ),
+    ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run a frontend against an existing PostgreSQL and NATS."""
@@ -126,6 +133,7 @@ def serve(
         placement=placement,
         nats_prefix=nats_prefix,
         reconcile_interval=reconcile_interval,
+        forward_headers=forward_headers,
     )
     if settings.token is None:
         typer.echo("warning: no --token/CORRAL_TOKEN: workers cannot join", err=True)

@@ -38,6 +38,7 @@ from corral.frontend.asgi import (
     sse_error,
 )
 from corral.frontend.auth import Authorizer
+from corral.frontend.headers import HeaderFilter
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.probe import ProbeCache
 from corral.frontend.upstream import UpstreamPool, UpstreamResponse
@@ -53,7 +54,6 @@ REQUIRED = {
 }
 MAX_ATTEMPTS = 3  # the first try and at most two retries after a replica turned out gone
 NOT_LOADED_MARKERS = (b"model_not_found", b"not loaded", b"does not exist", b"not found")
-_FORWARD_REQUEST_HEADERS = (b"accept", b"user-agent", b"x-request-id")
 
 
 class ParsedRequest:
@@ -104,6 +104,7 @@ class OpenAIProxy:
         max_body_bytes: int,
         request_timeout: float,
         max_inflight: int = 0,
+        forward_headers: HeaderFilter | None = None,
     ) -> None:
         self.view = view
         self.inflight = inflight
@@ -115,6 +116,7 @@ class OpenAIProxy:
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
         self.max_inflight = max_inflight
+        self.forward_headers = forward_headers or HeaderFilter()
         self._turn = 0
         self.used: dict[tuple[str, int], float] = {}  # last-used times not yet flushed
 
@@ -135,7 +137,7 @@ class OpenAIProxy:
         except CorralError as exc:
             await send_error(send, exc)
             return
-        headers = [(k, v) for k, v in scope["headers"] if k in _FORWARD_REQUEST_HEADERS]
+        headers = self.forward_headers(scope["headers"])
         headers.append((b"content-type", b"application/json"))
         await self._route(spec, request, headers, receive, send)
 

@@ -19,6 +19,7 @@ from corral.frontend.artifacts_api import ArtifactStore
 from corral.frontend.auth import Authorizer, digest
 from corral.frontend.coldpath import ColdLoader
 from corral.frontend.drain import Drainer
+from corral.frontend.headers import HeaderFilter
 from corral.frontend.health import ReplicaHealth
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.installs import InstallController
@@ -105,6 +106,7 @@ class Frontend:
             max_body_bytes=settings.max_body_bytes,
             request_timeout=settings.request_timeout,
             max_inflight=settings.max_inflight,
+            forward_headers=HeaderFilter(settings.forward_headers),
         )
         self.started = False
         self.extra_loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
