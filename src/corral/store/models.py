@@ -141,4 +141,5 @@ def row_to_spec(row: Mapping[Any, Any]) -> ModelSpec:
             scale_down_delay=row["scale_down_delay"],
         ),
         revision=row["revision"],
+        created_at=row["created_at"].timestamp(),
     )
