@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +19,7 @@ from pydantic import ValidationError
 
 from corral import __version__
 from corral.config import FrontendSettings, WorkerSettings, default_data_dir, parse_labels
-from corral.errors import ConfigError
+from corral.errors import ConfigError, EmbeddedError, ListenError
 
 app = typer.Typer(
     name="corral",
@@ -47,6 +49,16 @@ def _logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Starting failed for a reason the user can act on: say it in one line, exit 1."""
+    try:
+        yield
+    except (ListenError, EmbeddedError) as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+
+
 def _settings(cls: type[Any], **flags: Any) -> Any:
     """Settings from CORRAL_* env, overridden by the flags that were given."""
     try:
@@ -70,16 +82,29 @@ def up(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the OpenAI endpoint")] = 8000,
     models_dir: Annotated[Path | None, typer.Option(help="Model YAML files")] = None,
+    create_user: Annotated[
+        bool,
+        typer.Option(
+            "--create-user/--no-create-user",
+            envvar="CORRAL_CREATE_USER",
+            help="As root: create the unprivileged user 'corral-postgres' for PostgreSQL; "
+            "without: PostgreSQL runs as the (non-root) owner of --data-dir",
+        ),
+    ] = True,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Run a whole cluster on this machine: PostgreSQL, NATS, a frontend and a worker."""
-    from corral.runner import run_async
+    from corral.runner import listen, run_async
     from corral.up import up as run_up
 
     _logging(log_level)
     directory = data_dir or default_data_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    run_async(lambda: run_up(directory, host=host, port=port, models_dir=models_dir))
+    with _one_line_errors():
+        sock = listen(host, port)
+        directory.mkdir(parents=True, exist_ok=True)
+        run_async(
+            lambda: run_up(directory, sock=sock, models_dir=models_dir, create_user=create_user)
+        )
 
 
 @app.command()
@@ -115,7 +140,7 @@ def serve(
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run a frontend against an existing PostgreSQL and NATS."""
-    from corral.runner import install_stop_handler, run_async, serve_frontend
+    from corral.runner import install_stop_handler, listen, run_async, serve_frontend
 
     _logging(log_level)
     settings: FrontendSettings = _settings(
@@ -138,10 +163,13 @@ def serve(
     if settings.token is None:
         typer.echo("warning: no --token/CORRAL_TOKEN: workers cannot join", err=True)
 
+    with _one_line_errors():
+        sock = listen(settings.host, settings.port)
+
     async def main() -> None:
         stop = asyncio.Event()
         install_stop_handler(stop)
-        await serve_frontend(settings, stop)
+        await serve_frontend(settings, stop, sock)
 
     run_async(main)
 

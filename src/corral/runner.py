@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import secrets
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from corral.config import FrontendSettings, WorkerSettings
+from corral.errors import ListenError
 
 if TYPE_CHECKING:  # imported lazily: a worker never loads the frontend's libraries
     from corral.frontend.service import Frontend
@@ -42,9 +44,31 @@ def install_stop_handler(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-def frontend_server(
-    settings: FrontendSettings, *, sock: socket.socket | None = None
-) -> tuple[Frontend, _Server]:
+def listen(host: str, port: int) -> socket.socket:
+    """The frontend's listening socket, bound now, before anything else starts: a port that is
+    taken is one clear ListenError instead of a server that fails half-way up."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(
+                f"port {port} on {host} is already in use: stop what listens there, "
+                "or choose another --port"
+            ) from None
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def frontend_server(settings: FrontendSettings) -> tuple[Frontend, _Server]:
     from corral.frontend.app import create_app
     from corral.frontend.service import Frontend
 
@@ -68,10 +92,12 @@ def frontend_server(
     return frontend, server
 
 
-async def serve_frontend(settings: FrontendSettings, stop: asyncio.Event) -> None:
-    """Run one frontend until `stop` is set."""
+async def serve_frontend(
+    settings: FrontendSettings, stop: asyncio.Event, sock: socket.socket
+) -> None:
+    """Run one frontend on `sock` (see `listen`) until `stop` is set."""
     _, server = frontend_server(settings)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     await _until_started(server, task)
     settle_heap()
     log.info("frontend listening on http://%s:%d", settings.host, settings.port)

@@ -80,7 +80,7 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
         return error_response(BadRequest(str(exc.detail)))
 
     @api.get("/healthz")
-    @api.get("/health")  # the name vLLM, SGLang, llama.cpp and LiteLLM answer to
+    @api.get("/health", summary="Health (as /healthz: the name vLLM and LiteLLM use)")
     async def healthz() -> dict[str, Any]:
         return {
             "status": "ok" if frontend.started else "starting",
