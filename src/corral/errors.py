@@ -99,6 +99,22 @@ class Conflict(CorralError):
     code = "conflict"
 
 
+class RequestTimeout(CorralError):
+    """The client sent its request headers or body too slowly (HTTP 408); the connection closes."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class HeadersTooLarge(CorralError):
+    """The request line and headers exceed the server's limit (HTTP 431)."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
+
+
 class PayloadTooLarge(CorralError):
     """The request body exceeds the configured limit (HTTP 413)."""
 

@@ -194,6 +194,11 @@ class UpstreamResponse:
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def ready(self) -> bytes:
+        """Body bytes that already arrived (b"" if none), without waiting."""
+        conn = self._conn
+        return conn.take() if conn.chunks else b""
+
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive (chunked framing removed); `timeout` applies per wait."""
         conn = self._conn
