@@ -117,7 +117,8 @@ class _Cycle:
                 name = name.lower()
                 if name == b"content-length":
                     self.length = int(value)
-                elif name == b"connection":
+                    continue
+                if name == b"connection":
                     if b"close" in value.lower():
                         req.keep_alive = False
                     continue

@@ -127,13 +127,8 @@ class Request:
 
     # --- reading the body -----------------------------------------------------------------
     async def body(self, limit: int) -> bytes:
-        if self.content_length is not None and self.content_length > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-        if self.complete and not self.gone:
-            data = self._take()
-            if len(data) > limit:
-                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-            return data
+        if self.complete and not self.gone and self.buffered <= limit:
+            return self._take()
         parts = []
         async for part in self.chunks(limit):
             parts.append(part)
@@ -141,14 +136,14 @@ class Request:
 
     async def chunks(self, limit: int) -> AsyncIterator[bytes]:
         if self.content_length is not None and self.content_length > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+            raise self._too_large(limit)
         size = 0
         while True:
             if self.chunks_in:
                 data = self._take()
                 size += len(data)
                 if size > limit:
-                    raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+                    raise self._too_large(limit)
                 yield data
                 continue
             if self.complete:
@@ -163,6 +158,14 @@ class Request:
                 await waiter
             finally:
                 self._waiter = None
+
+    def _too_large(self, limit: int) -> PayloadTooLarge:
+        """The error for a body past `limit`; the connection closes after the answer."""
+        self.keep_alive = False
+        self.chunks_in.clear()
+        self.buffered = 0
+        self.conn.body_taken()
+        return PayloadTooLarge(f"request body exceeds {limit} bytes")
 
     def _take(self) -> bytes:
         parts = self.chunks_in
