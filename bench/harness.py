@@ -702,6 +702,13 @@ class Harness:
                 f"  routing decision, {c['models']} model(s) x {c['per_model']} replicas "
                 f"({key}): {c['us']:.1f} us"
             )
+        for key in ("spread", "one_model"):
+            c = routing[f"{key}_churn"]
+            print(
+                f"  with 200 heartbeats/s ({key}): {c['us']:.1f} us vs "
+                f"{routing[f'{key}_quiet']['us']:.1f} us quiet ({c['ratio']:.3f}x; before "
+                f"the incremental view {routing[f'{key}_churn_before']['us']:.0f} us)"
+            )
         url = await self.infra.create_database("bench_scale")
         writes = await scale.registry_writes(url, quick=self.cfg.quick)
         print(

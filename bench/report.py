@@ -257,6 +257,7 @@ def tables(res: dict[str, Any]) -> list[str]:
                     "routing decision after a change, 1 model × 10,000 replicas",
                     _f(rt["one_model_after_change"]["us"], 0, " µs"),
                 ],
+                *_churn_rows(rt),
                 ["node heartbeats written (16 writers)", _f(reg["heartbeats_per_s"], 0, " /s")],
                 ["last-used touch, batch of 1,000", _f(reg["touch_1000_s"] * 1e3, 1, " ms")],
                 ["last-used touch, batch of 10,000", _f(reg["touch_10000_s"] * 1e3, 1, " ms")],
@@ -268,6 +269,26 @@ def tables(res: dict[str, Any]) -> list[str]:
             ],
         ) + [""]
     return lines
+
+
+def _churn_rows(rt: dict[str, Any]) -> list[list[str]]:
+    """Routing under heartbeat churn (absent from runs before the churn case existed)."""
+    rows = []
+    for base, shape in (("spread", "1,000 models × 10"), ("one_model", "1 model × 10,000")):
+        c = rt.get(f"{base}_churn")
+        if c is None:
+            continue
+        before = rt.get(f"{base}_churn_before", {}).get("us")
+        rows.append(
+            [
+                f"routing decision, {shape}, 1,000 nodes heartbeating "
+                f"({c['heartbeats_per_s']}/s at {c['requests_per_s']:,} req/s) "
+                "vs no heartbeats",
+                f"{_f(c['us'], 1, ' µs')} vs {_f(rt[f'{base}_quiet']['us'], 1, ' µs')} "
+                f"({_f(c['ratio'], 3)}×; before the incremental view: {_f(before, 0, ' µs')})",
+            ]
+        )
+    return rows
 
 
 def cold_overhead(w5: dict[str, Any]) -> float:
@@ -350,6 +371,16 @@ def verdicts(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         out.append(
             ("… same with all 10,000 replicas in one model", f"{worst:,.0f} µs", worst <= 50)
         )
+        for base in ("spread", "one_model"):
+            c = w["w7"]["routing"].get(f"{base}_churn")
+            if c is not None:
+                out.append(
+                    (
+                        f"routing with 1,000 nodes heartbeating ≤ 1.05× quiet ({base})",
+                        f"{c['ratio']:.3f}×",
+                        c["ratio"] <= 1.05,
+                    )
+                )
     return out
 
 
