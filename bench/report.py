@@ -9,6 +9,14 @@ from collections import Counter
 from typing import Any
 
 ORDER = ["direct", "corral", "litellm", "vllm-router"]
+
+
+def _order(measured: dict[str, Any]) -> list[str]:
+    """Targets in table order: the usual four, Corral's server variants after Corral."""
+    extra = sorted(t for t in measured if t not in ORDER)
+    return [t for t in ORDER[:2] if t in measured] + extra + [t for t in ORDER[2:] if t in measured]
+
+
 BG = "other load (cores)"  # CPU used meanwhile by processes the bench did not start
 
 
@@ -44,7 +52,7 @@ def tables(res: dict[str, Any]) -> list[str]:
             "",
         ]
         rows = []
-        for t in ORDER:
+        for t in _order(m):
             if t in m:
                 x = m[t]
                 add50 = x["p50_ms"] - d["p50_ms"] if t != "direct" else None
@@ -72,7 +80,7 @@ def tables(res: dict[str, Any]) -> list[str]:
             "",
         ]
         rows = []
-        for t in ORDER:
+        for t in _order(m):
             if t in m:
                 x = m[t]
                 rows.append(
@@ -111,7 +119,7 @@ def tables(res: dict[str, Any]) -> list[str]:
             "",
         ]
         rows = []
-        for t in ORDER:
+        for t in _order(m):
             if t in m:
                 x = m[t]
                 add = x["ttfb_p50_ms"] - d["ttfb_p50_ms"] if t != "direct" else None
@@ -268,7 +276,23 @@ def tables(res: dict[str, Any]) -> list[str]:
                 ],
             ],
         ) + [""]
+    if "w8" in w:
+        lines += _scaling_lines(w["w8"])
     return lines
+
+
+def _scaling_lines(w8: dict[str, Any]) -> list[str]:
+    import scaling
+
+    return [
+        f"**8. Scaling over cores: Corral with N frontend processes, vllm-router on N cores** "
+        f"({w8['sims']} sim replicas, {w8['loaders']} load generator processes, 64 users per "
+        f"process, {w8['seconds']:g} s per run, medians of the rounds; {w8['cores']} cores, "
+        f"{'each target pinned to its N cores' if w8['pinned'] else 'not pinned'})",
+        "",
+        *scaling.table(w8),
+        "",
+    ]
 
 
 def _churn_rows(rt: dict[str, Any]) -> list[list[str]]:
@@ -440,6 +464,9 @@ def results_md(res: dict[str, Any]) -> str:
             *profile_lines(res["profile"]),
             "",
         ]
+    for name, prof in res.get("profiles", {}).items():
+        lines += [f"## Profile of {name} under workload 2 (py-spy)", ""]
+        lines += [*profile_lines(prof, name), ""]
     if res.get("errors"):
         lines += ["## Errors during the run", "", *[f"- {e}" for e in res["errors"]], ""]
     lines += [
@@ -506,10 +533,10 @@ def _short(frame: str) -> str:
     return f"{name} ({path})"
 
 
-def profile_lines(p: dict[str, Any]) -> list[str]:
+def profile_lines(p: dict[str, Any], name: str = "corral") -> list[str]:
     lines = [
         f"{p['samples']:,} samples; req/s while sampled: {_f(p.get('rps_while_sampled'), 0)}; "
-        "flame graph: `plots/profile-w2-corral.svg` (raw stacks under bench/out/)",
+        f"flame graph: `plots/profile-w2-{name}.svg` (raw stacks under bench/out/)",
         "",
     ]
     lines += _table(

@@ -527,3 +527,24 @@ async def test_lifespan_and_stop_with_a_stream_in_flight(start: Start, events: E
     finally:
         await idle.close()
         await streaming.close()
+
+
+async def test_an_app_without_lifespan_support_is_served() -> None:
+    async def plain(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return  # no lifespan: returns at once, as many small ASGI apps do
+        await send({"type": "http.response.start", "status": 204, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b""})  # type: ignore[operator]
+
+    server = HttpServer(plain)  # type: ignore[arg-type]
+    await asyncio.wait_for(server.startup(), 5)
+    await server.start(bind_socket("127.0.0.1", 0))
+    try:
+        conn = await Conn.open(server)
+        conn.send(get("/anything"))
+        status, headers, _ = await conn.response()
+        assert status == 204 and "content-length" not in headers
+        await conn.close()
+    finally:
+        await server.stop()
+        await server.shutdown()

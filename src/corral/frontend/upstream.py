@@ -189,6 +189,12 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body."""
+        conn = self._conn
+        if conn.complete and conn.error is None:  # it all came with the head: no waiting
+            data = conn.take() if conn.chunks else b""
+            self._done = True
+            self.release()
+            return data
         parts = []
         async for chunk in self.iter_body():
             parts.append(chunk)

@@ -160,7 +160,6 @@ class Lifespan:
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self._outbox: asyncio.Queue[Message] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._supported = True
 
     async def startup(self) -> None:
         scope: Scope = {
@@ -187,11 +186,13 @@ class Lifespan:
         try:
             await self.app(scope, self._inbox.get, self._outbox.put)
         except BaseException as exc:
-            self._supported = False
             await self._outbox.put({"type": "lifespan.startup.failed", "message": repr(exc)})
             if not isinstance(exc, Exception):
                 raise
             log.exception("application lifespan failed")
+        else:
+            # an app without lifespan support returns at once: serve it without one
+            await self._outbox.put({"type": "lifespan.unsupported"})
 
     async def _reply(self) -> Message:
         return await self._outbox.get()
