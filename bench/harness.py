@@ -922,7 +922,9 @@ def _source() -> dict[str, Any]:
 def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    out = {"python": platform.python_version(), "corral": version("corral")}
+    import corral
+
+    out = {"python": platform.python_version(), "corral": corral.__version__}
     code = (
         "import importlib.metadata as m, platform;"
         "print(m.version('litellm'), m.version('vllm-router'), m.version('matplotlib'),"
