@@ -290,7 +290,10 @@ class UpstreamPool:
         payload = b"".join(head) + body if len(body) < 65536 else None
 
         for attempt in (0, 1):
-            conn, reused = await self._acquire(key)
+            conn = self._idle_connection(key)  # no await when one is idle: the usual case
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(key)
             conn.reset()
             conn.busy = True
             assert conn.transport is not None
@@ -320,12 +323,15 @@ class UpstreamPool:
             return UpstreamResponse(conn, timeout)
         raise AssertionError("unreachable")
 
-    async def _acquire(self, key: tuple[str, int]) -> tuple[_Connection, bool]:
+    def _idle_connection(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                return conn, True
+                return conn
+        return None
+
+    async def _connect(self, key: tuple[str, int]) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -339,7 +345,7 @@ class UpstreamPool:
         except OSError as exc:
             raise ReplicaGone(f"cannot connect to backend {key[0]}:{key[1]}: {exc}") from exc
         self._all.add(proto)
-        return proto, False
+        return proto
 
     def _give_back(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.key, deque())

@@ -215,6 +215,8 @@ class Request:
         raw when `length` is given, chunked otherwise (close-delimited for HTTP/1.0).
         """
         if self.started:
+            if self.finished:  # e.g. the server already answered 408: nothing more to say
+                return
             raise RuntimeError("the response has already started")
         self.started = True
         conn = self.conn
