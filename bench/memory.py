@@ -45,6 +45,19 @@ def rss(root_pid: int) -> dict[int, float]:
     return out
 
 
+def pss(root_pid: int) -> float:
+    """Proportional set size in MiB of the process tree: pages shared between the
+    processes (libraries) counted once in total, unlike RSS."""
+    root = psutil.Process(root_pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss / MIB
+        except (psutil.Error, AttributeError):
+            pass
+    return total
+
+
 async def measure(infra: Infra, out: Path, n: int, minutes: float) -> dict[str, Any]:
     corral = Corral(infra, out, f"mem{n}", env={"CORRAL_PROCESSES": str(n)})
     corral.write_model("bench", options={"tokens": 16})
@@ -60,6 +73,7 @@ async def measure(infra: Infra, out: Path, n: int, minutes: float) -> dict[str, 
         for model, stream in (("bench", False), ("bench-stream", True)):
             await first_byte(corral.url, chat_body(model, stream=stream, max_tokens=4))
         start = rss(pid)
+        start_pss = pss(pid)
         samples = [(0.0, sum(start.values()))]
         t0 = time.monotonic()
         deadline = t0 + minutes * 60
@@ -86,6 +100,8 @@ async def measure(infra: Infra, out: Path, n: int, minutes: float) -> dict[str, 
             "end_mib": end,
             "start_total_mib": sum(start.values()),
             "end_total_mib": sum(end.values()),
+            "start_pss_mib": start_pss,
+            "end_pss_mib": pss(pid),
             "max_total_mib": max(s for _, s in samples),
             "samples": samples,
         }
@@ -111,8 +127,8 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 def table(results: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| processes | requests | RSS at start (MiB, per process) | after the load "
-        "| total start → end |",
-        "|---|---|---|---|---|",
+        "| total RSS start → end | total PSS start → end |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
         start = ", ".join(f"{v:.0f}" for v in r["start_mib"].values())
@@ -120,7 +136,7 @@ def table(results: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['processes']} | {r['requests']:,} in {r['minutes']:g} min | {start} | {end} | "
             f"{r['start_total_mib']:.0f} → {r['end_total_mib']:.0f} "
-            f"(max {r['max_total_mib']:.0f}) |"
+            f"(max {r['max_total_mib']:.0f}) | {r['start_pss_mib']:.0f} → {r['end_pss_mib']:.0f} |"
         )
     return lines
 
