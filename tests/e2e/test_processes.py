@@ -83,6 +83,12 @@ def test_connections_and_requests_spread_over_the_processes(three: Cluster) -> N
             r = clients[0].post("/v1/chat/completions", json={"model": "chat", **CHAT})
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
             assert frontend_of(clients[0]) == frontend_of(clients[-1])  # same connection
+        # FastAPI's own pages behind the server, on any process
+        any_client = next(iter(found.values()))[0]
+        docs = any_client.get("/docs")
+        assert docs.status_code == 200 and "swagger" in docs.text.lower()
+        assert "/api/nodes" in any_client.get("/openapi.json").json()["paths"]
+        assert "corral_inflight" in any_client.get("/metrics").text
     finally:
         for clients in found.values():
             for c in clients:
