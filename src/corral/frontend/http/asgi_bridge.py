@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 from corral.errors import PayloadTooLarge
 from corral.frontend.asgi import ClientGone, Message, Receive, Scope, Send
-from corral.frontend.http.protocol import Request
+from corral.frontend.http.request import Request
 from corral.frontend.http.wire import Headers, error_response
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from corral.frontend.asgi import Scope
 from corral.frontend.http.asgi_bridge import AsgiApp, AsgiBridge, Lifespan
-from corral.frontend.http.protocol import Handler, HttpConnection, Request
+from corral.frontend.http.protocol import Handler, HttpConnection
+from corral.frontend.http.request import Request
 
 log = logging.getLogger(__name__)
 
