@@ -1,4 +1,4 @@
-"""Small raw-ASGI helpers: read a body, send JSON, OpenAI-style errors, and `AsgiExchange`
+"""Small raw-ASGI helpers: read a body, OpenAI-style error payloads, and `AsgiExchange`
 (the proxy's request interface on top of any ASGI server)."""
 
 from __future__ import annotations
@@ -68,24 +68,6 @@ def error_headers(exc: CorralError) -> list[tuple[bytes, bytes]]:
     if exc.retry_after is not None:
         headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
     return headers
-
-
-async def send_json(
-    send: Send, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    body = orjson.dumps(payload)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": (headers or JSON_HEADERS) + [(b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def send_error(send: Send, exc: CorralError) -> None:
-    await send_json(send, exc.status, error_payload(exc), error_headers(exc))
 
 
 def sse_error(exc: CorralError) -> bytes:

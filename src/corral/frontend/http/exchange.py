@@ -10,10 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-import orjson
-
 from corral.errors import CorralError
-from corral.frontend.asgi import error_headers, error_payload
+from corral.frontend.http.wire import error_response
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -58,4 +56,4 @@ class Exchange(Protocol):
 
 async def respond_error(exchange: Exchange, exc: CorralError) -> None:
     """Answer with the OpenAI-style error JSON for `exc`."""
-    await exchange.respond(exc.status, error_headers(exc), orjson.dumps(error_payload(exc)))
+    await exchange.respond(*error_response(exc))
