@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import shutil
-import socket
 import sys
 from importlib import resources
 from pathlib import Path
@@ -17,10 +16,9 @@ from corral.config import FrontendSettings, WorkerSettings
 from corral.embedded import PG_SYSTEM_USER, EmbeddedNats, EmbeddedPostgres
 from corral.embedded.privileges import user_exists
 from corral.runner import (
-    _until_started,
-    _wait_either,
-    frontend_server,
+    Frontends,
     install_stop_handler,
+    listen,
     make_agent,
     read_or_create_token,
     settle_heap,
@@ -60,16 +58,19 @@ def root_notice(create_user: bool) -> str | None:
 async def up(
     data_dir: Path,
     *,
-    sock: socket.socket,
+    host: str,
+    port: int,
     models_dir: Path | None,
+    processes: int = 1,
     create_user: bool = True,
 ) -> None:
-    """Run the all-in-one cluster on `sock` (`runner.listen`) until SIGINT/SIGTERM; leave no
-    process behind.
+    """Run the all-in-one cluster until SIGINT/SIGTERM; leave no process behind.
 
-    `data_dir` must exist (the CLI creates it).
+    `data_dir` must exist (the CLI creates it). With `processes` > 1, that many frontends
+    share the port (this process's and children); the worker runs in this process. The port
+    is bound first: when it is taken (ListenError), nothing else has started.
     """
-    host, port = sock.getsockname()[:2]
+    sock = listen(host, port, processes)
     stop = asyncio.Event()
     install_stop_handler(stop)
     notice = root_notice(create_user)
@@ -89,27 +90,30 @@ async def up(
             port=port,
             models_dir=models,
             token=SecretStr(token),
+            processes=processes,
         )
-        frontend, server = frontend_server(fsettings)
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
-        await _until_started(server, serving)
-        wsettings = WorkerSettings(
-            join=f"http://{_client_host(host)}:{port}",
-            token=SecretStr(token),
-            name="local",
-            data_dir=data_dir / "worker",
-        )
-        agent = make_agent(wsettings)
-        await agent.start()
-        settle_heap()
+        frontends = Frontends(fsettings, sock=sock)
+        await frontends.start()
         try:
-            _banner(host, port, sorted(frontend.view.models), data_dir, models)
-            await _wait_either(stop, serving)
+            wsettings = WorkerSettings(
+                join=f"http://{_client_host(host)}:{frontends.port}",
+                token=SecretStr(token),
+                name="local",
+                data_dir=data_dir / "worker",
+            )
+            agent = make_agent(wsettings)
+            await agent.start()
+            settle_heap()
+            try:
+                frontend = frontends.primary.frontend
+                assert frontend is not None
+                _banner(host, frontends.port, sorted(frontend.view.models), data_dir, models)
+                await stop.wait()
+            finally:
+                print("\nstopping corral ...", file=sys.stderr, flush=True)
+                await agent.stop(drain=False)
         finally:
-            print("\nstopping corral ...", file=sys.stderr, flush=True)
-            await agent.stop(drain=False)
-            server.should_exit = True
-            await serving
+            await frontends.stop()
     finally:
         nats.stop()
         pg.stop()

@@ -188,3 +188,16 @@ def test_view_free_memory() -> None:
     v.put_node(node("n1", ram_free=5))
     v.put_node(node("n2", ram_free=7))
     assert v.free_memory() == {"n1": 5, "n2": 7}
+
+
+async def test_view_heartbeat_keeps_candidates_and_updates_free_memory(view: ClusterView) -> None:
+    cached = view.candidates("m")
+    assert view.free_memory()["n1"] == 0
+    event = view.changed("m")
+    view.put_node(node("n1", labels={"zone": "a"}, ram_free=42))  # same status and labels
+    assert view.candidates("m") is cached, "a heartbeat does not rebuild candidate lists"
+    assert view.free_memory()["n1"] == 42
+    assert view.nodes["n1"].resources.ram_free == 42
+    assert not event.is_set()
+    view.put_node(node("n1", labels={"zone": "b"}, ram_free=42))  # a relabel does
+    assert view.candidates("m") is not cached and event.is_set()
