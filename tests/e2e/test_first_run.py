@@ -5,6 +5,7 @@ one line and exit code 1."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -85,6 +86,10 @@ def test_first_run_says_what_it_does_and_watches_the_models_directory(tmp_path: 
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
         docs = httpx.get(f"{url}/docs", timeout=5).text
         assert "https://" not in docs and "http://" not in docs
+        assets = re.findall(r'(?:src|href)="(/docs/assets/[^"]+)"', docs)
+        assert len(assets) == 3, docs  # script, stylesheet, icon: served by this frontend
+        for asset in assets:
+            assert httpx.get(url + asset, timeout=10).status_code == 200, asset
 
         written = time.monotonic()
         (models_dir / "second.yaml").write_text(
