@@ -141,9 +141,10 @@ class EmbeddedPostgres(EmbeddedServer):
         owner = data_owner(self._root.resolve())
         if owner is None:
             raise EmbeddedError(
-                f"PostgreSQL cannot run as root, and {self._root} belongs to root: with "
-                "--no-create-user give a --data-dir that an unprivileged user owns (PostgreSQL "
-                "then runs as that user), or run Corral as that user"
+                f"PostgreSQL cannot run as root, and root owns {self._root.parent} and every "
+                "directory above it: with --no-create-user give a --data-dir that an "
+                "unprivileged user owns (PostgreSQL then runs as that user), or run Corral as "
+                "that user"
             )
         return owner
 
