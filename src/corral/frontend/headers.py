@@ -44,6 +44,7 @@ DEFAULT_PREFIXES = (b"x-", b"openai-")
 #: Corral's own control headers: read by Corral, never passed on.
 OWN_PREFIX = b"x-corral-"
 _CACHE_LIMIT = 4096  # distinct names remembered; past it the cache starts over
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})  # name nothing
 
 
 class HeaderFilter:
@@ -59,27 +60,41 @@ class HeaderFilter:
         """Whether a header called `name` (lower case, as ASGI gives it) is forwarded."""
         decided = self._decided.get(name)
         if decided is None:
-            if len(self._decided) >= _CACHE_LIMIT:
-                self._decided.clear()
-            decided = self._decided[name] = (
-                name not in NEVER
-                and not name.startswith(OWN_PREFIX)
-                and (name in self.names or name.startswith(self.prefixes))
-            )
+            decided = self._decide(name)
         return decided
 
     def __call__(self, headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """The headers of a request to forward, in their order (one pass; a second one only
-        when the request's `Connection` header names more than itself and keep-alive)."""
-        allows = self.allows
-        kept: list[tuple[bytes, bytes]] = []
-        named: set[bytes] | None = None
-        for k, v in headers:
-            if allows(k):
-                kept.append((k, v))
-            elif k == b"connection":
-                tokens = {t.strip().lower() for t in v.split(b",")} - NEVER
-                named = tokens if named is None else named | tokens
+        """The headers of a request to forward, in their order.
+
+        One comprehension with a dictionary lookup per header; only names seen for the first
+        time, and a `Connection` header, take a function call."""
+        decided = self._decided
+        named: list[bytes] = []
+        kept = [
+            (k, v)
+            for k, v in headers
+            if decided.get(k) or (k not in decided and self._slow(k, v, named))
+        ]
         if named:
             kept = [(k, v) for k, v in kept if k not in named]
         return kept
+
+    def _slow(self, name: bytes, value: bytes, named: list[bytes]) -> bool:
+        if name == b"connection":  # never cached: its value names per-connection headers
+            if value not in _PLAIN_CONNECTION:
+                tokens = (t.strip().lower() for t in value.split(b","))
+                named.extend(t for t in tokens if t not in NEVER)
+            return False
+        return self._decide(name)
+
+    def _decide(self, name: bytes) -> bool:
+        if name == b"connection":
+            return False  # not cached: `__call__` reads its value on every request
+        if len(self._decided) >= _CACHE_LIMIT:
+            self._decided.clear()
+        decided = self._decided[name] = (
+            name not in NEVER
+            and not name.startswith(OWN_PREFIX)
+            and (name in self.names or name.startswith(self.prefixes))
+        )
+        return decided
