@@ -49,6 +49,14 @@ MAX_ATTEMPTS = 3  # the first try and at most two retries after a replica turned
 NOT_LOADED_MARKERS = (b"model_not_found", b"not loaded", b"does not exist", b"not found")
 
 
+Tried = tuple[str, int, str | None]
+
+
+def _tried(replica: Replica) -> Tried:
+    """A tried replica's identity: a fresh load under the same index is another replica."""
+    return (replica.model, replica.index, replica.address)
+
+
 class ParsedRequest:
     """What routing needs from a request body."""
 
@@ -143,7 +151,7 @@ class OpenAIProxy:
     async def _route(
         self, spec: ModelSpec, request: ParsedRequest, headers: Headers, exchange: Exchange
     ) -> None:
-        tried: set[tuple[str, int]] = set()
+        tried: set[Tried] = set()  # (model, index, address): a reload may reuse the index
         last_error: CorralError | None = None
         for _ in range(MAX_ATTEMPTS):
             try:
@@ -156,12 +164,12 @@ class OpenAIProxy:
             try:
                 response = await self._forward(replica, spec, request, headers, idle)
                 if response is None:
-                    tried.add(replica.key)
+                    tried.add(_tried(replica))
                     continue
                 await self._relay(replica, response, request.stream, exchange)
                 return
             except ReplicaGone as exc:
-                tried.add(replica.key)
+                tried.add(_tried(replica))
                 last_error = exc
                 await self.drop_replica(DropReplica.of(replica, exc.message))
             except CorralError as exc:
@@ -178,14 +186,12 @@ class OpenAIProxy:
             ),
         )
 
-    async def _choose(
-        self, spec: ModelSpec, tried: set[tuple[str, int]], stream: bool = False
-    ) -> Replica:
+    async def _choose(self, spec: ModelSpec, tried: set[Tried], stream: bool = False) -> Replica:
         """The best replica not tried yet; waits for a cold load when there is none."""
         for _ in range(2):
             candidates = self.view.candidates(spec.name)
             if tried:
-                candidates = [r for r in candidates if r.key not in tried]
+                candidates = [r for r in candidates if _tried(r) not in tried]
             if candidates:
                 self._turn += 1
                 chosen = pick_replica(
