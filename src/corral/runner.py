@@ -103,7 +103,7 @@ class Frontends:
 
     def __init__(self, settings: FrontendSettings, *, sock: socket.socket | None = None) -> None:
         self.settings = settings
-        self.primary = FrontendProcess(settings, sock=sock)  # `listen(settings)` binds one
+        self.primary = FrontendProcess(settings, sock=sock)  # None: `start` binds one
         self.group: FrontendGroup | None = None
 
     async def start(self) -> None:
