@@ -30,6 +30,7 @@ from corral.errors import (
 )
 from corral.frontend.asgi import AsgiExchange, ClientGone, Receive, Scope, Send, sse_error
 from corral.frontend.auth import Authorizer
+from corral.frontend.headers import HeaderFilter
 from corral.frontend.http.exchange import Exchange, Headers, respond_error
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.probe import ProbeCache
@@ -46,7 +47,6 @@ REQUIRED = {
 }
 MAX_ATTEMPTS = 3  # the first try and at most two retries after a replica turned out gone
 NOT_LOADED_MARKERS = (b"model_not_found", b"not loaded", b"does not exist", b"not found")
-_FORWARD_REQUEST_HEADERS = (b"accept", b"user-agent", b"x-request-id")
 
 
 Tried = tuple[str, int, str | None]
@@ -105,6 +105,7 @@ class OpenAIProxy:
         max_body_bytes: int,
         request_timeout: float,
         max_inflight: int = 0,
+        forward_headers: HeaderFilter | None = None,
     ) -> None:
         self.view = view
         self.inflight = inflight
@@ -116,6 +117,7 @@ class OpenAIProxy:
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
         self.max_inflight = max_inflight
+        self.forward_headers = forward_headers or HeaderFilter()
         self._turn = 0
         self.used: dict[tuple[str, int], float] = {}  # last-used times not yet flushed
 
@@ -142,7 +144,7 @@ class OpenAIProxy:
         except CorralError as exc:
             await respond_error(exchange, exc)
             return
-        headers = [(k, v) for k, v in exchange.headers if k in _FORWARD_REQUEST_HEADERS]
+        headers = self.forward_headers(exchange.headers)
         headers.append((b"content-type", b"application/json"))
         await self._route(spec, request, headers, exchange)
 

@@ -68,6 +68,7 @@ models = Table(
     Column("revision", Integer, nullable=False, server_default="1"),
     Column("source", Text, nullable=False, server_default="api"),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
 replicas = Table(
