@@ -105,6 +105,14 @@ def serve(
     placement: Annotated[str | None, typer.Option(help="binpack or spread")] = None,
     nats_prefix: Annotated[str | None, typer.Option(help="NATS subject prefix")] = None,
     reconcile_interval: Annotated[float | None, typer.Option(help="Seconds per tick")] = None,
+    unload_grace: Annotated[
+        float | None,
+        typer.Option(help="Seconds a retired replica is out of routing before it stops"),
+    ] = None,
+    revision_retry: Annotated[
+        float | None,
+        typer.Option(help="Seconds a rollout stays halted after its new revision failed"),
+    ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run a frontend against an existing PostgreSQL and NATS."""
@@ -126,6 +134,8 @@ def serve(
         placement=placement,
         nats_prefix=nats_prefix,
         reconcile_interval=reconcile_interval,
+        unload_grace=unload_grace,
+        revision_retry=revision_retry,
     )
     if settings.token is None:
         typer.echo("warning: no --token/CORRAL_TOKEN: workers cannot join", err=True)
@@ -230,12 +240,19 @@ def nodes(url: AdminUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> No
 
 @app.command()
 def models(url: AdminUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
-    """List the declared models."""
+    """List the declared models, their revision and rollout (a halted one says why)."""
     for m in _admin("GET", url, "/api/models", api_key)["models"]:
         s = m["scheduling"]
+        rollout = m.get("rollout", {})
+        phase = rollout.get("phase", "")
+        if phase == "rolling":
+            phase = f"rolling ({rollout['old']} old, {rollout['current']} new)"
         typer.echo(
             f"{m['name']:<24} {m['backend']:<12} min={s['min_replicas']} max={s['max_replicas']}"
+            f"  rev={m.get('revision', '')}  {phase}"
         )
+        if rollout.get("phase") == "halted" and rollout.get("last_error"):
+            typer.echo(f"    halted: {rollout['last_error'].strip().splitlines()[-1]}")
 
 
 @app.command()

@@ -89,6 +89,33 @@ class ScalePolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ScalingTarget:
+    """A model's `scaling:` setting (beside its min/max replicas and scale-down delay)."""
+
+    metric: Signal
+    target: float
+    window: float = 30.0  # seconds above target before scaling up
+    idle_timeout: float | None = None  # with min_replicas 0: unload after this long unused
+    max_step: int = 0  # most replicas one decision adds (0 = as many as the gap asks)
+
+    def policy(
+        self, *, min_replicas: int, max_replicas: int, scale_down_delay: float
+    ) -> ScalePolicy:
+        """The policy `decide` applies, with the model's replica bounds."""
+        return ScalePolicy(
+            signal=self.metric,
+            target=self.target,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            up_window=self.window,
+            scale_down_delay=scale_down_delay,
+            idle_timeout=self.idle_timeout,
+            max_step=self.max_step,
+            max_sample_age=max(60.0, 2 * self.window),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Sample:
     """One observation of the signal."""
 
