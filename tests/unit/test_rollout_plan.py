@@ -203,6 +203,16 @@ CASES: list[tuple[str, ClusterState, list[PlanAction]]] = [
         [],
     ),
     (
+        "recreate-stops-unloaded-old-and-starts-nothing-in-the-same-tick",
+        state(
+            [node("a", budget=BIG)],
+            [spec(min_replicas=2, rollout=RECREATE)],
+            [rep(0, "a", UNLOADING, age=5)],
+            rollouts=REPORTED,
+        ),
+        [stop(rep(0, "a", UNLOADING, age=5), "unloaded: nothing in flight")],
+    ),
+    (
         "recreate-starts-the-minimum-once-the-old-are-gone",
         state(
             [node("a", budget=BIG)],

@@ -171,7 +171,7 @@ def plan(state: ClusterState, now: float, cfg: ReconcileConfig) -> Plan:
     gone = _offline_rows(state, nodes, actions)
     gone |= _missing_processes(state, nodes, now, cfg, gone, actions)
     _orphans(state, nodes, now, cfg, gone, actions)
-    gone |= _unloaded(state, nodes, now, cfg, gone, actions)
+    _unloaded(state, nodes, now, cfg, gone, actions)  # their rows go once they stopped
     rules = ModelRules(state, now, cfg, nodes, gone)
     for spec in sorted(state.models, key=lambda m: m.name):
         actions.extend(rules.model(spec))
@@ -290,8 +290,7 @@ def _unloaded(
     cfg: ReconcileConfig,
     gone: set[ReplicaKey],
     actions: list[PlanAction],
-) -> set[ReplicaKey]:
-    stopped: set[ReplicaKey] = set()
+) -> None:
     for r in sorted(state.replicas, key=lambda r: r.key):
         if r.state != ReplicaState.UNLOADING or r.key in gone:
             continue
@@ -306,5 +305,3 @@ def _unloaded(
             continue
         reason = "unloaded past the timeout" if overdue else "unloaded: nothing in flight"
         actions.append(StopReplica.of(r, reason))
-        stopped.add(r.key)
-    return stopped

@@ -185,6 +185,10 @@ class Actuator:
         )
         return task
 
+    def pending(self) -> int:
+        """How many actions still run in the background."""
+        return len(self._background)
+
     async def close(self) -> None:
         """Cancel what still runs in the background and wait for it to end."""
         tasks = list(self._background)

@@ -98,6 +98,7 @@ class Reconciler:
         self.rollouts: dict[str, tuple[RolloutState, str]] = {}  # last reported, per model
         self.avoid: dict[tuple[str, str], float] = {}  # (model, node) -> avoided until
         self.history: dict[str, deque[Sample]] = {}  # model -> its signal, one sample a tick
+        self._revisions: dict[str, str] = {}  # model -> its revision at the last observation
         self._counts: dict[str, int] = {}  # model -> active replicas at the last observation
         self._changed: dict[str, float] = {}  # model -> when that count last changed
         self._starting: dict[tuple[str, int], Replica] = {}  # starts whose row may not exist
@@ -152,6 +153,7 @@ class Reconciler:
     # --- one tick -------------------------------------------------------------------------
     async def observe(self) -> ClusterState:
         snap = await self.registry.snapshot()
+        self._forget_changed_specs(snap.models)
         replicas = list(snap.replicas)
         rows = {r.key for r in replicas}
         replicas += [r for key, r in self._starting.items() if key not in rows]
@@ -180,6 +182,19 @@ class Reconciler:
             queued={m.name: self.inflight.queued(m.name) for m in snap.models},
             last_change=self._last_change(replicas, now),
         )
+
+    def _forget_changed_specs(self, models: Sequence[ModelSpec]) -> None:
+        """A model whose revision changed starts afresh: its cooldown and the nodes avoided
+        after failed starts were about the spec before."""
+        revisions = {m.name: m.config_revision for m in models}
+        for name, revision in revisions.items():
+            before = self._revisions.get(name)
+            if before is not None and before != revision:
+                self.cooldowns.pop(name, None)
+                self.short.discard(name)
+                for key in [k for k in self.avoid if k[0] == name]:
+                    del self.avoid[key]
+        self._revisions = revisions
 
     async def _estimates(
         self, models: Sequence[ModelSpec], load_info: Mapping[tuple[str, str], LoadInfo]
