@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import sys
@@ -13,6 +14,7 @@ from pydantic import SecretStr
 
 from corral.config import FrontendSettings, WorkerSettings
 from corral.embedded import EmbeddedNats, EmbeddedPostgres
+from corral.frontend.view import ClusterView
 from corral.runner import (
     _until_started,
     _wait_either,
@@ -24,6 +26,8 @@ from corral.runner import (
 )
 
 log = logging.getLogger(__name__)
+
+PRELOAD_WAIT = 120.0  # seconds the banner waits for the models with a minimum to load
 
 
 def ensure_models_dir(directory: Path) -> Path:
@@ -73,6 +77,9 @@ async def up(
         await agent.start()
         settle_heap()
         try:
+            loading = await _preloaded(frontend.view, stop, timeout=PRELOAD_WAIT)
+            if loading:
+                print(f"still loading: {', '.join(loading)}", file=sys.stderr, flush=True)
             _banner(host, port, sorted(frontend.view.models), data_dir)
             await _wait_either(stop, serving)
         finally:
@@ -84,6 +91,24 @@ async def up(
         nats.stop()
         pg.stop()
         print("corral stopped; data kept in", data_dir, file=sys.stderr, flush=True)
+
+
+async def _preloaded(view: ClusterView, stop: asyncio.Event, *, timeout: float) -> list[str]:
+    """Wait until every model with a minimum has a loaded replica (the reconciler preloads
+    them), at most `timeout` seconds or until stopped; return the models still loading."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        loading = sorted(
+            m.name
+            for m in view.models.values()
+            if m.scheduling.min_replicas > 0 and not view.candidates(m.name)
+        )
+        left = deadline - loop.time()
+        if not loading or left <= 0 or stop.is_set():
+            return loading
+        with contextlib.suppress(TimeoutError):  # a change of the model, or a poll
+            await asyncio.wait_for(view.changed(loading[0]).wait(), min(left, 0.5))
 
 
 def _client_host(host: str) -> str:
