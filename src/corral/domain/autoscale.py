@@ -24,7 +24,8 @@ Rules, first match wins:
    capacity is not in the signal yet / the signal is not trustworthy);
 5. above target for `up_window`: up to `ceil(current * mean / target)` (mean of the window's
    values), at least one more, at most `max_step` more (0 = no step cap), never above max;
-6. below target for `scale_down_delay`: down, never below min. For in-flight per replica
+6. below target for `scale_down_delay`: down, never below min and never below one replica
+   (zero is rule 3's: only an idle timeout unloads a model). For in-flight per replica
    (proportional to the replica count) to `ceil(current * peak / target)` (the window's peak),
    so the replicas left stay under target, and hold if that removes none; for queue wait and
    TTFT (which say nothing about how much capacity is spare) one replica per window;
@@ -183,10 +184,11 @@ def decide(policy: ScalePolicy, observed: Observed, now: float) -> ScaleDecision
     below = _holds(
         samples, observed.last_change, now, policy.scale_down_delay, lambda v: v < target
     )
-    if below is not None and current > lo:
+    floor = max(lo, 1)
+    if below is not None and current > floor:
         peak = max(below)
         if policy.signal == Signal.INFLIGHT:
-            desired = max(lo, math.ceil(current * peak / target))
+            desired = max(floor, math.ceil(current * peak / target))
             if desired >= current:
                 return _hold(current, f"one replica fewer would put {policy.signal} above target")
         else:
