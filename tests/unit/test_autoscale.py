@@ -82,6 +82,8 @@ CASES: list[tuple[str, ScalePolicy, Observed, ScaleAction, int, tuple[int, ...]]
     ("up-history-too-short", INFLIGHT, obs(2, steady(8, 30)[2:]), HOLD, 2, ()),
     ("up-one-sample-at-target", INFLIGHT,
      obs(2, poke(steady(8, 30), NOW - 10, 4.0)), HOLD, 2, ()),
+    ("up-mean-of-the-samples-inside-the-window", INFLIGHT,
+     obs(2, poke(steady(8, 30), NOW - 30, 5.0)), UP, 4, ()),
     ("up-value-before-window-ignored", INFLIGHT,
      obs(2, poke(steady(8, 30), NOW - 100, 0.0)), UP, 4, ()),
     ("up-waits-a-window-after-a-change", INFLIGHT, obs(2, steady(8, 30), last_change=NOW - 20),

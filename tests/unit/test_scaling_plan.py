@@ -12,9 +12,9 @@ from factories import GB
 
 INFLIGHT = ScalingTarget(Signal.INFLIGHT, target=2.0, window=10.0)
 IDLE = ScalingTarget(Signal.QUEUE_WAIT, target=1.0, window=10.0, idle_timeout=60.0)
-UP = "inflight_per_replica 5.5 above target 2 for 10s"
+UP = "inflight_per_replica 6 above target 2 for 10s"
 DOWN = "inflight_per_replica 0.2 below target 2 for 300s"
-HIGH = {"m": [Sample(NOW - 20, 5.0), Sample(NOW - 5, 6.0)]}  # 5.5 on average over the window
+HIGH = {"m": [Sample(NOW - 20, 5.0), Sample(NOW - 5, 6.0)]}  # 6 inside the window
 LOW = {"m": [Sample(NOW - 400, 0.1), Sample(NOW - 5, 0.2)]}
 SETTLED = {"m": NOW - 1000}  # the count changed long ago
 BIG = 40 * GB

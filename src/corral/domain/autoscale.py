@@ -22,8 +22,10 @@ Rules, first match wins:
    `idle_timeout` seconds: down to zero (unload the model);
 4. replicas still starting, or the newest sample older than `max_sample_age`: hold (their
    capacity is not in the signal yet / the signal is not trustworthy);
-5. above target for `up_window`: up to `ceil(current * mean / target)` (mean of the window's
-   values), at least one more, at most `max_step` more (0 = no step cap), never above max;
+5. above target for `up_window`: up to `ceil(current * mean / target)` (mean of the samples
+   taken inside the window; the value in force at its start only when there are none: after a
+   step in load that one still averages in the time before the step), at least one more, at
+   most `max_step` more (0 = no step cap), never above max;
 6. below target for `scale_down_delay`: down, never below min and never below one replica
    (zero is rule 3's: only an idle timeout unloads a model). For in-flight per replica
    (proportional to the replica count) to `ceil(current * peak / target)` (the window's peak),
@@ -174,7 +176,8 @@ def decide(policy: ScalePolicy, observed: Observed, now: float) -> ScaleDecision
     if above is not None:
         if current >= hi:
             return _hold(current, f"{policy.signal} above target but at max_replicas")
-        mean = sum(above) / len(above)
+        inside = above[1:] or above  # after a step, the value in force at the start lags
+        mean = sum(inside) / len(inside)
         desired = max(current + 1, math.ceil(current * mean / target))
         if policy.max_step:
             desired = min(desired, current + policy.max_step)

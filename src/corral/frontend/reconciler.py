@@ -13,8 +13,8 @@ What the plan reads besides the snapshot: each model's memory estimate for its c
 revision (that revision's recorded load, else the spec with its model-store artifact's size),
 the last failed load of each revision, one sample per tick of each scaling model's signal
 (`frontend/signals.py`; kept as long as the model's windows need), the requests queued per
-model and when each model's replica count last changed (all in memory: a new leader starts
-the windows afresh).
+model and when each model's count of active or loaded replicas last changed (all in memory: a
+new leader starts the windows afresh).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class Reconciler:
         self.avoid: dict[tuple[str, str], float] = {}  # (model, node) -> avoided until
         self.history: dict[str, deque[Sample]] = {}  # model -> its signal, one sample a tick
         self._revisions: dict[str, str] = {}  # model -> its revision at the last observation
-        self._counts: dict[str, int] = {}  # model -> active replicas at the last observation
+        self._counts: dict[str, tuple[int, int]] = {}  # model -> (active, loaded) replicas
         self._changed: dict[str, float] = {}  # model -> when that count last changed
         self._starting: dict[tuple[str, int], Replica] = {}  # starts whose row may not exist
         self.last_plan = Plan()
@@ -207,11 +207,7 @@ class Reconciler:
             if info is not None and info.loaded_at > 0 and info.memory > 0:
                 out[spec.name] = info.memory
             elif self.artifacts is not None and spec.artifact:
-                try:
-                    size = await self.artifacts.size(spec.artifact)
-                except CorralError:
-                    continue
-                out[spec.name] = estimate_memory(spec, size)
+                out[spec.name] = estimate_memory(spec, await self.artifacts.size(spec.artifact))
         return out
 
     def _signals(self, models: Sequence[ModelSpec], now: float) -> dict[str, list[Sample]]:
@@ -234,12 +230,15 @@ class Reconciler:
         return out
 
     def _last_change(self, replicas: Sequence[Replica], now: float) -> dict[str, float]:
-        counts: dict[str, int] = {}
+        """When each model's capacity last changed: its active or its loaded replicas (a
+        signal measured while new replicas loaded measured the capacity before them)."""
+        counts: dict[str, tuple[int, int]] = {}
         for r in replicas:
             if r.state in ACTIVE_REPLICA_STATES:
-                counts[r.model] = counts.get(r.model, 0) + 1
+                active, loaded = counts.get(r.model, (0, 0))
+                counts[r.model] = (active + 1, loaded + (r.state == ReplicaState.LOADED))
         for model in set(counts) | set(self._counts):
-            if counts.get(model, 0) != self._counts.get(model, 0) or model not in self._changed:
+            if counts.get(model) != self._counts.get(model) or model not in self._changed:
                 self._changed[model] = now
         self._counts = counts
         return dict(self._changed)
