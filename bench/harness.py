@@ -82,6 +82,10 @@ class Harness:
         self.cfg = Config(args.quick, args.rounds)
         self.only = {w.strip() for w in args.only.split(",") if w.strip()}
         self.targets = {t.strip() for t in args.targets.split(",") if t.strip()}
+        self.servers = [k.strip() for k in args.servers.split(",") if k.strip()]
+        self.processes = [int(n) for n in args.processes.split(",") if n.strip()]
+        if self.processes:
+            self.only.add("w8")
         pinned = not args.no_pin and (os.cpu_count() or 1) >= 2
         # Core 1 belongs to the proxy under test; the client, the sim backends, PostgreSQL,
         # NATS and the workers share core 0. Direct runs leave core 1 idle.
@@ -133,6 +137,8 @@ class Harness:
             await self._guard("phase C (w6)", self.phase_c)
         if "w7" in self.only:
             await self._guard("w7", self.w7)
+        if self.processes:
+            await self._guard("w8", self.w8)
 
     async def _guard(self, what: str, fn: Callable[[], Any]) -> None:
         """Run one phase; a failure is recorded and the next phase still runs."""
@@ -205,6 +211,12 @@ class Harness:
                 "litellm": ll.pid if ll else 0,
                 "vllm-router": vr.pid,
             }
+            variants: dict[str, str] = {}
+            for kind in self.servers:
+                proc, variant_url = corral.start_variant(kind)
+                variants[f"corral-{kind}"] = variant_url
+                pids[f"corral-{kind}"] = proc.pid
+                want = want | {f"corral-{kind}"}
             self.results["meta"]["backend_pids"] = {"sim": pids["direct"]}
             nonstream = {
                 "direct": direct,
@@ -218,8 +230,8 @@ class Harness:
                 "litellm": ll_url,
                 "vllm-router": vrs_url,
             }
-            nonstream = {k: v for k, v in nonstream.items() if k in want}
-            stream = {k: v for k, v in stream.items() if k in want}
+            nonstream = {k: v for k, v in {**nonstream, **variants}.items() if k in want}
+            stream = {k: v for k, v in {**stream, **variants}.items() if k in want}
             if "w1" in self.only:
                 await self.w1(nonstream)
                 self._save()
@@ -231,7 +243,9 @@ class Harness:
                 await self.w3(stream, spids)
                 self._save()
             if self.args.profile:
-                await self.profile(corral)
+                await self.profile("corral", corral.frontend.pid, corral.url)
+                for name in variants:
+                    await self.profile(name, pids[name], variants[name])
             for p in (ll, vr, vrs):
                 if p is not None:
                     p.stop()
@@ -429,12 +443,12 @@ class Harness:
         return bg
 
     # --- profile ---------------------------------------------------------------------------
-    async def profile(self, corral: Corral) -> None:
-        assert corral.frontend is not None
+    async def profile(self, name: str, pid: int, url: str) -> None:
+        """py-spy on one frontend under workload 2: raw samples, flame graph, hot spots."""
         secs = max(8.0, self.cfg.w2_seconds)
-        raw = self.dir / "profile-w2.txt"
-        svg = self.dir / "profile-w2.svg"
-        print(f"profile: py-spy on the frontend (pid {corral.frontend.pid}) under w2 for {secs:g}s")
+        raw = self.dir / f"profile-w2-{name}.txt"
+        svg = self.dir / f"profile-w2-{name}.svg"
+        print(f"profile: py-spy on {name} (pid {pid}) under w2 for {secs:g}s")
         body = chat_body("bench", max_tokens=16)
         results = {}
         for fmt, path in (("raw", raw), ("flamegraph", svg)):
@@ -443,7 +457,8 @@ class Harness:
                     bench_bin("py-spy"),
                     "record",
                     "--pid",
-                    str(corral.frontend.pid),
+                    str(pid),
+                    "--subprocesses",
                     "--rate",
                     "200",
                     "--duration",
@@ -460,7 +475,7 @@ class Harness:
             if self.client_cpus is not None:
                 pin(spy.pid, self.client_cpus)
             await asyncio.sleep(0.5)
-            s = await run_load(corral.url, body, users=64, duration=secs - 1)
+            s = await run_load(url, body, users=64, duration=secs - 1)
             results[fmt] = s.rps
             try:
                 _, err = spy.communicate(timeout=60)
@@ -473,10 +488,12 @@ class Harness:
         summary["rps_while_sampled"] = results.get("raw")
         summary["raw"] = str(raw)
         summary["flamegraph"] = str(svg)
-        shutil.copy(svg, BENCH / "plots" / "profile-w2-corral.svg") if (
-            BENCH / "plots"
-        ).is_dir() else None
-        self.results["profile"] = summary
+        if (BENCH / "plots").is_dir():
+            shutil.copy(svg, BENCH / "plots" / f"profile-w2-{name}.svg")
+        if name == "corral":
+            self.results["profile"] = summary
+        else:
+            self.results.setdefault("profiles", {})[name] = summary
         for line in report.profile_lines(summary)[:40]:
             print("  " + line)
 
@@ -702,6 +719,13 @@ class Harness:
                 f"  routing decision, {c['models']} model(s) x {c['per_model']} replicas "
                 f"({key}): {c['us']:.1f} us"
             )
+        for key in ("spread", "one_model"):
+            c = routing[f"{key}_churn"]
+            print(
+                f"  with 200 heartbeats/s ({key}): {c['us']:.1f} us vs "
+                f"{routing[f'{key}_quiet']['us']:.1f} us quiet ({c['ratio']:.3f}x; before "
+                f"the incremental view {routing[f'{key}_churn_before']['us']:.0f} us)"
+            )
         url = await self.infra.create_database("bench_scale")
         writes = await scale.registry_writes(url, quick=self.cfg.quick)
         print(
@@ -709,6 +733,16 @@ class Harness:
             f"{writes['touch_10000_s'] * 1e3:.0f} ms; resync {writes['resync_s'] * 1e3:.0f} ms"
         )
         self.results["workloads"]["w7"] = {"routing": routing, "registry": writes}
+
+    # --- w8 ---------------------------------------------------------------------------------
+    async def w8(self) -> None:
+        assert self.infra is not None
+        import scaling
+
+        seconds = 4.0 if self.cfg.quick else 10.0
+        self.results["workloads"]["w8"] = await scaling.run(
+            self.infra, self.dir, self.processes, seconds=seconds, rounds=self.cfg.rounds
+        )
 
     # --- output -----------------------------------------------------------------------------
     def _meta(self, stamp: str, pinned: bool) -> dict[str, Any]:
@@ -888,7 +922,9 @@ def _source() -> dict[str, Any]:
 def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    out = {"python": platform.python_version(), "corral": version("corral")}
+    import corral
+
+    out = {"python": platform.python_version(), "corral": corral.__version__}
     code = (
         "import importlib.metadata as m, platform;"
         "print(m.version('litellm'), m.version('vllm-router'), m.version('matplotlib'),"

@@ -348,3 +348,45 @@ async def first_byte(url: str, body: bytes, timeout: float = 120.0) -> tuple[int
         return conn.status, (conn.first or end) - t0, end - t0
     finally:
         transport.close()
+
+
+def _main() -> None:
+    """One load process of a multi-process run (bench/scaling.py): prints its stats as JSON."""
+    import argparse
+    import sys
+
+    import uvloop
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--url", action="append", required=True)
+    p.add_argument("--model", default="bench")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--users", type=int, required=True)
+    p.add_argument("--seconds", type=float, required=True)
+    p.add_argument("--policy", default="first")
+    p.add_argument("--start-at", type=float, default=0.0, help="time.time() to start firing")
+    args = p.parse_args()
+    body = chat_body(args.model, max_tokens=args.max_tokens)
+
+    async def go() -> Stats:
+        run = Run(args.url, body, users=args.users, duration=args.seconds, policy=args.policy)
+        delay = args.start_at - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return await run.run()
+
+    s = uvloop.run(go())
+    lat = sorted(s.latencies)
+    step = max(1, len(lat) // 2000)
+    out = {
+        "ok": s.ok,
+        "errors": s.errors,
+        "error_kinds": dict(s.error_kinds),
+        "elapsed": s.elapsed,
+        "latencies": lat[::step],
+    }
+    sys.stdout.write(orjson.dumps(out).decode() + "\n")
+
+
+if __name__ == "__main__":
+    _main()

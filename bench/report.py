@@ -9,6 +9,14 @@ from collections import Counter
 from typing import Any
 
 ORDER = ["direct", "corral", "litellm", "vllm-router"]
+
+
+def _order(measured: dict[str, Any]) -> list[str]:
+    """Targets in table order: the usual four, Corral's server variants after Corral."""
+    extra = sorted(t for t in measured if t not in ORDER)
+    return [t for t in ORDER[:2] if t in measured] + extra + [t for t in ORDER[2:] if t in measured]
+
+
 BG = "other load (cores)"  # CPU used meanwhile by processes the bench did not start
 
 
@@ -44,7 +52,7 @@ def tables(res: dict[str, Any]) -> list[str]:
             "",
         ]
         rows = []
-        for t in ORDER:
+        for t in _order(m):
             if t in m:
                 x = m[t]
                 add50 = x["p50_ms"] - d["p50_ms"] if t != "direct" else None
@@ -72,7 +80,7 @@ def tables(res: dict[str, Any]) -> list[str]:
             "",
         ]
         rows = []
-        for t in ORDER:
+        for t in _order(m):
             if t in m:
                 x = m[t]
                 rows.append(
@@ -82,6 +90,7 @@ def tables(res: dict[str, Any]) -> list[str]:
                         _f(_ratio(x["rps"], d.get("rps")), 2),
                         _f(x["cpu_cores"], 2),
                         _f(x["rps_per_core"], 0),
+                        _f(1e6 / x["rps_per_core"] if x.get("rps_per_core") else None, 1),
                         _f(x["p50_ms"], 2),
                         _f(x["p99_ms"], 2),
                         _f(x["errors"], 0),
@@ -95,6 +104,7 @@ def tables(res: dict[str, Any]) -> list[str]:
                 "× direct",
                 "CPU cores",
                 "req/s per core",
+                "own CPU µs/req",
                 "p50 ms",
                 "p99 ms",
                 "errors",
@@ -111,7 +121,7 @@ def tables(res: dict[str, Any]) -> list[str]:
             "",
         ]
         rows = []
-        for t in ORDER:
+        for t in _order(m):
             if t in m:
                 x = m[t]
                 add = x["ttfb_p50_ms"] - d["ttfb_p50_ms"] if t != "direct" else None
@@ -257,6 +267,7 @@ def tables(res: dict[str, Any]) -> list[str]:
                     "routing decision after a change, 1 model × 10,000 replicas",
                     _f(rt["one_model_after_change"]["us"], 0, " µs"),
                 ],
+                *_churn_rows(rt),
                 ["node heartbeats written (16 writers)", _f(reg["heartbeats_per_s"], 0, " /s")],
                 ["last-used touch, batch of 1,000", _f(reg["touch_1000_s"] * 1e3, 1, " ms")],
                 ["last-used touch, batch of 10,000", _f(reg["touch_10000_s"] * 1e3, 1, " ms")],
@@ -267,7 +278,43 @@ def tables(res: dict[str, Any]) -> list[str]:
                 ],
             ],
         ) + [""]
+    if "w8" in w:
+        lines += _scaling_lines(w["w8"])
     return lines
+
+
+def _scaling_lines(w8: dict[str, Any]) -> list[str]:
+    import scaling
+
+    return [
+        f"**8. Scaling over cores: Corral with N frontend processes, vllm-router on N cores** "
+        f"({w8['sims']} sim replicas, {w8['loaders']} load generator processes, 64 users per "
+        f"process, {w8['seconds']:g} s per run, medians of the rounds; {w8['cores']} cores, "
+        f"{'each target pinned to its N cores' if w8['pinned'] else 'not pinned'})",
+        "",
+        *scaling.table(w8),
+        "",
+    ]
+
+
+def _churn_rows(rt: dict[str, Any]) -> list[list[str]]:
+    """Routing under heartbeat churn (absent from runs before the churn case existed)."""
+    rows = []
+    for base, shape in (("spread", "1,000 models × 10"), ("one_model", "1 model × 10,000")):
+        c = rt.get(f"{base}_churn")
+        if c is None:
+            continue
+        before = rt.get(f"{base}_churn_before", {}).get("us")
+        rows.append(
+            [
+                f"routing decision, {shape}, 1,000 nodes heartbeating "
+                f"({c['heartbeats_per_s']}/s at {c['requests_per_s']:,} req/s) "
+                "vs no heartbeats",
+                f"{_f(c['us'], 1, ' µs')} vs {_f(rt[f'{base}_quiet']['us'], 1, ' µs')} "
+                f"({_f(c['ratio'], 3)}×; before the incremental view: {_f(before, 0, ' µs')})",
+            ]
+        )
+    return rows
 
 
 def cold_overhead(w5: dict[str, Any]) -> float:
@@ -350,6 +397,16 @@ def verdicts(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         out.append(
             ("… same with all 10,000 replicas in one model", f"{worst:,.0f} µs", worst <= 50)
         )
+        for base in ("spread", "one_model"):
+            c = w["w7"]["routing"].get(f"{base}_churn")
+            if c is not None:
+                out.append(
+                    (
+                        f"routing with 1,000 nodes heartbeating ≤ 1.05× quiet ({base})",
+                        f"{c['ratio']:.3f}×",
+                        c["ratio"] <= 1.05,
+                    )
+                )
     return out
 
 
@@ -409,6 +466,9 @@ def results_md(res: dict[str, Any]) -> str:
             *profile_lines(res["profile"]),
             "",
         ]
+    for name, prof in res.get("profiles", {}).items():
+        lines += [f"## Profile of {name} under workload 2 (py-spy)", ""]
+        lines += [*profile_lines(prof, name), ""]
     if res.get("errors"):
         lines += ["## Errors during the run", "", *[f"- {e}" for e in res["errors"]], ""]
     lines += [
@@ -475,10 +535,10 @@ def _short(frame: str) -> str:
     return f"{name} ({path})"
 
 
-def profile_lines(p: dict[str, Any]) -> list[str]:
+def profile_lines(p: dict[str, Any], name: str = "corral") -> list[str]:
     lines = [
         f"{p['samples']:,} samples; req/s while sampled: {_f(p.get('rps_while_sampled'), 0)}; "
-        "flame graph: `plots/profile-w2-corral.svg` (raw stacks under bench/out/)",
+        f"flame graph: `plots/profile-w2-{name}.svg` (raw stacks under bench/out/)",
         "",
     ]
     lines += _table(

@@ -70,13 +70,32 @@ def _ensure_bench_venv() -> None:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short durations (a few minutes)")
-    p.add_argument("--only", default="w1,w2,w3,w4,w5,w6,w7", help="workloads, e.g. w1,w2")
+    p.add_argument(
+        "--only", default="w1,w2,w3,w4,w5,w6,w7", help="workloads, e.g. w1,w2 (w8: --processes)"
+    )
     p.add_argument(
         "--targets",
         default="direct,corral,litellm,vllm-router",
         help="targets of workloads 1-3 (all by default; the table needs all four)",
     )
     p.add_argument("--rounds", type=int, help="alternations of the targets (default 3, quick 2)")
+    p.add_argument(
+        "--servers",
+        default="",
+        help="workloads 1-3 also against Corral under other HTTP servers (bench/servers.py):"
+        " uvicorn (tuned), uvicorn-stock, granian; e.g. --servers uvicorn,granian",
+    )
+    p.add_argument(
+        "--processes",
+        default="",
+        help="workload 8, scaling: Corral with N frontend processes against vllm-router on"
+        " N cores, e.g. --processes 1,2,4,8 (needs 2N+ cores)",
+    )
+    p.add_argument(
+        "--no-install",
+        action="store_true",
+        help="do not create bench/.venv (its tools are on PATH, e.g. on a machine offline)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument("--profile", action="store_true", help="py-spy the frontend under workload 2")
     p.add_argument("--max-minutes", type=float, default=60.0, help="hard limit for the whole run")
@@ -100,7 +119,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     _ensure_project_python()
     args = parse_args()
-    _ensure_bench_venv()
+    if not args.no_install:
+        _ensure_bench_venv()
     sys.path.insert(0, str(BENCH))
     if args.report_only:
         _report_only(args)

@@ -7,12 +7,15 @@
 * registry writes against a private PostgreSQL: node heartbeats per second
   (`registry.nodes.heartbeat`, 16 concurrent writers, the frontend's pool) and last-used
   batches (`registry.replicas.touch` of 1,000 and 10,000 replicas);
-* a full resync of the view from PostgreSQL (`ClusterView.resync`).
+* a full resync of the view from PostgreSQL (`ClusterView.resync`);
+* churn: the same routing decisions while 1,000 nodes heartbeat every 5 s (200/s, interleaved
+  at the throughput target's request rate), compared with no heartbeats.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 import time
 from typing import Any
@@ -79,20 +82,60 @@ def _view(nodes: list[Node], models: int, per_model: int) -> tuple[ClusterView, 
     return view, names
 
 
-def _decisions(view: ClusterView, names: list[str], n: int, *, invalidate: bool) -> float:
-    """Mean seconds per routing decision (candidates + pick + slot), as the proxy does it."""
+#: churn: 1,000 nodes heartbeating every 5 s (200/s) against a frontend serving ~14,000
+#: requests/s (the throughput target) is one heartbeat per 70 routing decisions
+HEARTBEATS_PER_S = 200
+REQUESTS_PER_S = 14000
+
+
+def _heartbeats(nodes: list[Node], n: int) -> list[Node]:
+    """`n` heartbeats round the nodes: same status and labels, new resources and time."""
+    out = []
+    for i in range(n):
+        node = nodes[i % len(nodes)]
+        free = node.resources.ram_free - (i % 7 + 1) * (1 << 20)
+        out.append(
+            dataclasses.replace(
+                node,
+                resources=dataclasses.replace(node.resources, ram_free=free),
+                last_heartbeat=1000.0 + i,
+            )
+        )
+    return out
+
+
+def _decisions(
+    view: ClusterView,
+    names: list[str],
+    n: int,
+    *,
+    invalidate: bool,
+    heartbeats: list[Node] | None = None,
+    legacy: bool = False,
+) -> float:
+    """Mean seconds per routing decision (candidates + pick + slot), as the proxy does it;
+    with `heartbeats`, one of them goes into the view (`put_node`, as the heartbeat handler
+    does) every REQUESTS_PER_S / HEARTBEATS_PER_S decisions, its cost counted in; `legacy`
+    also drops every cached candidate list at each heartbeat, as `put_node` did before the
+    view became incremental."""
     inflight = InflightTracker("bench")
     totals = inflight.view()
     last_used = view.last_used
     m = len(names)
+    every = REQUESTS_PER_S // HEARTBEATS_PER_S
+    beats = heartbeats or []
     clock = time.perf_counter
     t0 = clock()
     for turn in range(n):
         name = names[turn % m]
         if invalidate:
             view._touch(name)
+        if beats and turn % every == 0:
+            view.put_node(beats[(turn // every) % len(beats)])
+            if legacy:
+                view._touch_all()
         cands = view.candidates(name)
-        chosen = pick_replica(cands, totals, {}, turn, last_used=last_used)
+        chosen = pick_replica(cands, totals, view.free_memory(), turn, last_used=last_used)
         assert chosen is not None
         last_used[chosen.key] = 2000.0 + turn
         inflight.acquire(chosen.key).release()
@@ -119,6 +162,44 @@ def routing(nodes_n: int = 1000, replicas_n: int = 10000, *, quick: bool = False
             "per_model": per_model,
             "us": statistics.median(samples) * 1e6,
         }
+    out.update(churn(nodes, replicas_n, quick=quick))
+    return out
+
+
+def churn(nodes: list[Node], replicas_n: int, *, quick: bool = False) -> dict[str, Any]:
+    """Routing decisions with and without heartbeats, alternated on the same view (so noise
+    hits both alike); `*_churn` rows give the ratio to the quiet row of the same shape."""
+    beats = _heartbeats(nodes, 2 * len(nodes))
+    reps = 5 if quick else 11
+    out: dict[str, Any] = {}
+    for label, models, per_model, n in (
+        ("spread", replicas_n // 10, 10, 14000),
+        ("one_model", 1, replicas_n, 7000 if quick else 14000),
+    ):
+        view, names = _view(nodes, models, per_model)
+        _decisions(view, names, 2000, invalidate=False, heartbeats=beats)  # warm
+        quiet, busy = [], []
+        for _ in range(reps):
+            quiet.append(_decisions(view, names, n, invalidate=False))
+            busy.append(_decisions(view, names, n, invalidate=False, heartbeats=beats))
+        # the fastest of the alternated runs is the least disturbed by other load
+        q, b = min(quiet) * 1e6, min(busy) * 1e6
+        out[f"{label}_quiet"] = {"models": models, "per_model": per_model, "us": q}
+        out[f"{label}_churn"] = {
+            "models": models,
+            "per_model": per_model,
+            "us": b,
+            "ratio": b / q,
+            "median_ratio": statistics.median(busy) / statistics.median(quiet),
+            "heartbeats_per_s": HEARTBEATS_PER_S,
+            "requests_per_s": REQUESTS_PER_S,
+        }
+        n_legacy = 700 if label == "one_model" else 7000
+        legacy = [
+            _decisions(view, names, n_legacy, invalidate=False, heartbeats=beats, legacy=True)
+            for _ in range(3)
+        ]
+        out[f"{label}_churn_before"] = {"us": min(legacy) * 1e6}
     return out
 
 

@@ -148,6 +148,14 @@ class Corral:
     async def start(self, timeout: float = 90) -> None:
         self.database_url = await self.infra.create_database(f"bench_{self.name}")
         self.port = free_port()
+        self._start_frontend(timeout)
+
+    def _start_frontend(
+        self,
+        timeout: float,
+        env: Mapping[str, str] | None = None,
+        cpus: Sequence[int] | None = None,
+    ) -> None:
         argv = [sys.executable, "-m", "corral", "serve", "--host", "127.0.0.1"]
         argv += ["--port", str(self.port), "--models-dir", str(self.models_dir)]
         argv += ["--log-level", "WARNING"]
@@ -155,8 +163,8 @@ class Corral:
             f"{self.name}-frontend",
             argv,
             self.root / "logs" / "frontend.log",
-            env=self._env(),
-            cpus=self.frontend_cpus,
+            env={**self._env(), **(env or {})},
+            cpus=cpus or self.frontend_cpus,
         )
         wait_http(self.url + "/healthz", timeout, self.frontend)
         deadline = time.monotonic() + timeout
@@ -164,6 +172,44 @@ class Corral:
             if time.monotonic() > deadline:
                 raise RuntimeError("frontend never became ready")
             time.sleep(0.1)
+
+    def restart_frontend(
+        self, env: Mapping[str, str], cpus: Sequence[int] | None, timeout: float = 90
+    ) -> None:
+        """Replace the frontend (same port, same database) with one run with `env`, and wait
+        until each of its CORRAL_PROCESSES processes answers."""
+        if self.frontend is not None:
+            self.frontend.stop(grace=15)
+        self._start_frontend(timeout, env, cpus)
+        if self.frontend is not None and cpus is not None:
+            pin(self.frontend.pid, cpus)  # its children too
+        want = int(env.get("CORRAL_PROCESSES", "1"))
+        seen: set[str] = set()
+        deadline = time.monotonic() + timeout
+        while len(seen) < want:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(seen)} of {want} frontend processes answer")
+            with httpx.Client(timeout=5) as client:  # a fresh connection each time
+                seen.add(client.get(self.url + "/healthz").json()["frontend_id"])
+        if self.frontend is not None and cpus is not None:
+            pin(self.frontend.pid, cpus)
+
+    def start_variant(self, kind: str, timeout: float = 90) -> tuple[Proc, str]:
+        """One more frontend of this cluster, under another HTTP server (bench/servers.py)."""
+        port = free_port()
+        env = self._env()
+        env.update({"CORRAL_HOST": "127.0.0.1", "CORRAL_PORT": str(port)})
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH), env.get("PYTHONPATH", "")) if p)
+        proc = Proc(
+            f"{self.name}-frontend-{kind}",
+            [sys.executable, str(BENCH / "servers.py"), kind],
+            self.root / "logs" / f"frontend-{kind}.log",
+            env=env,
+            cpus=self.frontend_cpus,
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz", timeout, proc)
+        return proc, url
 
     def start_worker(
         self,
@@ -244,7 +290,15 @@ def replica_url(replica: Mapping[str, Any]) -> str:
 
 
 def bench_bin(name: str) -> str:
-    return str(BENCH / ".venv" / "bin" / name)
+    """A tool of bench/.venv, or from PATH when there is no bench/.venv (--no-install)."""
+    path = BENCH / ".venv" / "bin" / name
+    if not path.exists():
+        import shutil
+
+        found = shutil.which(name)
+        if found:
+            return found
+    return str(path)
 
 
 def start_litellm(
@@ -300,13 +354,14 @@ def start_vllm_router(
     policy: str = "round_robin",
     name: str = "vllm-router",
     timeout: float = 60,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[Proc, str]:
     port = free_port()
     argv = [bench_bin("vllm-router"), "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--worker-urls", *backends, "--policy", policy, "--log-level", "warning"]
     argv += ["--max-concurrent-requests", "1024", "--prometheus-host", "127.0.0.1"]
     argv += ["--prometheus-port", str(free_port())]
-    proc = Proc(name, argv, log_dir / f"{name}.log", cpus=cpus)
+    proc = Proc(name, argv, log_dir / f"{name}.log", cpus=cpus, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", timeout, proc)
     return proc, url

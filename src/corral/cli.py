@@ -70,6 +70,9 @@ def up(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the OpenAI endpoint")] = 8000,
     models_dir: Annotated[Path | None, typer.Option(help="Model YAML files")] = None,
+    processes: Annotated[
+        int, typer.Option(min=1, help="Frontend processes sharing the port (one per core to use)")
+    ] = 1,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Run a whole cluster on this machine: PostgreSQL, NATS, a frontend and a worker."""
@@ -79,7 +82,9 @@ def up(
     _logging(log_level)
     directory = data_dir or default_data_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    run_async(lambda: run_up(directory, host=host, port=port, models_dir=models_dir))
+    run_async(
+        lambda: run_up(directory, host=host, port=port, models_dir=models_dir, processes=processes)
+    )
 
 
 @app.command()
@@ -113,9 +118,52 @@ def serve(
         float | None,
         typer.Option(help="Seconds a rollout stays halted after its new revision failed"),
     ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Frontend processes sharing the port, each a full frontend (CORRAL_PROCESSES;"
+            " default 1). Recommended: one per core, minus the cores workers on this machine"
+            " need",
+        ),
+    ] = None,
+    max_body_bytes: Annotated[
+        int | None, typer.Option(help="Largest request body; 413 past it (CORRAL_MAX_BODY_BYTES)")
+    ] = None,
+    header_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds a client has to send request headers; then 408 (default 10)"),
+    ] = None,
+    body_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a client has to send a request body, renewed while it arrives at"
+            " --body-min-rate; then 408 (default 30)"
+        ),
+    ] = None,
+    body_min_rate: Annotated[
+        float | None,
+        typer.Option(help="Bytes/s a slow request body must average to renew (default 1024)"),
+    ] = None,
+    keep_alive_timeout: Annotated[
+        float | None, typer.Option(help="Seconds an idle client connection stays open (30)")
+    ] = None,
+    shutdown_timeout: Annotated[
+        float | None, typer.Option(help="Seconds requests in progress get at stop (10)")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate chain: serve HTTPS (CORRAL_TLS_CERT)")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="PEM private key of --tls-cert (CORRAL_TLS_KEY)")
+    ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Run a frontend against an existing PostgreSQL and NATS."""
+    """Run a frontend against an existing PostgreSQL and NATS.
+
+    Every option can also be set as a CORRAL_<OPTION> environment variable (e.g.
+    CORRAL_HEADER_TIMEOUT); a flag given overrides it.
+    """
     from corral.runner import install_stop_handler, run_async, serve_frontend
 
     _logging(log_level)
@@ -136,7 +184,20 @@ def serve(
         reconcile_interval=reconcile_interval,
         unload_grace=unload_grace,
         revision_retry=revision_retry,
+        processes=processes,
+        max_body_bytes=max_body_bytes,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        body_min_rate=body_min_rate,
+        keep_alive_timeout=keep_alive_timeout,
+        shutdown_timeout=shutdown_timeout,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
+    for path in (settings.tls_cert, settings.tls_key):
+        if path is not None and not path.is_file():
+            typer.echo(f"error: {path}: no such file", err=True)
+            raise typer.Exit(2)
     if settings.token is None:
         typer.echo("warning: no --token/CORRAL_TOKEN: workers cannot join", err=True)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import platformdirs
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from corral.domain.sizes import MemoryBudget
@@ -37,6 +37,16 @@ class FrontendSettings(BaseSettings):
     token: SecretStr | None = None  # registration token workers join with
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # empty: open
     frontend_id: str = Field(default_factory=lambda: f"fe-{secrets.token_hex(4)}")
+
+    # HTTP serving
+    processes: int = Field(default=1, ge=1)  # frontend processes sharing the port (SO_REUSEPORT)
+    header_timeout: float = Field(default=10.0, gt=0)  # seconds for a request line + headers
+    body_timeout: float = Field(default=30.0, gt=0)  # seconds per window for a request body
+    body_min_rate: float = Field(default=1024.0, ge=0)  # bytes/s a body must keep up per window
+    keep_alive_timeout: float = Field(default=30.0, gt=0)  # seconds an idle connection stays
+    shutdown_timeout: float = Field(default=10.0, ge=0)  # seconds requests get to finish at stop
+    tls_cert: Path | None = None  # PEM certificate chain: serve HTTPS
+    tls_key: Path | None = None  # PEM private key of tls_cert
 
     # cold path
     wait_budget: float = 60.0  # seconds a request waits for a model load before 503
@@ -70,6 +80,16 @@ class FrontendSettings(BaseSettings):
         if isinstance(value, str):
             return [k for k in (s.strip() for s in value.split(",")) if k]
         return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> FrontendSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert is not None else "http"
 
     @property
     def async_database_url(self) -> str:

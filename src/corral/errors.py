@@ -9,7 +9,9 @@ Every class says whether trying again can help (`retryable`); an instance may sa
     ├── InvalidInput            the caller sent something malformed
     │   ├── BadRequest
     │   ├── PayloadTooLarge
-    │   └── MethodNotAllowed
+    │   ├── MethodNotAllowed
+    │   ├── RequestTimeout      headers or body arrived too slowly
+    │   └── HeadersTooLarge
     ├── ConfigError             a configuration file or setting is invalid
     ├── AccessDenied
     │   ├── Unauthorized        missing or wrong credentials
@@ -129,6 +131,14 @@ class ModelNotFound(NotFound):
 
 class Conflict(CorralError):
     """The request conflicts with the current state."""
+
+
+class RequestTimeout(InvalidInput):
+    """The client sent its request headers or body too slowly; the connection closes."""
+
+
+class HeadersTooLarge(InvalidInput):
+    """The request line and headers exceed the server's limit."""
 
 
 # --- not enough room ------------------------------------------------------------------------

@@ -1,39 +1,30 @@
-"""Running the processes: a frontend under uvicorn, a worker, and `corral up` (all in one).
+"""Running the processes: frontends on Corral's HTTP server, a worker, and `corral up`.
 
-Signals are handled here, not by uvicorn, so shutdown happens in order: worker (backends
-stopped), frontend, then the embedded NATS and PostgreSQL.
+Signals are handled here, so shutdown happens in order: worker (backends stopped), frontend
+children, this process's frontend, then the embedded NATS and PostgreSQL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import secrets
 import signal
 import socket
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import uvicorn
 
 from corral.config import FrontendSettings, WorkerSettings
 
 if TYPE_CHECKING:  # imported lazily: a worker never loads the frontend's libraries
+    from corral.frontend.http import HttpServer
     from corral.frontend.service import Frontend
+    from corral.frontends import FrontendGroup
     from corral.worker.agent import Agent
 
 log = logging.getLogger(__name__)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling (the runner owns signals)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 def install_stop_handler(stop: asyncio.Event) -> None:
@@ -42,42 +33,118 @@ def install_stop_handler(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-def frontend_server(
-    settings: FrontendSettings, *, sock: socket.socket | None = None
-) -> tuple[Frontend, _Server]:
-    from corral.frontend.app import create_app
-    from corral.frontend.service import Frontend
+class FrontendProcess:
+    """One frontend on Corral's own HTTP server, in this process.
 
-    frontend = Frontend(settings)
-    config = uvicorn.Config(
-        create_app(frontend),
-        host=settings.host,
-        port=settings.port,
-        http="httptools",
-        loop="none",
-        lifespan="on",
-        log_level="warning",
-        access_log=False,
-        timeout_keep_alive=30,
-        backlog=4096,
-        proxy_headers=False,  # a middleware on every request; Corral does not use client IPs
-        server_header=False,
-        date_header=False,
-    )
-    server = _Server(config)
-    return frontend, server
+    `start()` runs the app's lifespan (which starts the frontend: migrations, bus, loops),
+    then listens on `sock` (or a socket bound from the settings); `stop()` undoes it.
+    """
+
+    def __init__(self, settings: FrontendSettings, *, sock: socket.socket | None = None) -> None:
+        self.settings = settings
+        self.sock = sock
+        self.frontend: Frontend | None = None
+        self.server: HttpServer | None = None
+
+    async def start(self) -> None:
+        from corral.frontend.app import create_app
+        from corral.frontend.http import HttpLimits, HttpServer, bind_socket
+        from corral.frontend.http.server import tls_context
+        from corral.frontend.service import Frontend
+
+        s = self.settings
+        self.frontend = Frontend(s)
+        app = create_app(self.frontend)
+        limits = HttpLimits(
+            header_timeout=s.header_timeout,
+            body_timeout=s.body_timeout,
+            body_min_rate=s.body_min_rate,
+            keep_alive_timeout=s.keep_alive_timeout,
+            shutdown_timeout=s.shutdown_timeout,
+        )
+        tls = tls_context(s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else None
+        self.server = HttpServer(
+            app,
+            native=app.native_routes(),
+            limits=limits,
+            ssl_context=tls,
+            max_body_bytes=s.max_body_bytes,
+        )
+        await self.server.startup()
+        try:
+            sock = self.sock or bind_socket(s.host, s.port, reuse_port=s.processes > 1)
+            await self.server.start(sock)
+        except BaseException:
+            await self.server.shutdown()
+            raise
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            await self.server.shutdown()
+
+
+class Frontends:
+    """`settings.processes` frontends on one port: one in this process, the others children
+    (`corral.frontends.FrontendGroup`), each a full frontend with its own id."""
+
+    def __init__(self, settings: FrontendSettings) -> None:
+        self.settings = settings
+        self.primary = FrontendProcess(settings)
+        self.group: FrontendGroup | None = None
+
+    async def start(self) -> None:
+        from corral.frontend.http import bind_socket
+        from corral.frontends import FrontendGroup
+
+        s = self.settings
+        self.primary.sock = bind_socket(s.host, s.port, reuse_port=s.processes > 1)
+        await self.primary.start()
+        if s.processes > 1:
+            self.group = FrontendGroup(s, port=self.port, children=s.processes - 1)
+            try:
+                await self.group.start()
+            except BaseException:
+                await self.stop()
+                raise
+
+    @property
+    def port(self) -> int:
+        return self.primary.port
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        return f"{self.settings.scheme}://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Children first, then this process's frontend."""
+        if self.group is not None:
+            await self.group.stop()
+        await self.primary.stop()
 
 
 async def serve_frontend(settings: FrontendSettings, stop: asyncio.Event) -> None:
-    """Run one frontend until `stop` is set."""
-    _, server = frontend_server(settings)
-    task = asyncio.create_task(server.serve())
-    await _until_started(server, task)
-    settle_heap()
-    log.info("frontend listening on http://%s:%d", settings.host, settings.port)
-    await _wait_either(stop, task)
-    server.should_exit = True
-    await task
+    """Run `settings.processes` frontends until `stop` is set."""
+    frontends = Frontends(settings)
+    await frontends.start()
+    try:
+        settle_heap()
+        log.info(
+            "frontend listening on %s (%d process%s)",
+            frontends.url,
+            settings.processes,
+            "es" if settings.processes > 1 else "",
+        )
+        await stop.wait()
+    finally:
+        await frontends.stop()
 
 
 async def serve_worker(agent: Agent, stop: asyncio.Event) -> None:
@@ -93,20 +160,6 @@ def make_agent(settings: WorkerSettings) -> Agent:
 
     catalog = Catalog.builtin().with_dir(settings.backends_dir)
     return Agent(settings, catalog=catalog)
-
-
-async def _until_started(server: uvicorn.Server, task: asyncio.Task[None]) -> None:
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("the frontend stopped during start-up")
-        await asyncio.sleep(0.02)
-
-
-async def _wait_either(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
-    waiter = asyncio.create_task(stop.wait())
-    await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
 
 
 def settle_heap() -> None:

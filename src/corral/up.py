@@ -16,9 +16,7 @@ from corral.config import FrontendSettings, WorkerSettings
 from corral.embedded import EmbeddedNats, EmbeddedPostgres
 from corral.frontend.view import ClusterView
 from corral.runner import (
-    _until_started,
-    _wait_either,
-    frontend_server,
+    Frontends,
     install_stop_handler,
     make_agent,
     read_or_create_token,
@@ -41,11 +39,12 @@ def ensure_models_dir(directory: Path) -> Path:
 
 
 async def up(
-    data_dir: Path, *, host: str, port: int, models_dir: Path | None, workers: int = 1
+    data_dir: Path, *, host: str, port: int, models_dir: Path | None, processes: int = 1
 ) -> None:
     """Run the all-in-one cluster until SIGINT/SIGTERM; leave no process behind.
 
-    `data_dir` must exist (the CLI creates it).
+    `data_dir` must exist (the CLI creates it). With `processes` > 1, that many frontends
+    share the port (this process's and children); the worker runs in this process.
     """
     stop = asyncio.Event()
     install_stop_handler(stop)
@@ -63,30 +62,33 @@ async def up(
             port=port,
             models_dir=models,
             token=SecretStr(token),
+            processes=processes,
         )
-        frontend, server = frontend_server(fsettings)
-        serving = asyncio.create_task(server.serve())
-        await _until_started(server, serving)
-        wsettings = WorkerSettings(
-            join=f"http://{_client_host(host)}:{port}",
-            token=SecretStr(token),
-            name="local",
-            data_dir=data_dir / "worker",
-        )
-        agent = make_agent(wsettings)
-        await agent.start()
-        settle_heap()
+        frontends = Frontends(fsettings)
+        await frontends.start()
         try:
-            loading = await _preloaded(frontend.view, stop, timeout=PRELOAD_WAIT)
-            if loading:
-                print(f"still loading: {', '.join(loading)}", file=sys.stderr, flush=True)
-            _banner(host, port, sorted(frontend.view.models), data_dir)
-            await _wait_either(stop, serving)
+            wsettings = WorkerSettings(
+                join=f"http://{_client_host(host)}:{frontends.port}",
+                token=SecretStr(token),
+                name="local",
+                data_dir=data_dir / "worker",
+            )
+            agent = make_agent(wsettings)
+            await agent.start()
+            settle_heap()
+            try:
+                frontend = frontends.primary.frontend
+                assert frontend is not None
+                loading = await _preloaded(frontend.view, stop, timeout=PRELOAD_WAIT)
+                if loading:
+                    print(f"still loading: {', '.join(loading)}", file=sys.stderr, flush=True)
+                _banner(host, frontends.port, sorted(frontend.view.models), data_dir)
+                await stop.wait()
+            finally:
+                print("\nstopping corral ...", file=sys.stderr, flush=True)
+                await agent.stop(drain=False)
         finally:
-            print("\nstopping corral ...", file=sys.stderr, flush=True)
-            await agent.stop(drain=False)
-            server.should_exit = True
-            await serving
+            await frontends.stop()
     finally:
         nats.stop()
         pg.stop()

@@ -1,8 +1,10 @@
 """Real backends through Corral: installs on the worker, artifacts from the model store, errors.
 
-The embeddings and llama.cpp tests install their backends into a shared cache
-(~/.cache/corral-test/backends, or $CORRAL_TEST_BACKENDS) so only the first run pays for the
-install (llama-cpp-python builds from source: about 15 minutes on 2 cores).
+The embeddings and llama.cpp backends are installed by session fixtures into the shared test
+cache (fixtures/backend_installs.py) before any test's clock starts; the worker, pointed at the
+same directory, finds them installed. Only the first run on a machine pays for the installs
+(llama-cpp-python builds from source: about 13 minutes on 2 cores); the tests that use them
+keep a long pytest timeout because a session fixture's setup counts toward the first test's.
 """
 
 from __future__ import annotations
@@ -19,18 +21,21 @@ import openai
 import pytest
 
 from cluster import Cluster, wait_for
+from fixtures.backend_installs import INSTALL_TIMEOUT, OFFLINE, backends_root, install_backend
 from fixtures.local_packages import requirement, write_project
 from fixtures.tiny_gguf import write_tiny_llama
 
 pytestmark = pytest.mark.slow
 
-INSTALL_TIMEOUT = 3600
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+@pytest.fixture(scope="session")
+def embeddings_python() -> str:
+    return install_backend("embeddings")
 
 
-def shared_backends() -> str:
-    env = os.environ.get("CORRAL_TEST_BACKENDS")
-    return env or str(Path.home() / ".cache" / "corral-test" / "backends")
+@pytest.fixture(scope="session")
+def llama_cpp_python() -> str:
+    return install_backend("llama-cpp")
 
 
 def client(cluster: Cluster) -> openai.OpenAI:
@@ -141,22 +146,20 @@ def minilm_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-@pytest.mark.timeout(INSTALL_TIMEOUT)
+@pytest.mark.timeout(INSTALL_TIMEOUT)  # the session fixture's install counts toward it
 def test_embeddings_through_corral_equal_sentence_transformers(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, embeddings_python: str
 ) -> None:
     model_dir = minilm_dir()
     cluster.write_model("minilm", backend="embeddings", artifact=str(model_dir))
-    cluster.start_frontend(CORRAL_START_TIMEOUT=str(INSTALL_TIMEOUT))
-    cluster.start_worker("w", CORRAL_WORKER_BACKENDS_ROOT=shared_backends(), **OFFLINE)
+    cluster.start_frontend()
+    cluster.start_worker("w", CORRAL_WORKER_BACKENDS_ROOT=str(backends_root()), **OFFLINE)
     texts = ["A corral keeps horses together.", "Vectors through a proxy stay vectors."]
     with client(cluster) as c:
         got = [d.embedding for d in c.embeddings.create(model="minilm", input=texts).data]
 
     # the same computation directly, in the backend's own virtualenv
-    pythons = list(Path(shared_backends()).glob("embeddings/*/bin/python"))
-    assert pythons, "no embeddings virtualenv"
-    python = pythons[0]
+    python = embeddings_python
     script = (
         "import json, sys\n"
         "from sentence_transformers import SentenceTransformer\n"
@@ -178,9 +181,9 @@ def test_embeddings_through_corral_equal_sentence_transformers(
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
 
 
-@pytest.mark.timeout(INSTALL_TIMEOUT)
+@pytest.mark.timeout(INSTALL_TIMEOUT)  # the session fixture's install counts toward it
 def test_llama_cpp_streams_a_tiny_gguf_from_the_model_store(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, tmp_path: Path, llama_cpp_python: str
 ) -> None:
     store = tmp_path / "store"
     write_tiny_llama(store / "tiny" / "tiny-llama.gguf")
@@ -190,8 +193,8 @@ def test_llama_cpp_streams_a_tiny_gguf_from_the_model_store(
         artifact="tiny/tiny-llama.gguf",  # relative: served by the frontend's model store
         options={"n_ctx": 256},
     )
-    cluster.start_frontend(CORRAL_MODEL_STORE=str(store), CORRAL_START_TIMEOUT=str(INSTALL_TIMEOUT))
-    cluster.start_worker("w", CORRAL_WORKER_BACKENDS_ROOT=shared_backends())
+    cluster.start_frontend(CORRAL_MODEL_STORE=str(store))
+    cluster.start_worker("w", CORRAL_WORKER_BACKENDS_ROOT=str(backends_root()))
     with client(cluster) as c:
         chunks = list(
             c.chat.completions.create(

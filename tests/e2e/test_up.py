@@ -20,7 +20,7 @@ from corral.embedded import free_port
 pytestmark = pytest.mark.slow
 
 
-def start_up(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_up(data_dir: Path, port: int, log: Path, *args: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     with open(log, "ab") as out:
         return subprocess.Popen(
@@ -33,6 +33,7 @@ def start_up(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
                 str(data_dir),
                 "--port",
                 str(port),
+                *args,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -108,6 +109,38 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert len(nodes) == 1 and nodes[0]["id"] in nodes_before
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0
+    finally:
+        if proc.poll() is None:
+            for p in tree(proc.pid):
+                p.kill()
+
+
+def test_up_with_two_frontend_processes(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    log = tmp_path / "up.log"
+    port = free_port()
+    proc = start_up(data_dir, port, log, "--processes", "2")
+    try:
+        wait_up(proc, log, port, runs=1)
+        assert chat(port)
+
+        def ids() -> set[str]:
+            found = set()
+            for _ in range(12):
+                with httpx.Client(timeout=5) as c:
+                    found.add(c.get(f"http://127.0.0.1:{port}/healthz").json()["frontend_id"])
+            return found
+
+        wait_for(lambda: len(ids()) == 2, timeout=60, what="two frontend processes")
+        processes = tree(proc.pid)
+        assert sum("corral.frontends" in " ".join(p.cmdline()) for p in processes) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0, log.read_text()[-3000:]
+        wait_for(
+            lambda: not [p for p in processes if p.is_running() and p.status() != "zombie"],
+            timeout=30,
+            what="every child process gone",
+        )
     finally:
         if proc.poll() is None:
             for p in tree(proc.pid):

@@ -205,3 +205,16 @@ def test_candidates_are_the_current_revision_once_one_is_ready() -> None:
     assert _keys(v.candidates("m")) == [("m", 2)]
     v.put_model(model("m", options={"v": 2}, rollout=Rollout(newest_only=False)))
     assert _keys(v.candidates("m")) == [("m", 0), ("m", 1), ("m", 2)], "the setting is off"
+
+
+async def test_view_heartbeat_keeps_candidates_and_updates_free_memory(view: ClusterView) -> None:
+    cached = view.candidates("m")
+    assert view.free_memory()["n1"] == 0
+    event = view.changed("m")
+    view.put_node(node("n1", labels={"zone": "a"}, ram_free=42))  # same status and labels
+    assert view.candidates("m") is cached, "a heartbeat does not rebuild candidate lists"
+    assert view.free_memory()["n1"] == 42
+    assert view.nodes["n1"].resources.ram_free == 42
+    assert not event.is_set()
+    view.put_node(node("n1", labels={"zone": "b"}, ram_free=42))  # a relabel does
+    assert view.candidates("m") is not cached and event.is_set()

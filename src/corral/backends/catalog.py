@@ -13,12 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from corral.backends.capabilities import Capability, expand_aliases
 from corral.domain.entities import ModelSpec
 from corral.domain.sizes import parse_size
 from corral.errors import ConfigError
-
-Capability = Literal["chat", "completions", "embeddings", "rerank", "audio"]
-
 
 #: Placeholders a launch command may use.
 PLACEHOLDERS = frozenset({"corral_backends", "python", "host", "port", "model", "model_path"})
@@ -43,6 +41,13 @@ class BackendEntry(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     install_timeout: float = 1800.0
 
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _expand_aliases(cls, value: Any) -> Any:
+        """`audio` → transcription, speech (each unknown name keeps its position, for the item
+        check to name it)."""
+        return tuple(expand_aliases(value)) if isinstance(value, list | tuple) else value
+
     @field_validator("command")
     @classmethod
     def _known_placeholders(cls, command: tuple[str, ...]) -> tuple[str, ...]:
@@ -60,6 +65,11 @@ class BackendEntry(BaseModel):
     @property
     def default_memory(self) -> int | None:
         return None if self.memory is None else parse_size(self.memory)
+
+    def serves(self, capability: Capability | None) -> bool:
+        """Whether this backend serves requests needing `capability` (None: no inference
+        endpoint, e.g. /v1/models, which every backend answers)."""
+        return capability is None or capability in self.capabilities
 
     def argv(
         self,

@@ -5,6 +5,12 @@ it imports only the standard library and its backend's requirements (sentence-tr
 numpy), never `corral`. Endpoints: POST /v1/embeddings, GET /v1/models, GET /health (503 while
 the model loads). Inputs may be strings or token-id arrays; `encoding_format` float or base64;
 `dimensions` truncates (and re-normalises with --normalize).
+
+POST /v1/rerank (also /rerank, /v2/rerank; the Cohere / Jina / vLLM shape: query, documents as
+strings or {"text": ...}, top_n, return_documents) answers results sorted by relevance_score,
+and POST /v1/score (also /score; vLLM's shape: text_1 and text_2, each a string or a list, one
+paired with each of the other or pairwise) answers one score per pair. Both score the cosine
+similarity of the texts' embeddings by the same model.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import sys
 import threading
 import time
 import traceback
+import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -105,9 +113,20 @@ class EmbeddingModel:
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
             if self.normalize:
-                norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-                vectors = vectors / np.maximum(norms, np.float32(1e-12))
+                vectors = self._unit(vectors)
         return vectors
+
+    def _unit(self, vectors: Any) -> Any:
+        np = self._np
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, np.float32(1e-12))
+
+    def cosine(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """The cosine similarity of each (left, right) pair's embeddings (each text once)."""
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        vectors = self._unit(self.encode(texts, None))
+        row = {text: vectors[i] for i, text in enumerate(texts)}
+        return [float(row[a] @ row[b]) for a, b in pairs]
 
 
 def parse_inputs(model: EmbeddingModel, value: Any) -> list[str]:
@@ -127,16 +146,7 @@ def parse_inputs(model: EmbeddingModel, value: Any) -> list[str]:
 
 def embeddings(model: EmbeddingModel, body: Any) -> dict[str, Any]:
     """The response body of POST /v1/embeddings."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "request body must be a JSON object")
-    requested = body.get("model")
-    if requested is not None and requested != model.name:
-        raise RequestError(
-            404,
-            f"model '{requested}' is not served here; this server serves '{model.name}'",
-            code="model_not_found",
-            param="model",
-        )
+    body = check_model(model, body)
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise RequestError(
@@ -167,6 +177,119 @@ def embeddings(model: EmbeddingModel, body: Any) -> dict[str, Any]:
     }
 
 
+def check_model(model: EmbeddingModel, body: Any) -> dict[str, Any]:
+    """`body` as a JSON object naming this server's model (or none)."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    requested = body.get("model")
+    if requested is not None and requested != model.name:
+        raise RequestError(
+            404,
+            f"model '{requested}' is not served here; this server serves '{model.name}'",
+            code="model_not_found",
+            param="model",
+        )
+    return body
+
+
+def _text(value: Any, param: str) -> str:
+    """A text input: a string or {"text": string} (Cohere's and Jina's document objects)."""
+    if isinstance(value, dict):
+        value = value.get("text")
+    if not isinstance(value, str):
+        raise RequestError(400, f"'{param}' must be a string or an object with 'text'", param=param)
+    return value
+
+
+def _texts(value: Any, param: str) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise RequestError(400, f"'{param}' must not be empty", param=param)
+    return [_text(item, param) for item in items]
+
+
+def rerank(model: EmbeddingModel, body: Any) -> dict[str, Any]:
+    """The response body of POST /v1/rerank: documents by descending relevance to the query."""
+    body = check_model(model, body)
+    query = _text(body.get("query"), "query")
+    documents = body.get("documents")
+    if not isinstance(documents, list) or not documents:
+        raise RequestError(400, "'documents' must be a non-empty array", param="documents")
+    texts = [_text(d, "documents") for d in documents]
+    top_n = body.get("top_n")
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
+        raise RequestError(400, "'top_n' must be a non-negative integer", param="top_n")
+    top_n = top_n or len(texts)  # none or 0 (vLLM's default): all of them
+    return_documents = body.get("return_documents", True)
+    if not isinstance(return_documents, bool):
+        raise RequestError(400, "'return_documents' must be a boolean", param="return_documents")
+    scores = model.cosine([(query, text) for text in texts])
+    order = sorted(range(len(texts)), key=lambda i: (-scores[i], i))[:top_n]
+    results = []
+    for i in order:
+        result: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+        if return_documents:
+            result["document"] = {"text": texts[i]}
+        results.append(result)
+    tokens = model.count_tokens([query, *texts])
+    return {
+        "id": f"rerank-{uuid.uuid4().hex}",
+        "model": model.name,
+        "results": results,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+#: The names vLLM accepts for the two sides of a score request.
+SCORE_FIELDS = (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"))
+
+
+def score(model: EmbeddingModel, body: Any) -> dict[str, Any]:
+    """The response body of POST /v1/score: one similarity per (text_1, text_2) pair. A single
+    text on one side is paired with each text of the other; two lists pair by position."""
+    body = check_model(model, body)
+    for left_name, right_name in SCORE_FIELDS:
+        if left_name in body and right_name in body:
+            break
+    else:
+        raise RequestError(400, "'text_1' and 'text_2' are required", param="text_1")
+    left = _texts(body[left_name], left_name)
+    right = _texts(body[right_name], right_name)
+    if len(left) == 1:
+        pairs = [(left[0], text) for text in right]
+    elif len(right) == 1:
+        pairs = [(text, right[0]) for text in left]
+    elif len(left) == len(right):
+        pairs = list(zip(left, right, strict=True))
+    else:
+        raise RequestError(
+            400,
+            f"'{left_name}' and '{right_name}' must have the same length, or one of them one item",
+            param=right_name,
+        )
+    scores = model.cosine(pairs)
+    tokens = model.count_tokens([t for pair in pairs for t in pair])
+    return {
+        "id": f"score-{uuid.uuid4().hex}",
+        "object": "list",
+        "created": int(time.time()),
+        "model": model.name,
+        "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+#: POST paths and the function answering each.
+ROUTES: dict[str, Callable[[EmbeddingModel, Any], dict[str, Any]]] = {
+    "/v1/embeddings": embeddings,
+    "/v1/rerank": rerank,
+    "/rerank": rerank,
+    "/v2/rerank": rerank,
+    "/v1/score": score,
+    "/score": score,
+}
+
+
 def make_handler(model: EmbeddingModel) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -189,13 +312,14 @@ def make_handler(model: EmbeddingModel) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?", 1)[0]
             try:
                 body = self.read_json()
-                if path != "/v1/embeddings":
+                answer = ROUTES.get(path)
+                if answer is None:
                     raise RequestError(404, f"no route for {path}", code="not_found")
                 if not model.loaded.is_set():
                     raise RequestError(
                         503, f"model '{model.name}' is loading", code="model_loading"
                     )
-                self.send_json(200, embeddings(model, body))
+                self.send_json(200, answer(model, body))
             except RequestError as e:
                 self.send_error_json(e)
             except Exception:

@@ -1,10 +1,14 @@
-"""A backend that forwards /v1/* to an existing OpenAI-compatible server, with its own API key.
+"""A backend that forwards every OpenAI endpoint to an existing server, with its own API key.
 
 `python -m corral.backends.openai_proxy --port 8001 --model NAME --upstream URL
-[--upstream-model NAME] [--api-key-env VAR]`. Requests naming NAME go upstream naming the
-upstream model; responses (streams included) pass through unchanged. The key is read from the
-environment variable VAR, sent only upstream, and never logged. GET /health asks the upstream's
-/v1/models; GET /v1/models lists NAME.
+[--upstream-model NAME] [--api-key-env VAR]`. Forwards /v1/* and the other inference paths
+(/rerank, /v2/rerank, /score, /tokenize, /detokenize; see corral.backends.capabilities), any
+method. Requests naming NAME go upstream naming the upstream model: JSON bodies are read and
+rewritten, multipart uploads stream through with their `model` field rewritten on the way
+(multipart_model.py), other bodies stream through unchanged. Responses — JSON, server-sent
+events, binary audio — pass through unchanged, byte for byte, as they arrive. The key is read
+from the environment variable VAR, sent only upstream, and never logged. GET /health asks the
+upstream's /v1/models; GET /v1/models lists NAME.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from corral.backends.capabilities import capability_for_path
+from corral.backends.multipart_model import ModelFieldRewriter, MultipartError, boundary_of
+
 log = logging.getLogger(__name__)
+
+#: The largest JSON body the proxy reads to rewrite its model (uploads stream instead).
+MAX_JSON_BODY = 64 * 1024 * 1024
 
 #: Headers that describe one connection, not the message: never forwarded either way.
 HOP_BY_HOP = frozenset(
@@ -88,10 +98,11 @@ class OpenAIProxy:
                 yield
                 self._client = None
 
+        methods = ["GET", "POST", "DELETE", "PUT", "PATCH"]
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/{rest:path}", self.forward, methods=["GET", "POST", "DELETE", "PUT"]),
+            Route("/{rest:path}", self.forward, methods=methods),
         ]
         return Starlette(routes=routes, lifespan=lifespan)
 
@@ -120,30 +131,40 @@ class OpenAIProxy:
         return JSONResponse({"object": "list", "data": [model]})
 
     async def forward(self, request: Request) -> Response:
-        body = await request.body()
-        if body and request.method == "POST":
-            try:
-                body = self._rewrite(body)
-            except _WrongModel as e:
-                return _error(404, str(e), "model_not_found", "model")
+        path = request.url.path
+        if not path.startswith("/v1/") and capability_for_path(path) is None:
+            return _error(404, f"no route for {path}", "not_found")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers.pop("authorization", None)  # the client's credentials are for Corral only
         headers.update(self._auth())
+        try:
+            content = await self._content(request, headers)
+        except _WrongModel as e:
+            return _error(404, str(e), "model_not_found", "model")
+        except _BodyTooLarge as e:
+            return _error(413, str(e), "request_too_large")
         client = self._require_client()
         upstream_request = client.build_request(
             request.method,
-            request.url.path,
+            path,
             params=request.query_params,
             headers=headers,
-            content=body,
+            content=content,
         )
         try:
             resp = await client.send(upstream_request, stream=True)
+        except _WrongModel as e:  # found in an upload already on its way: the upstream is cut off
+            return _error(404, str(e), "model_not_found", "model")
+        except MultipartError as e:
+            return _error(400, str(e), "invalid_request", "model")
         except httpx.TimeoutException as e:
             return _error(504, f"upstream timed out: {type(e).__name__}", "upstream_timeout")
         except httpx.HTTPError as e:
             return _error(502, f"upstream unreachable: {type(e).__name__}", "upstream_error")
+        # the raw bytes go on unchanged, so their length (when given) stays true
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
+        if "content-length" in resp.headers:
+            out_headers["content-length"] = resp.headers["content-length"]
         return StreamingResponse(
             _relay(resp),
             status_code=resp.status_code,
@@ -151,8 +172,43 @@ class OpenAIProxy:
             background=BackgroundTask(resp.aclose),
         )
 
+    async def _content(
+        self, request: Request, headers: dict[str, str]
+    ) -> bytes | AsyncIterator[bytes]:
+        """The body to send upstream. JSON is read and its model rewritten; a multipart upload
+        streams through its model rewriter; anything else streams through unchanged. Sets the
+        Content-Length of `headers` when the length is known."""
+        content_type = request.headers.get("content-type", "")
+        length = request.headers.get("content-length")
+        boundary = boundary_of(content_type)
+        if boundary is not None:
+            rewriter = ModelFieldRewriter(boundary, self._upstream_name)
+            if self.config.upstream_model in (None, self.config.model) and length:
+                headers["content-length"] = length  # no rename: the same bytes
+            return _rewritten(request.stream(), rewriter)
+        kind = content_type.split(";", 1)[0].strip().lower()
+        if kind and kind != "application/json" and not kind.endswith("+json"):
+            if length:
+                headers["content-length"] = length
+            return request.stream()
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_JSON_BODY:
+                raise _BodyTooLarge(f"a JSON body may have at most {MAX_JSON_BODY} bytes")
+        return self._rewrite(bytes(body)) if body and request.method != "GET" else bytes(body)
+
+    def _upstream_name(self, requested: Any) -> Any:
+        """The name the upstream knows a requested model by; _WrongModel for another model."""
+        upstream_model = self.config.upstream_model
+        if requested not in (self.config.model, upstream_model):
+            raise _WrongModel(
+                f"model '{requested}' is not served here; this server serves '{self.config.model}'"
+            )
+        return upstream_model or requested
+
     def _rewrite(self, body: bytes) -> bytes:
-        """The request body with the served model name replaced by the upstream's."""
+        """The JSON request body with the served model name replaced by the upstream's."""
         try:
             payload: Any = json.loads(body)
         except ValueError:
@@ -160,15 +216,30 @@ class OpenAIProxy:
         if not isinstance(payload, dict) or "model" not in payload:
             return body
         requested = payload["model"]
-        upstream_model = self.config.upstream_model
-        if requested not in (self.config.model, upstream_model):
-            raise _WrongModel(
-                f"model '{requested}' is not served here; this server serves '{self.config.model}'"
-            )
-        if upstream_model is None or requested == upstream_model:
+        renamed = self._upstream_name(requested)
+        if renamed == requested:
             return body
-        payload["model"] = upstream_model
+        payload["model"] = renamed
         return json.dumps(payload).encode()
+
+
+class _BodyTooLarge(Exception):
+    """A JSON body over MAX_JSON_BODY."""
+
+
+async def _rewritten(
+    chunks: AsyncIterator[bytes], rewriter: ModelFieldRewriter
+) -> AsyncIterator[bytes]:
+    """A multipart body with its model field rewritten, as it arrives."""
+    async for chunk in chunks:
+        out = rewriter.feed(chunk)
+        if out:
+            yield out
+    rest = rewriter.close()
+    if rest:
+        yield rest
+    if rewriter.model is None:
+        log.debug("a multipart body without a model field went upstream")
 
 
 class _WrongModel(Exception):

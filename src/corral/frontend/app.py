@@ -17,8 +17,9 @@ from corral import __version__
 from corral.errors import BadRequest, CorralError, MethodNotAllowed, ModelNotFound, NotFound
 from corral.frontend.admin import admin_router
 from corral.frontend.artifacts_api import artifact_router
-from corral.frontend.asgi import Receive, Scope, Send, error_headers, error_payload, send_error
+from corral.frontend.asgi import Receive, Scope, Send, error_headers, error_payload
 from corral.frontend.errors_http import describe
+from corral.frontend.http.protocol import Handler
 from corral.frontend.metrics import render_metrics
 from corral.frontend.nodes_api import node_router, require_node
 from corral.frontend.service import Frontend
@@ -112,18 +113,22 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
 
 
 class CorralApp:
-    """The ASGI callable: POST inference requests go straight to the proxy."""
+    """The ASGI callable: inference requests go straight to the proxy, the rest to FastAPI.
+
+    On Corral's own server the inference paths never reach this: `native_routes()` hands
+    them to the proxy without ASGI; under any other ASGI server they pass through here.
+    """
 
     def __init__(self, frontend: Frontend, api: FastAPI) -> None:
         self.frontend = frontend
         self.api = api
 
+    def native_routes(self) -> dict[bytes, Handler]:
+        handle = self.frontend.proxy.handle
+        return {path.encode(): handle for path in INFERENCE_PATHS}
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in INFERENCE_PATHS:
-            if scope["method"] != "POST":
-                method = scope["method"]
-                await send_error(send, MethodNotAllowed(f"{method} is not allowed here; use POST"))
-                return
             await self.frontend.proxy(scope, receive, send)
             return
         await self.api(scope, receive, send)

@@ -1,9 +1,11 @@
-"""Small raw-ASGI helpers for the hot path: read a body, send JSON, send OpenAI-style errors."""
+"""Small raw-ASGI helpers: read a body, OpenAI-style error payloads, and `AsgiExchange`
+(the proxy's request interface on top of any ASGI server)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -70,24 +72,107 @@ def error_headers(exc: CorralError) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-async def send_json(
-    send: Send, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    body = orjson.dumps(payload)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": (headers or JSON_HEADERS) + [(b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def send_error(send: Send, exc: CorralError) -> None:
-    await send_json(send, describe(exc).status, error_payload(exc), error_headers(exc))
-
-
 def sse_error(exc: CorralError) -> bytes:
     """An OpenAI-style error as one SSE event, to end a stream that already started."""
     return b"data: " + orjson.dumps(error_payload(exc)) + b"\n\n"
+
+
+class AsgiExchange:
+    """An ASGI request as an `Exchange` (corral.frontend.http.exchange): lets the proxy run
+    under any ASGI server (uvicorn, granian) as well as on Corral's own."""
+
+    __slots__ = (
+        "_gone",
+        "_receive",
+        "_send",
+        "_watcher",
+        "headers",
+        "method",
+        "on_disconnect_cb",
+        "path",
+        "query",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw: bytes = scope.get("raw_path") or scope["path"].encode()
+        path, _, query = raw.partition(b"?")
+        self.method: bytes = scope["method"].encode()
+        self.path = path
+        self.query: bytes = scope.get("query_string") or query
+        self.headers: list[tuple[bytes, bytes]] = scope["headers"]
+        self._receive = receive
+        self._send = send
+        self._gone = False
+        self._watcher: asyncio.Future[None] | None = None
+        self.on_disconnect_cb: Callable[[], None] | None = None
+
+    @property
+    def gone(self) -> bool:
+        return self._gone
+
+    @property
+    def on_disconnect(self) -> Callable[[], None] | None:
+        return self.on_disconnect_cb
+
+    @on_disconnect.setter
+    def on_disconnect(self, callback: Callable[[], None] | None) -> None:
+        """Setting a callback starts watching `receive()` for the client's disconnect."""
+        self.on_disconnect_cb = callback
+        if callback is None:
+            if self._watcher is not None:
+                self._watcher.cancel()
+                self._watcher = None
+        elif self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass  # stray empty http.request messages
+        self._gone = True
+        callback, self.on_disconnect_cb = self.on_disconnect_cb, None
+        if callback is not None:
+            callback()
+
+    async def body(self, limit: int) -> bytes:
+        try:
+            return await read_body(self._receive, limit)
+        except ClientGone:
+            self._gone = True
+            raise
+
+    async def chunks(self, limit: int) -> AsyncIterator[bytes]:
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self._gone = True
+                raise ClientGone
+            data: bytes = message.get("body", b"")
+            size += len(data)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+            if data:
+                yield data
+            if not message.get("more_body", False):
+                return
+
+    async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body})
+
+    async def start(
+        self, status: int, headers: list[tuple[bytes, bytes]], first: bytes = b""
+    ) -> None:
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        if first:
+            await self.write(first)
+
+    async def write(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self, last: bytes = b"") -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        await self._send({"type": "http.response.body", "body": last, "more_body": False})

@@ -16,7 +16,11 @@ def digest(secret: str) -> str:
 
 def bearer(scope: Any) -> str | None:
     """The token of an `Authorization: Bearer ...` header in an ASGI scope, if any."""
-    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    return bearer_of(scope["headers"])
+
+
+def bearer_of(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The token of an `Authorization: Bearer ...` header among `headers`, if any."""
     for name, value in headers:
         if name == b"authorization":
             text: str = value.decode("latin-1")
@@ -50,9 +54,13 @@ class Authorizer:
         self.digests = frozenset(digests)
 
     def check(self, scope: Any) -> None:
+        if self.digests:
+            self.check_headers(scope["headers"])
+
+    def check_headers(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
         if not self.digests:
             return
-        token = bearer(scope)
+        token = bearer_of(headers)
         if token is None:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
         if not matches_any(token, self.digests):

@@ -7,7 +7,6 @@ response bytes back unchanged. The slot is released exactly once on every path.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ from corral.domain.pick import pick_replica
 from corral.errors import (
     BadRequest,
     CorralError,
+    MethodNotAllowed,
     ModelNotFound,
     RateLimited,
     ReplicaGone,
@@ -28,16 +28,9 @@ from corral.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from corral.frontend.asgi import (
-    ClientGone,
-    Receive,
-    Scope,
-    Send,
-    read_body,
-    send_error,
-    sse_error,
-)
+from corral.frontend.asgi import AsgiExchange, ClientGone, Receive, Scope, Send, sse_error
 from corral.frontend.auth import Authorizer
+from corral.frontend.http.exchange import Exchange, Headers, respond_error
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.probe import ProbeCache
 from corral.frontend.upstream import UpstreamPool, UpstreamResponse
@@ -54,6 +47,14 @@ REQUIRED = {
 MAX_ATTEMPTS = 3  # the first try and at most two retries after a replica turned out gone
 NOT_LOADED_MARKERS = (b"model_not_found", b"not loaded", b"does not exist", b"not found")
 _FORWARD_REQUEST_HEADERS = (b"accept", b"user-agent", b"x-request-id")
+
+
+Tried = tuple[str, int, str | None]
+
+
+def _tried(replica: Replica) -> Tried:
+    """A tried replica's identity: a fresh load under the same index is another replica."""
+    return (replica.model, replica.index, replica.address)
 
 
 class ParsedRequest:
@@ -119,62 +120,63 @@ class OpenAIProxy:
         self.used: dict[tuple[str, int], float] = {}  # last-used times not yet flushed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: bytes = scope["raw_path"] if scope.get("raw_path") else scope["path"].encode()
-        path = path.split(b"?", 1)[0]
+        """The proxy as an ASGI app (under uvicorn, granian, or in tests)."""
+        await self.handle(AsgiExchange(scope, receive, send))
+
+    async def handle(self, exchange: Exchange) -> None:
+        """Answer one POST to an inference path."""
         try:
-            self.authorizer.check(scope)
+            if exchange.method != b"POST":
+                method = exchange.method.decode("latin-1")
+                raise MethodNotAllowed(f"{method} is not allowed here; use POST")
+            self.authorizer.check_headers(exchange.headers)
             if self.max_inflight and self.inflight.local_total() >= self.max_inflight:
                 raise RateLimited("too many requests in flight on this frontend", retry_after=1)
-            body = await read_body(receive, self.max_body_bytes)
-            request = parse_request(path, body)
+            body = await exchange.body(self.max_body_bytes)
+            request = parse_request(exchange.path, body)
             spec = self.view.models.get(request.model)
             if spec is None:
                 raise ModelNotFound(f"The model '{request.model}' does not exist", param="model")
         except ClientGone:
             return
         except CorralError as exc:
-            await send_error(send, exc)
+            await respond_error(exchange, exc)
             return
-        headers = [(k, v) for k, v in scope["headers"] if k in _FORWARD_REQUEST_HEADERS]
+        headers = [(k, v) for k, v in exchange.headers if k in _FORWARD_REQUEST_HEADERS]
         headers.append((b"content-type", b"application/json"))
-        await self._route(spec, request, headers, receive, send)
+        await self._route(spec, request, headers, exchange)
 
     async def _route(
-        self,
-        spec: ModelSpec,
-        request: ParsedRequest,
-        headers: list[tuple[bytes, bytes]],
-        receive: Receive,
-        send: Send,
+        self, spec: ModelSpec, request: ParsedRequest, headers: Headers, exchange: Exchange
     ) -> None:
-        tried: set[tuple[str, int]] = set()
+        tried: set[Tried] = set()  # (model, index, address): a reload may reuse the index
         last_error: CorralError | None = None
         for _ in range(MAX_ATTEMPTS):
             try:
                 replica = await self._choose(spec, tried, request.stream)
             except CorralError as exc:
-                await send_error(send, exc)
+                await respond_error(exchange, exc)
                 return
             idle = self.inflight.total(replica.key) == 0
             slot = self.inflight.acquire(replica.key)
             try:
                 response = await self._forward(replica, spec, request, headers, idle)
                 if response is None:
-                    tried.add(replica.key)
+                    tried.add(_tried(replica))
                     continue
-                await self._relay(replica, response, request.stream, receive, send)
+                await self._relay(replica, response, request.stream, exchange)
                 return
             except ReplicaGone as exc:
-                tried.add(replica.key)
+                tried.add(_tried(replica))
                 last_error = exc
                 await self.drop_replica(DropReplica.of(replica, exc.message))
             except CorralError as exc:
-                await send_error(send, exc)
+                await respond_error(exchange, exc)
                 return
             finally:
                 slot.release()
-        await send_error(
-            send,
+        await respond_error(
+            exchange,
             Unavailable(
                 f"model '{spec.name}' lost {len(tried)} replicas while serving this request"
                 + (f" (last: {last_error.message})" if last_error else ""),
@@ -182,14 +184,12 @@ class OpenAIProxy:
             ),
         )
 
-    async def _choose(
-        self, spec: ModelSpec, tried: set[tuple[str, int]], stream: bool = False
-    ) -> Replica:
+    async def _choose(self, spec: ModelSpec, tried: set[Tried], stream: bool = False) -> Replica:
         """The best replica not tried yet; waits for a cold load when there is none."""
         for _ in range(2):
             candidates = self.view.candidates(spec.name)
             if tried:
-                candidates = [r for r in candidates if r.key not in tried]
+                candidates = [r for r in candidates if _tried(r) not in tried]
             if candidates:
                 self._turn += 1
                 chosen = pick_replica(
@@ -252,54 +252,34 @@ class OpenAIProxy:
         replica: Replica,
         response: UpstreamResponse | _Buffered,
         stream: bool,
-        receive: Receive,
-        send: Send,
+        exchange: Exchange,
     ) -> None:
         assert replica.address is not None
         if isinstance(response, _Buffered) or not stream or response.status != 200:
             body = response.body if isinstance(response, _Buffered) else await response.read()
             out_headers = [(k, v) for k, v in response.forward_headers() if k != b"content-length"]
-            out_headers.append((b"content-length", str(len(body)).encode()))
-            await send(
-                {"type": "http.response.start", "status": response.status, "headers": out_headers}
-            )
-            await send({"type": "http.response.body", "body": body})
+            await exchange.respond(response.status, out_headers, body)
             if response.status < 500:
                 self.probes.mark_ok(replica.node_id, replica.address)
             return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": response.forward_headers(),
-            }
-        )
-        watcher = asyncio.ensure_future(wait_disconnect(receive))
-
-        def client_left(_: object) -> None:
-            response.abort()
-
-        watcher.add_done_callback(client_left)
+        # head and whatever body already arrived go out together
+        await exchange.start(response.status, response.forward_headers(), response.ready())
+        exchange.on_disconnect = response.abort
         try:
+            if exchange.gone:
+                response.abort()
             async for chunk in response.iter_body():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await exchange.write(chunk)
         except CorralError as exc:
-            if watcher.done():
+            if exchange.gone:
                 return  # the client left; nothing to tell it
-            await send({"type": "http.response.body", "body": sse_error(exc), "more_body": True})
+            await exchange.write(sse_error(exc))
             if not isinstance(exc, UpstreamTimeout):  # slow is not dead
                 await self.drop_replica(DropReplica.of(replica, f"stream broke: {exc.message}"))
         finally:
-            watcher.remove_done_callback(client_left)
-            watcher.cancel()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            exchange.on_disconnect = None
+        await exchange.end()
         self.probes.mark_ok(replica.node_id, replica.address)
-
-
-async def wait_disconnect(receive: Receive) -> None:
-    """Return when the client goes away (stray empty `http.request` messages are skipped)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 class _Buffered:

@@ -189,10 +189,21 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body."""
+        conn = self._conn
+        if conn.complete and conn.error is None:  # it all came with the head: no waiting
+            data = conn.take() if conn.chunks else b""
+            self._done = True
+            self.release()
+            return data
         parts = []
         async for chunk in self.iter_body():
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def ready(self) -> bytes:
+        """Body bytes that already arrived (b"" if none), without waiting."""
+        conn = self._conn
+        return conn.take() if conn.chunks else b""
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive (chunked framing removed); `timeout` applies per wait."""
@@ -279,7 +290,10 @@ class UpstreamPool:
         payload = b"".join(head) + body if len(body) < 65536 else None
 
         for attempt in (0, 1):
-            conn, reused = await self._acquire(key)
+            conn = self._idle_connection(key)  # no await when one is idle: the usual case
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(key)
             conn.reset()
             conn.busy = True
             assert conn.transport is not None
@@ -309,12 +323,15 @@ class UpstreamPool:
             return UpstreamResponse(conn, timeout)
         raise AssertionError("unreachable")
 
-    async def _acquire(self, key: tuple[str, int]) -> tuple[_Connection, bool]:
+    def _idle_connection(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                return conn, True
+                return conn
+        return None
+
+    async def _connect(self, key: tuple[str, int]) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -328,7 +345,7 @@ class UpstreamPool:
         except OSError as exc:
             raise ReplicaGone(f"cannot connect to backend {key[0]}:{key[1]}: {exc}") from exc
         self._all.add(proto)
-        return proto, False
+        return proto
 
     def _give_back(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.key, deque())

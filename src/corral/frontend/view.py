@@ -1,7 +1,8 @@
 """The frontend's in-memory snapshot of the cluster: what the warm path routes on, with no DB trip.
 
 Events from NATS update it as they arrive; a periodic resync from PostgreSQL repairs anything
-missed. Candidate lists are cached per model and rebuilt only after a change.
+missed. Candidate lists are cached per model and rebuilt only after a change that can alter
+them; a heartbeat (new resources, same status and labels) only updates the free-memory map.
 """
 
 from __future__ import annotations
@@ -93,7 +94,13 @@ class ClusterView:
         return gone
 
     def put_node(self, node: Node) -> None:
+        old = self.nodes.get(node.id)
         self.nodes[node.id] = node
+        if old is not None and old.status == node.status and old.labels == node.labels:
+            # a heartbeat: resources and times changed, nothing a candidate list depends on
+            if self._free is not None:
+                self._free[node.id] = node.resources.ram_free
+            return
         self._touch_all()
 
     def drop_node(self, node_id: str) -> None:
