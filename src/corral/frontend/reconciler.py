@@ -214,6 +214,9 @@ class Reconciler:
         """This tick's sample of each scaling model's signal, added to the history kept for
         the longest window the model needs (plus the sample in force when it starts)."""
         taken = self.signals.take(now)
+        names = {m.name for m in models}
+        for gone in [m for m in self.history if m not in names]:
+            del self.history[gone]
         out: dict[str, list[Sample]] = {}
         for spec in models:
             scaling = spec.scheduling.scaling
