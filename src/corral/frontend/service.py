@@ -29,6 +29,7 @@ from corral.frontend.parts import Parts
 from corral.frontend.probe import ProbeCache
 from corral.frontend.proxy import OpenAIProxy
 from corral.frontend.reconciler import Reconciler
+from corral.frontend.signals import LoadSignals
 from corral.frontend.upstream import UpstreamPool
 from corral.frontend.view import ClusterView
 from corral.store.registry import Registry
@@ -87,13 +88,16 @@ class Frontend:
             gpu_backends=self.catalog.gpu_backends(),
         )
         self.drainer = Drainer(parts, cold=self.cold, timeout=settings.drain_timeout)
+        self.signals = LoadSignals(self.view, self.inflight)
         self.reconciler = Reconciler(
             parts,
             health=ReplicaHealth(
                 probes=self.probes, inflight=self.inflight, actuator=self.actuator
             ),
+            signals=self.signals,
             settings=settings,
             gpu_backends=self.catalog.gpu_backends(),
+            artifacts=self.artifacts,
         )
         self.proxy = OpenAIProxy(
             view=self.view,
@@ -216,6 +220,8 @@ class Frontend:
                 address=event.address,
                 memory=event.memory,
                 last_used=time.time(),
+                revision=event.revision,
+                replaces=event.replaces,
             )
         )
 
@@ -262,6 +268,7 @@ class Frontend:
 
     # --- loops ----------------------------------------------------------------------------
     async def _report_load(self) -> None:
+        self.signals.sample()
         version = self.inflight.version
         if version == self._reported_version and not self.inflight.local:
             self._quiet_reports += 1
