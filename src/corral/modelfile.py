@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from corral.backends.capabilities import Capability, expand_aliases
 from corral.domain.entities import ModelSpec, Scheduling
 from corral.domain.sizes import parse_size
 from corral.errors import ConfigError
@@ -50,6 +51,14 @@ class ModelDecl(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     memory: int | None = None
     scheduling: SchedulingDecl = Field(default_factory=SchedulingDecl)
+    #: narrows the backend's capabilities (`capabilities: [chat]`); None: all of them
+    capabilities: tuple[Capability, ...] | None = Field(default=None, min_length=1)
+
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _expand_aliases(cls, value: Any) -> Any:
+        """`audio` → transcription, speech (as in the catalog)."""
+        return tuple(expand_aliases(value)) if isinstance(value, list | tuple) else value
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -68,6 +77,7 @@ class ModelDecl(BaseModel):
             options=dict(self.options),
             memory=self.memory,
             scheduling=self.scheduling.to_domain(),
+            capabilities=self.capabilities,
         )
 
 

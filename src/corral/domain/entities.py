@@ -123,6 +123,9 @@ class ModelSpec:
     memory: int | None = None  # declared memory estimate in bytes
     scheduling: Scheduling = Scheduling()
     revision: int = 1
+    #: endpoints it may serve (corral.backends.capabilities names), a subset of its backend's;
+    #: None: every endpoint the backend serves
+    capabilities: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

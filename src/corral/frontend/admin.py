@@ -78,6 +78,7 @@ def model_json(spec: ModelSpec) -> dict[str, Any]:
         "options": dict(spec.options),
         "memory": spec.memory,
         "revision": spec.revision,
+        "capabilities": None if spec.capabilities is None else list(spec.capabilities),
         "scheduling": scheduling_json(spec),
         "node_selector": dict(s.node_selector),
     }
@@ -136,6 +137,9 @@ def admin_router() -> APIRouter:
     async def put_model(name: str, body: dict[str, Any], request: Request) -> dict[str, Any]:
         fe = frontend_of(request)
         spec = parse_model({**body, "name": name}, path="PUT /api/models")
+        narrowed = fe.catalog.check_capabilities(spec)
+        if narrowed:
+            raise BadRequest(narrowed, param="capabilities")
         problem = fe.catalog.check_model(spec)
         if problem and not any(spec.backend in n.backends for n in fe.view.nodes.values()):
             raise BadRequest(problem, param="backend")

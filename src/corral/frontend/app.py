@@ -22,12 +22,11 @@ from corral.frontend.errors_http import describe
 from corral.frontend.http.protocol import Handler
 from corral.frontend.metrics import render_metrics
 from corral.frontend.nodes_api import node_router, require_node
+from corral.frontend.request import BY_ID, ENDPOINTS, endpoint_for
 from corral.frontend.service import Frontend
 from corral.frontend.ui import dashboard_router
 
 log = logging.getLogger(__name__)
-
-INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
 
 def error_response(exc: CorralError) -> JSONResponse:
@@ -80,23 +79,29 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
             "reconciler_leader": frontend.reconciler.leader,
         }
 
+    def model_card(name: str) -> dict[str, Any]:
+        """A model as /v1/models lists it, with the endpoints it serves (`capabilities`, an
+        extra field the OpenAI client ignores; null when its backend is unknown here)."""
+        capabilities = frontend.catalog.capabilities_of(frontend.view.models[name])
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "corral",
+            "capabilities": None if capabilities is None else list(capabilities),
+        }
+
     @api.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         frontend.authorizer.check(request.scope)
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": "corral"}
-                for name in sorted(frontend.view.models)
-            ],
-        }
+        return {"object": "list", "data": [model_card(n) for n in sorted(frontend.view.models)]}
 
     @api.get("/v1/models/{name:path}")
     async def model(name: str, request: Request) -> dict[str, Any]:
         frontend.authorizer.check(request.scope)
         if name not in frontend.view.models:
             raise ModelNotFound(f"The model '{name}' does not exist", param="model")
-        return {"id": name, "object": "model", "created": 0, "owned_by": "corral"}
+        return model_card(name)
 
     @api.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -124,11 +129,17 @@ class CorralApp:
         self.api = api
 
     def native_routes(self) -> dict[bytes, Handler]:
+        """Every inference path (`corral.frontend.request.ENDPOINTS`), to the proxy."""
         handle = self.frontend.proxy.handle
-        return {path.encode(): handle for path in INFERENCE_PATHS}
+        return {path: handle for path in ENDPOINTS}
+
+    def native_prefixes(self) -> list[tuple[bytes, Handler]]:
+        """Inference paths under a prefix (a stored response by id), to the proxy."""
+        handle = self.frontend.proxy.handle
+        return [(prefix, handle) for prefix, _ in BY_ID]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in INFERENCE_PATHS:
+        if scope["type"] == "http" and endpoint_for(scope["path"].encode()) is not None:
             await self.frontend.proxy(scope, receive, send)
             return
         await self.api(scope, receive, send)

@@ -15,6 +15,7 @@ from corral.bus.messages import LoadProgress, LoadReport, ModelEvent, NodeEvent,
 from corral.config import FrontendSettings
 from corral.domain.actions import RecordUse, RemoveModel, UpsertModel
 from corral.domain.entities import Replica, ReplicaState
+from corral.errors import ConfigError
 from corral.frontend.actuator import Actuator
 from corral.frontend.artifacts_api import ArtifactStore
 from corral.frontend.auth import Authorizer, digest
@@ -28,6 +29,7 @@ from corral.frontend.parts import Parts
 from corral.frontend.probe import ProbeCache
 from corral.frontend.proxy import OpenAIProxy
 from corral.frontend.reconciler import Reconciler
+from corral.frontend.responses_map import ResponseHomes, SharedHomes
 from corral.frontend.upstream import UpstreamPool
 from corral.frontend.view import ClusterView
 from corral.modelfile import load_models_dir
@@ -85,6 +87,9 @@ class Frontend:
             settings=settings,
             gpu_backends=self.catalog.gpu_backends(),
         )
+        self.response_homes = SharedHomes(
+            ResponseHomes(settings.response_map_size, settings.response_ttl), self.bus, self.id
+        )
         self.proxy = OpenAIProxy(
             view=self.view,
             inflight=self.inflight,
@@ -96,6 +101,9 @@ class Frontend:
             max_body_bytes=settings.max_body_bytes,
             request_timeout=settings.request_timeout,
             max_inflight=settings.max_inflight,
+            capabilities=self.catalog.capabilities_of,
+            homes=self.response_homes,
+            spool_memory_bytes=settings.spool_memory_bytes,
         )
         self.started = False
         self.extra_loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
@@ -124,6 +132,7 @@ class Frontend:
         await self.bus.subscribe(s.all_load_events, self._on_load_event)
         await self.bus.subscribe(s.load_reports, self._on_load_report)
         await self.bus.subscribe(s.install_events, self.installs.on_event)
+        await self.response_homes.open()
 
     def run_loops(self) -> None:
         """Start the background loops: in-flight reports, last-used flushes, resyncs, the
@@ -185,6 +194,11 @@ class Frontend:
         Returns the error messages.
         """
         specs, errors = await asyncio.to_thread(load_models_dir, directory)
+        for spec in list(specs):
+            narrowed = self.catalog.check_capabilities(spec)
+            if narrowed:  # a model may only narrow its backend's endpoints
+                errors.append(ConfigError(narrowed, path=str(directory), field=spec.name))
+                specs.remove(spec)
         for error in errors:
             log.error("model file error: %s", error.message)
         source = f"file:{await asyncio.to_thread(directory.resolve)}"

@@ -110,6 +110,7 @@ def spec_to_row(spec: ModelSpec) -> dict[str, Any]:
         "artifact": spec.artifact,
         "options": dict(spec.options),
         "memory": spec.memory,
+        "capabilities": None if spec.capabilities is None else list(spec.capabilities),
         **scheduling_to_row(spec.scheduling),
     }
 
@@ -129,4 +130,5 @@ def row_to_spec(row: Mapping[Any, Any]) -> ModelSpec:
             scale_down_delay=row["scale_down_delay"],
         ),
         revision=row["revision"],
+        capabilities=None if row["capabilities"] is None else tuple(row["capabilities"]),
     )

@@ -66,6 +66,8 @@ models = Table(
     Column("node_selector", JSONB, nullable=False, server_default="{}"),
     Column("scale_down_delay", Double, nullable=False, server_default="300"),
     Column("revision", Integer, nullable=False, server_default="1"),
+    # the endpoints the model may serve, narrowing its backend's (a list); null: all of them
+    Column("capabilities", JSONB(none_as_null=True)),
     Column("source", Text, nullable=False, server_default="api"),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
