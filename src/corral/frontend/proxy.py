@@ -116,10 +116,17 @@ class OpenAIProxy:
             self.authorizer.check_headers(exchange.headers)
             if self.max_inflight and self.inflight.local_total() >= self.max_inflight:
                 raise RateLimited("too many requests in flight on this frontend", retry_after=1)
-            request = await read_request(
-                exchange, endpoint, self.max_body_bytes, self.spool_memory_bytes
-            )
-            spec, home = await self._target(request)
+            if endpoint.body == "json":  # the usual case, without a coroutine more
+                body = await exchange.body(self.max_body_bytes)
+                request = parse_request(exchange.path, body, endpoint, exchange.query)
+            else:
+                request = await read_request(
+                    exchange, endpoint, self.max_body_bytes, self.spool_memory_bytes
+                )
+            if request.response_id is None and request.previous_id is None:
+                spec, home = self._spec(request), None
+            else:
+                spec, home = await self._stateful(request)
         except (ClientGone, CorralError) as exc:
             if request is not None:
                 request.close()
@@ -132,22 +139,15 @@ class OpenAIProxy:
         finally:
             request.close()
 
-    async def _target(self, request: ParsedRequest) -> tuple[ModelSpec, Home | None]:
-        """The model a request is for, checked against its capabilities, and the replica it
-        must go to when it continues a stored response (None: any replica)."""
-        endpoint = request.endpoint
-        assert endpoint is not None
-        home = None
-        if request.response_id is not None:  # GET/DELETE /v1/responses/{id}: no model named
-            home = await self.homes.find(request.response_id)
-            if home is None:
-                raise _not_stored(request.response_id, "response_id")
-            request.model = home.model
+    def _spec(self, request: ParsedRequest) -> ModelSpec:
+        """The model a request is for, checked against the endpoints it serves."""
         spec = self.view.models.get(request.model)
         if spec is None:
             if request.response_id is not None:
                 raise _not_stored(request.response_id, "response_id")
             raise ModelNotFound(f"The model '{request.model}' does not exist", param="model")
+        endpoint = request.endpoint
+        assert endpoint is not None
         capabilities = self.capabilities(spec)
         if not supports(capabilities, endpoint.capability):
             served = ", ".join(capabilities or ())
@@ -156,11 +156,21 @@ class OpenAIProxy:
                 f" (its endpoints: {served or 'none'})",
                 param="model",
             )
-        if request.previous_id is not None:
-            found = await self.homes.find(request.previous_id)
-            if found is not None and found.model == spec.name:
-                home = found
-        return spec, home
+        return spec
+
+    async def _stateful(self, request: ParsedRequest) -> tuple[ModelSpec, Home | None]:
+        """The model of a request about a stored response, and the replica holding that
+        response (None: unknown here and to the other frontends; any replica may answer)."""
+        if request.response_id is not None:  # GET/DELETE /v1/responses/{id}: no model named
+            home = await self.homes.find(request.response_id)
+            if home is None:
+                raise _not_stored(request.response_id, "response_id")
+            request.model = home.model
+            return self._spec(request), home
+        spec = self._spec(request)  # an unsupported endpoint is refused before any lookup
+        assert request.previous_id is not None
+        found = await self.homes.find(request.previous_id)
+        return spec, found if found is not None and found.model == spec.name else None
 
     async def _route(
         self,

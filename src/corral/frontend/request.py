@@ -153,8 +153,11 @@ class ParsedRequest:
             self.body.close()
 
 
-def parse_request(path: bytes, body: bytes, endpoint: Endpoint | None = None) -> ParsedRequest:
-    """Validate a JSON body just enough to route it (model, stream, the required field)."""
+def parse_request(
+    path: bytes, body: bytes, endpoint: Endpoint | None = None, query: bytes = b""
+) -> ParsedRequest:
+    """Validate a JSON body just enough to route it (model, stream, the required field);
+    `query` (without "?") is sent upstream with the path."""
     if endpoint is None:
         endpoint = ENDPOINTS.get(path)
     try:
@@ -179,7 +182,10 @@ def parse_request(path: bytes, body: bytes, endpoint: Endpoint | None = None) ->
             raise BadRequest(
                 "'previous_response_id' must be a string", param="previous_response_id"
             )
-    return ParsedRequest(path, body, model, stream, endpoint=endpoint, previous_id=previous)
+    target = path + b"?" + query if query else path
+    return ParsedRequest(
+        path, body, model, stream, endpoint=endpoint, target=target, previous_id=previous
+    )
 
 
 async def read_request(
@@ -202,10 +208,9 @@ async def read_request(
         )
     if endpoint.body == "multipart":
         request = await read_form(exchange, endpoint, limit, spool_threshold)
-    else:
-        request = parse_request(exchange.path, await exchange.body(limit), endpoint)
-    request.target = target
-    return request
+        request.target = target
+        return request
+    return parse_request(exchange.path, await exchange.body(limit), endpoint, exchange.query)
 
 
 def response_id_of(path: bytes, endpoint: Endpoint) -> str:
