@@ -150,21 +150,13 @@ def test_upstream_headers_follow_the_body_kind() -> None:
         (b"content-type", b"application/json"),
     ]
     form = endpoint_for(b"/v1/audio/transcriptions")
-    upload = ParsedRequest(
-        b"/v1/audio/transcriptions",
-        b"",
-        "m",
-        False,
-        endpoint=form,
-        content_type=b"multipart/form-data; boundary=xyz",
-    )
+    upload = ParsedRequest(b"/v1/audio/transcriptions", b"", "m", False, form)
+    upload.content_type = b"multipart/form-data; boundary=xyz"
     assert upload.headers(client, forward)[-1] == (
         b"content-type",
         b"multipart/form-data; boundary=xyz",
     )
-    by_id = ParsedRequest(
-        b"/v1/responses/r", b"", "", False, endpoint=endpoint_for(b"/v1/responses/r")
-    )
+    by_id = ParsedRequest(b"/v1/responses/r", b"", "", False, endpoint_for(b"/v1/responses/r"))
     assert by_id.headers(client, forward) == [(b"accept", b"*/*"), (b"x-request-id", b"r1")]
 
 
@@ -303,3 +295,11 @@ def test_which_answers_mean_the_replica_lost_its_model(
     status: int, body: bytes, lost: bool
 ) -> None:
     assert _lost_model(status, body) is lost
+
+
+def test_the_query_string_goes_upstream_with_the_path() -> None:
+    body = b'{"model":"m","input":"x"}'
+    assert parse_request(b"/v1/embeddings", body).target == b"/v1/embeddings"
+    with_query = parse_request(b"/v1/embeddings", body, None, b"api-version=2")
+    assert with_query.target == b"/v1/embeddings?api-version=2"
+    assert with_query.path == b"/v1/embeddings"

@@ -313,7 +313,8 @@ class OpenAIProxy:
             await exchange.respond(response.status, out_headers, body)
             if response.status < 500:
                 self.probes.mark_ok(replica.node_id, replica.address)
-            if response.status == 200:
+            endpoint = request.endpoint
+            if response.status == 200 and endpoint is not None and endpoint.stateful:
                 await self._stored(request, replica, body)
             return
         # head and whatever body already arrived go out together

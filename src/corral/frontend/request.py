@@ -61,11 +61,13 @@ class Endpoint:
     required: str | None = None  # a JSON field the body must have
     methods: frozenset[bytes] = POST
     by_id: bool = False  # the path names a stored response: it goes where that response lives
+    #: answers create stored responses whose replica must be remembered (POST /v1/responses)
+    records_ids: bool = False
 
     @property
-    def records_ids(self) -> bool:
-        """Whether answers create stored responses whose replica must be remembered."""
-        return self.capability == "responses" and not self.by_id
+    def stateful(self) -> bool:
+        """Whether a 200 answer may create or delete a stored response."""
+        return self.records_ids or self.by_id
 
 
 ENDPOINTS: Final[dict[bytes, Endpoint]] = {
@@ -74,6 +76,7 @@ ENDPOINTS: Final[dict[bytes, Endpoint]] = {
         capability,
         body="multipart" if path in FORMS else "json",
         required=REQUIRED.get(path),
+        records_ids=capability == "responses",
     )
     for path, capability in PATHS.items()
 }
@@ -119,24 +122,20 @@ class ParsedRequest:
         body: bytes | Spool,
         model: str,
         stream: bool,
-        *,
         endpoint: Endpoint | None = None,
-        method: bytes = b"POST",
         target: bytes | None = None,
-        content_type: bytes = b"application/json",
         previous_id: str | None = None,
-        response_id: str | None = None,
     ) -> None:
         self.path = path
         self.body = body
         self.model = model  # "" for a by-id request until its home is known
         self.stream = stream
         self.endpoint = endpoint
-        self.method = method
-        self.target = target if target is not None else path  # path and query, sent upstream
-        self.content_type = content_type
+        self.target = path if target is None else target  # path and query, sent upstream
         self.previous_id = previous_id  # a Responses follow-up's previous_response_id
-        self.response_id = response_id  # the stored response a by-id path names
+        self.method = b"POST"
+        self.content_type = _JSON[1]  # an upload's own multipart/form-data type
+        self.response_id: str | None = None  # the stored response a by-id path names
 
     def headers(self, client: Headers, forward: tuple[bytes, ...]) -> Headers:
         """The headers to send upstream: the client's `forward` ones and the body's type."""
@@ -182,9 +181,8 @@ def parse_request(
             raise BadRequest(
                 "'previous_response_id' must be a string", param="previous_response_id"
             )
-    target = path + b"?" + query if query else path
     return ParsedRequest(
-        path, body, model, stream, endpoint=endpoint, target=target, previous_id=previous
+        path, body, model, stream, endpoint, path + b"?" + query if query else path, previous
     )
 
 
@@ -196,16 +194,10 @@ async def read_request(
     if endpoint.by_id:
         response_id = response_id_of(exchange.path, endpoint)
         body = await exchange.body(limit)  # e.g. a cancel's empty body: sent on as it came
-        return ParsedRequest(
-            exchange.path,
-            body,
-            "",
-            False,
-            endpoint=endpoint,
-            method=exchange.method,
-            target=target,
-            response_id=response_id,
-        )
+        request = ParsedRequest(exchange.path, body, "", False, endpoint, target)
+        request.method = exchange.method
+        request.response_id = response_id
+        return request
     if endpoint.body == "multipart":
         request = await read_form(exchange, endpoint, limit, spool_threshold)
         request.target = target
@@ -251,9 +243,9 @@ async def read_form(
     if not model:
         spool.close()
         raise BadRequest("'model' is required: a form field naming the model", param="model")
-    return ParsedRequest(
-        exchange.path, spool, model, False, endpoint=endpoint, content_type=content_type
-    )
+    request = ParsedRequest(exchange.path, spool, model, False, endpoint)
+    request.content_type = content_type
+    return request
 
 
 def _header(headers: Headers, name: bytes) -> bytes:
