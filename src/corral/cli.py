@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +19,7 @@ from pydantic import ValidationError
 
 from corral import __version__
 from corral.config import FrontendSettings, WorkerSettings, default_data_dir, parse_labels
-from corral.errors import ConfigError
+from corral.errors import ConfigError, EmbeddedError, ListenError
 
 app = typer.Typer(
     name="corral",
@@ -47,6 +49,16 @@ def _logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Starting failed for a reason the user can act on: say it in one line, exit 1."""
+    try:
+        yield
+    except (ListenError, EmbeddedError) as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+
+
 def _settings(cls: type[Any], **flags: Any) -> Any:
     """Settings from CORRAL_* env, overridden by the flags that were given."""
     try:
@@ -73,6 +85,15 @@ def up(
     processes: Annotated[
         int, typer.Option(min=1, help="Frontend processes sharing the port (one per core to use)")
     ] = 1,
+    create_user: Annotated[
+        bool,
+        typer.Option(
+            "--create-user/--no-create-user",
+            envvar="CORRAL_CREATE_USER",
+            help="As root: create the unprivileged user 'corral-postgres' for PostgreSQL; "
+            "without: PostgreSQL runs as the (non-root) owner of --data-dir",
+        ),
+    ] = True,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Run a whole cluster on this machine: PostgreSQL, NATS, a frontend and a worker."""
@@ -82,9 +103,17 @@ def up(
     _logging(log_level)
     directory = data_dir or default_data_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    run_async(
-        lambda: run_up(directory, host=host, port=port, models_dir=models_dir, processes=processes)
-    )
+    with _one_line_errors():
+        run_async(
+            lambda: run_up(
+                directory,
+                host=host,
+                port=port,
+                models_dir=models_dir,
+                processes=processes,
+                create_user=create_user,
+            )
+        )
 
 
 @app.command()
@@ -110,6 +139,13 @@ def serve(
     placement: Annotated[str | None, typer.Option(help="binpack or spread")] = None,
     nats_prefix: Annotated[str | None, typer.Option(help="NATS subject prefix")] = None,
     reconcile_interval: Annotated[float | None, typer.Option(help="Seconds per tick")] = None,
+    forward_headers: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated request headers (or prefix*) passed on to backends, besides "
+            "x-*, openai-*, traceparent, accept and user-agent (CORRAL_FORWARD_HEADERS)"
+        ),
+    ] = None,
     processes: Annotated[
         int | None,
         typer.Option(
@@ -192,6 +228,7 @@ def serve(
         placement=placement,
         nats_prefix=nats_prefix,
         reconcile_interval=reconcile_interval,
+        forward_headers=forward_headers,
         processes=processes,
         max_body_bytes=max_body_bytes,
         spool_memory_bytes=spool_memory_bytes,
@@ -217,7 +254,8 @@ def serve(
         install_stop_handler(stop)
         await serve_frontend(settings, stop)
 
-    run_async(main)
+    with _one_line_errors():
+        run_async(main)
 
 
 @app.command()
@@ -312,12 +350,18 @@ def nodes(url: AdminUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> No
 
 @app.command()
 def models(url: AdminUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
-    """List the declared models."""
-    for m in _admin("GET", url, "/api/models", api_key)["models"]:
+    """List the declared models, and the errors of broken model files."""
+    data = _admin("GET", url, "/api/models", api_key)
+    for m in data["models"]:
         s = m["scheduling"]
         typer.echo(
             f"{m['name']:<24} {m['backend']:<12} min={s['min_replicas']} max={s['max_replicas']}"
         )
+    errors = data.get("errors") or []
+    if errors:
+        typer.echo(f"\n{len(errors)} model file error(s):")
+        for e in errors:
+            typer.echo(f"  {e['message']}")
 
 
 @app.command()

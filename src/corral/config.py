@@ -63,6 +63,9 @@ class FrontendSettings(BaseSettings):
     response_ttl: float = Field(default=3600.0, gt=0)  # seconds a response id routes home
     response_map_size: int = Field(default=100_000, ge=0)  # response ids remembered (newest)
     max_inflight: int = 0  # per frontend; 0 = unlimited, else 429 past it
+    # request headers passed to backends besides x-*, openai-*, traceparent, accept, user-agent:
+    # names, or prefixes ending in "*" (authorization and hop-by-hop headers never pass)
+    forward_headers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     load_report_interval: float = 0.2  # seconds between in-flight reports to other frontends
     resync_interval: float = 10.0  # seconds between full snapshot refreshes from PostgreSQL
     last_used_flush_interval: float = 2.0
@@ -76,9 +79,9 @@ class FrontendSettings(BaseSettings):
     orphan_grace: float = 30.0
     drain_timeout: float = 120.0
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "forward_headers", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [k for k in (s.strip() for s in value.split(",")) if k]
         return value

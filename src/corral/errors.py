@@ -246,3 +246,7 @@ class ArtifactError(OperationFailed):
 
 class EmbeddedError(OperationFailed):
     """An embedded server could not be prepared, started or stopped; the message says why."""
+
+
+class ListenError(OperationFailed):
+    """The frontend cannot listen on its address (the port is in use, or not permitted)."""

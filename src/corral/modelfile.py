@@ -17,6 +17,7 @@ from corral.errors import ConfigError
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}$"
+MODEL_FILE_SUFFIXES = (".yaml", ".yml")
 
 
 class SchedulingDecl(BaseModel):
@@ -116,7 +117,8 @@ def parse_model_file(path: Path) -> list[ModelSpec]:
 
 
 def load_models_dir(directory: Path) -> tuple[list[ModelSpec], list[ConfigError]]:
-    """Parse every *.yaml / *.yml file; broken files are returned as errors, the rest load.
+    """Parse every *.yaml / *.yml file but hidden ones; broken files are returned as errors, the
+    rest load.
 
     A model name declared twice keeps the first declaration and reports the second.
     """
@@ -124,7 +126,11 @@ def load_models_dir(directory: Path) -> tuple[list[ModelSpec], list[ConfigError]
     errors: list[ConfigError] = []
     if not directory.is_dir():
         return [], [ConfigError("models directory does not exist", path=str(directory))]
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
+    files = sorted(
+        p
+        for p in directory.iterdir()
+        if p.suffix in MODEL_FILE_SUFFIXES and not p.name.startswith(".")  # editors' locks
+    )
     for path in files:
         try:
             parsed = parse_model_file(path)

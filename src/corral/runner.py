@@ -33,6 +33,14 @@ def install_stop_handler(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+def listen(host: str, port: int, processes: int = 1) -> socket.socket:
+    """The frontends' socket, bound now: `corral up` binds it before anything else starts, so
+    a port in use is one ListenError, not a server that fails half-way up."""
+    from corral.frontend.http import bind_socket
+
+    return bind_socket(host, port, reuse_port=processes > 1)
+
+
 class FrontendProcess:
     """One frontend on Corral's own HTTP server, in this process.
 
@@ -94,17 +102,17 @@ class Frontends:
     """`settings.processes` frontends on one port: one in this process, the others children
     (`corral.frontends.FrontendGroup`), each a full frontend with its own id."""
 
-    def __init__(self, settings: FrontendSettings) -> None:
+    def __init__(self, settings: FrontendSettings, *, sock: socket.socket | None = None) -> None:
         self.settings = settings
-        self.primary = FrontendProcess(settings)
+        self.primary = FrontendProcess(settings, sock=sock)  # None: `start` binds one
         self.group: FrontendGroup | None = None
 
     async def start(self) -> None:
-        from corral.frontend.http import bind_socket
         from corral.frontends import FrontendGroup
 
         s = self.settings
-        self.primary.sock = bind_socket(s.host, s.port, reuse_port=s.processes > 1)
+        if self.primary.sock is None:
+            self.primary.sock = listen(s.host, s.port, s.processes)
         await self.primary.start()
         if s.processes > 1:
             self.group = FrontendGroup(s, port=self.port, children=s.processes - 1)

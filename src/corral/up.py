@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import sys
 from importlib import resources
@@ -12,10 +13,12 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from corral.config import FrontendSettings, WorkerSettings
-from corral.embedded import EmbeddedNats, EmbeddedPostgres
+from corral.embedded import PG_SYSTEM_USER, EmbeddedNats, EmbeddedPostgres
+from corral.embedded.privileges import user_exists
 from corral.runner import (
     Frontends,
     install_stop_handler,
+    listen,
     make_agent,
     read_or_create_token,
     settle_heap,
@@ -34,17 +37,46 @@ def ensure_models_dir(directory: Path) -> Path:
     return directory
 
 
+def root_notice(create_user: bool) -> str | None:
+    """What running as root means for the embedded PostgreSQL, in plain words (None when this
+    process is not root)."""
+    if os.geteuid() != 0:
+        return None
+    if not create_user:
+        return (
+            "corral: running as root; PostgreSQL refuses to run as root, so it runs as the "
+            "owner of the data directory (--no-create-user)"
+        )
+    verb = "runs as" if user_exists(PG_SYSTEM_USER) else "creates and runs as"
+    return (
+        f"corral: running as root; PostgreSQL refuses to run as root, so Corral {verb} the "
+        f"unprivileged system user '{PG_SYSTEM_USER}' for the embedded PostgreSQL (and lets it "
+        "reach the data directory); --no-create-user avoids this"
+    )
+
+
 async def up(
-    data_dir: Path, *, host: str, port: int, models_dir: Path | None, processes: int = 1
+    data_dir: Path,
+    *,
+    host: str,
+    port: int,
+    models_dir: Path | None,
+    processes: int = 1,
+    create_user: bool = True,
 ) -> None:
     """Run the all-in-one cluster until SIGINT/SIGTERM; leave no process behind.
 
     `data_dir` must exist (the CLI creates it). With `processes` > 1, that many frontends
-    share the port (this process's and children); the worker runs in this process.
+    share the port (this process's and children); the worker runs in this process. The port
+    is bound first: when it is taken (ListenError), nothing else has started.
     """
+    sock = listen(host, port, processes)
     stop = asyncio.Event()
     install_stop_handler(stop)
-    pg = EmbeddedPostgres(data_dir / "postgres")
+    notice = root_notice(create_user)
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
+    pg = EmbeddedPostgres(data_dir / "postgres", create_user=create_user)
     nats = EmbeddedNats(data_dir / "nats")
     try:
         database_url = pg.start()
@@ -60,7 +92,7 @@ async def up(
             token=SecretStr(token),
             processes=processes,
         )
-        frontends = Frontends(fsettings)
+        frontends = Frontends(fsettings, sock=sock)
         await frontends.start()
         try:
             wsettings = WorkerSettings(
@@ -75,7 +107,7 @@ async def up(
             try:
                 frontend = frontends.primary.frontend
                 assert frontend is not None
-                _banner(host, frontends.port, sorted(frontend.view.models), data_dir)
+                _banner(host, frontends.port, sorted(frontend.view.models), data_dir, models)
                 await stop.wait()
             finally:
                 print("\nstopping corral ...", file=sys.stderr, flush=True)
@@ -92,7 +124,7 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def _banner(host: str, port: int, models: list[str], data_dir: Path) -> None:
+def _banner(host: str, port: int, models: list[str], data_dir: Path, models_dir: Path) -> None:
     url = f"http://{_client_host(host)}:{port}"
     model = models[0] if models else "demo"
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
@@ -101,6 +133,9 @@ def _banner(host: str, port: int, models: list[str], data_dir: Path) -> None:
         f"Try it:\n"
         f"  curl {url}/v1/chat/completions -H 'content-type: application/json' \\\n"
         f"       -d '{body}'\n"
+        f"Models: {models_dir}\n"
+        f"  add one by writing a YAML file there (copy demo.yaml, change name and backend);\n"
+        f"  it is served within seconds, no restart. Check it: corral models --url {url}\n"
         f'Add workers: corral worker --join {url} --token "$(cat {data_dir / "token"})"\n'
         f"Data: {data_dir}   Press Ctrl-C to stop.\n",
         flush=True,

@@ -83,3 +83,18 @@ async def test_an_idle_replica_that_misses_probes_in_a_row_is_dropped(
     (event,) = await fe.registry.audit.recent(1, kind="replica.removed")
     assert f"{PROBE_MISSES} probes failed" in event["message"]
     await apoll_until(lambda: not worker.sims, timeout=5, what="its process stopped")
+
+
+async def test_the_only_replica_lost_its_model_and_its_reload_under_the_same_index_serves(
+    cluster: InProcessCluster,
+) -> None:
+    (only,), (w1,), fe = await start(cluster, 1)
+    assert only.address is not None and only.index == 0
+    await unload(only.address)
+    async with client(fe) as c:
+        answer = await chat(c, "m")
+    assert answer.status_code == 200, answer.text
+    (fresh,) = await fe.registry.replicas.all()
+    assert fresh.index == only.index, "the reload took the freed index"
+    assert fresh.address != only.address
+    assert len(w1.starts) == 2

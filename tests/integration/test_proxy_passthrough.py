@@ -140,7 +140,12 @@ async def test_request_and_response_bytes_pass_unchanged(setup: Setup) -> None:
         r = await client.post(
             "/v1/chat/completions",
             content=body,
-            headers={"x-request-id": "abc", "x-secret-header": "not forwarded"},
+            headers={
+                "x-request-id": "abc",
+                "x-custom": "kept",
+                "authorization": "Bearer secret-key",  # Corral's credential, not the backend's
+                "x-corral-priority": "secret-control",  # Corral's own control header
+            },
         )
     assert r.status_code == 200
     assert r.content == WHOLE
@@ -148,7 +153,8 @@ async def test_request_and_response_bytes_pass_unchanged(setup: Setup) -> None:
     assert r.headers["content-length"] == str(len(WHOLE))
     (sent,) = setup.upstream.requests
     assert sent.endswith(b"\r\n\r\n" + body)  # the body exactly as the client sent it
-    assert b"x-request-id: abc" in sent and b"secret" not in sent
+    assert b"x-request-id: abc" in sent and b"x-custom: kept" in sent
+    assert b"secret" not in sent
     assert setup.inflight.local_total() == 0
 
 

@@ -269,12 +269,15 @@ async def test_model_upsert_changes_and_revision(registry: Registry) -> None:
         assert stored == dataclasses.replace(changed, revision=revision)
 
 
-async def test_model_source_change_counts_as_change(registry: Registry) -> None:
+async def test_model_source_change_alone_moves_the_source_quietly(registry: Registry) -> None:
+    """Frontends that mount one models directory under two paths must not take turns bumping
+    the revision: the declaring source moves, the spec (and its revision) stays."""
     assert await registry.models.upsert(spec(), source="file:/models/m")
-    assert await registry.models.upsert(spec(), source="api")
+    assert not await registry.models.upsert(spec(), source="file:/mnt/models/m")
+    assert not await registry.models.upsert(spec(), source="api")
     assert await registry.models.sources() == {"m": "api"}
     stored = await registry.models.get("m")
-    assert stored is not None and stored.revision == 2
+    assert stored is not None and stored.revision == 1
 
 
 async def test_concurrent_first_upserts_create_one_model(registry: Registry) -> None:

@@ -156,6 +156,7 @@ def test_models_dir_loads_good_files_and_reports_bad_ones(tmp_path: Path) -> Non
     )
     write_file(tmp_path, "e.yaml", "name: epsilon\nbackend: sim\n")
     write_file(tmp_path, "notes.txt", "name: ignored\nbackend: sim\n")
+    write_file(tmp_path, ".#e.yaml", "an editor's lock file, not a model")
     specs, errors = load_models_dir(tmp_path)
     by_name = {s.name: s for s in specs}
     assert sorted(by_name) == ["alpha", "beta", "epsilon"]

@@ -14,7 +14,7 @@ from corral.domain.entities import (
     Scheduling,
 )
 from corral.domain.memory import MemoryPool
-from corral.domain.placement import PlacementDecision, Strategy, place
+from corral.domain.placement import PlacementDecision, Strategy, place, unplaceable
 from factories import GB
 
 
@@ -287,3 +287,27 @@ def test_eviction_candidates_are_only_memory_failures() -> None:
     assert d.node_id is None
     assert d.eviction_candidates == ("full",)
     assert d.eviction_may_help
+
+
+@pytest.mark.parametrize(
+    ("nodes", "selector", "backend", "why"),
+    [
+        ([], {}, "llama", "no worker node has joined"),
+        ([node("a")], {}, "llama", None),
+        ([node("a", budget=0, cap=1)], {}, "llama", None),  # full now, but memory can be freed
+        ([node("a", status=NodeStatus.DRAINING)], {}, "llama", "no healthy node: a: node is"),
+        ([node("a")], {"gpu": "h100"}, "llama", "selector gpu=h100 matches no healthy node"),
+        ([node("a")], {}, "vllm", "a: backend vllm is not available on this node"),
+        ([node("a"), node("b", backends=frozenset({"vllm"}))], {}, "vllm", None),
+        ([node("a")], {}, "sim", None),  # built into every worker
+    ],
+)
+def test_unplaceable_says_why_no_node_could_ever_take_the_model(
+    nodes: list[Node], selector: dict[str, str], backend: str, why: str | None
+) -> None:
+    spec = factories.model("m", backend=backend, selector=selector)
+    reason = unplaceable(spec, nodes)
+    if why is None:
+        assert reason is None
+    else:
+        assert reason is not None and why in reason

@@ -150,6 +150,16 @@ def place(
     )
 
 
+def unplaceable(
+    spec: ModelSpec, nodes: Sequence[Node], builtin_backends: frozenset[str] = BUILTIN_BACKENDS
+) -> str | None:
+    """Why no node could take a replica of `spec` now, whatever it held: the status, selector
+    and backend filters above (memory, replica caps and disk can be freed, so they are not
+    asked). None when some node could."""
+    decision = place(spec, 0, nodes, (), builtin_backends=builtin_backends)
+    return None if decision.placed else decision.reason
+
+
 def _selector(spec: ModelSpec) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(spec.scheduling.node_selector.items()))
 

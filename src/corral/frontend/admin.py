@@ -112,7 +112,8 @@ def admin_router() -> APIRouter:
     async def list_models(request: Request) -> dict[str, Any]:
         fe = frontend_of(request)
         specs = await fe.registry.models.all()
-        return {"models": [model_json(s) for s in specs]}
+        errors = fe.models_dir.errors_json() if fe.models_dir is not None else []
+        return {"models": [model_json(s) for s in specs], "errors": errors}
 
     @router.get("/models/{name:path}/scheduling")
     async def get_scheduling(name: str, request: Request) -> dict[str, Any]:

@@ -40,7 +40,11 @@ class Announcer:
         await self._replica_event(kind, replica, error=reason)
 
     async def node(self, node_id: str, kind: NodeEventKind) -> None:
-        """The node's row changed: the view takes it from the registry, the others follow."""
+        """The node's row changed: the view takes it from the registry, the others follow.
+
+        Failed loads were judged on the nodes as they were: their verdicts go, so the next
+        request on any frontend places anew instead of repeating a stale error."""
+        await self.registry.jobs.forget_failed()
         node = await self.registry.nodes.get(node_id)
         if node is None:
             self.view.drop_node(node_id)
@@ -55,7 +59,9 @@ class Announcer:
         self.view.put_node(node)
 
     async def model(self, name: str) -> None:
-        """The model's row changed (or is gone): the view takes it from the registry."""
+        """The model's row changed (or is gone): the view takes it from the registry, and a
+        failed load of its old spec or scheduling is forgotten."""
+        await self.registry.jobs.forget_failed(name)
         spec = await self.registry.models.get(name)
         if spec is None:
             self.view.drop_model(name)

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
@@ -21,6 +22,7 @@ from corral.frontend.asgi import Receive, Scope, Send, error_headers, error_payl
 from corral.frontend.errors_http import describe
 from corral.frontend.http.protocol import Handler
 from corral.frontend.metrics import render_metrics
+from corral.frontend.model_cards import model_card, model_list
 from corral.frontend.nodes_api import node_router, require_node
 from corral.frontend.request import BY_ID, ENDPOINTS, endpoint_for
 from corral.frontend.service import Frontend
@@ -47,7 +49,14 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
             if manage_lifecycle:
                 await frontend.stop()
 
-    api = FastAPI(title="Corral", version=__version__, lifespan=lifespan)
+    # /docs (Swagger UI) and /redoc from assets shipped in a package: they work offline
+    api = FastAPIOffline(
+        title="Corral",
+        version=__version__,
+        lifespan=lifespan,
+        static_url="/docs/assets",
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io
+    )
     api.state.frontend = frontend
 
     @api.exception_handler(CorralError)
@@ -71,6 +80,7 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
         return error_response(BadRequest(str(exc.detail)))
 
     @api.get("/healthz")
+    @api.get("/health", summary="Health (as /healthz: the name vLLM and LiteLLM use)")
     async def healthz() -> dict[str, Any]:
         return {
             "status": "ok" if frontend.started else "starting",
@@ -79,29 +89,18 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
             "reconciler_leader": frontend.reconciler.leader,
         }
 
-    def model_card(name: str) -> dict[str, Any]:
-        """A model as /v1/models lists it, with the endpoints it serves (`capabilities`, an
-        extra field the OpenAI client ignores; null when its backend is unknown here)."""
-        capabilities = frontend.catalog.capabilities_of(frontend.view.models[name])
-        return {
-            "id": name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "corral",
-            "capabilities": None if capabilities is None else list(capabilities),
-        }
-
     @api.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         frontend.authorizer.check(request.scope)
-        return {"object": "list", "data": [model_card(n) for n in sorted(frontend.view.models)]}
+        return model_list(frontend.view, frontend.catalog.capabilities_of)
 
     @api.get("/v1/models/{name:path}")
     async def model(name: str, request: Request) -> dict[str, Any]:
         frontend.authorizer.check(request.scope)
-        if name not in frontend.view.models:
+        spec = frontend.view.models.get(name)
+        if spec is None:
             raise ModelNotFound(f"The model '{name}' does not exist", param="model")
-        return model_card(name)
+        return model_card(frontend.view, spec, frontend.catalog.capabilities_of)
 
     @api.get("/metrics")
     async def metrics() -> PlainTextResponse:

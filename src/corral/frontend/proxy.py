@@ -35,6 +35,7 @@ from corral.errors import (
 )
 from corral.frontend.asgi import AsgiExchange, ClientGone, Receive, Scope, Send, sse_error
 from corral.frontend.auth import Authorizer
+from corral.frontend.headers import HeaderFilter
 from corral.frontend.http.exchange import Exchange, Headers, respond_error
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.probe import ProbeCache
@@ -55,10 +56,17 @@ MAX_ATTEMPTS = 3  # the first try and at most two retries after a replica turned
 NOT_LOADED_MARKERS = (b"model_not_found", b"not loaded", b"does not exist", b"not found")
 #: A 404 about a stored response is the backend's answer, not a sign it lost its model.
 STORED_MARKERS = (b"response_not_found", b"response with id")
-_FORWARD_REQUEST_HEADERS = (b"accept", b"user-agent", b"x-request-id")
 #: Whole answers up to this size go out in one write; larger or unsized ones stream.
 WHOLE_LIMIT = 1024 * 1024
 SPOOL_MEMORY = 1024 * 1024
+
+
+Tried = tuple[str, int, str | None]
+
+
+def _tried(replica: Replica) -> Tried:
+    """A tried replica's identity: a fresh load under the same index is another replica."""
+    return (replica.model, replica.index, replica.address)
 
 
 class OpenAIProxy:
@@ -78,6 +86,7 @@ class OpenAIProxy:
         max_body_bytes: int,
         request_timeout: float,
         max_inflight: int = 0,
+        forward_headers: HeaderFilter | None = None,
         capabilities: Callable[[ModelSpec], Collection[str] | None] | None = None,
         homes: SharedHomes | None = None,
         spool_memory_bytes: int = SPOOL_MEMORY,
@@ -92,6 +101,7 @@ class OpenAIProxy:
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
         self.max_inflight = max_inflight
+        self.forward_headers = forward_headers or HeaderFilter()
         self.capabilities = capabilities or _undeclared
         self.homes = homes or SharedHomes(ResponseHomes(10_000, 3600.0), None, "")
         self.spool_memory_bytes = spool_memory_bytes
@@ -134,7 +144,7 @@ class OpenAIProxy:
                 await respond_error(exchange, exc)
             return
         try:
-            headers = request.headers(exchange.headers, _FORWARD_REQUEST_HEADERS)
+            headers = request.headers(self.forward_headers(exchange.headers))
             await self._route(spec, request, headers, exchange, home)
         finally:
             request.close()
@@ -180,7 +190,7 @@ class OpenAIProxy:
         exchange: Exchange,
         home: Home | None = None,
     ) -> None:
-        tried: set[tuple[str, int]] = set()
+        tried: set[Tried] = set()  # (model, index, address): a reload may reuse the index
         last_error: CorralError | None = None
         for _ in range(MAX_ATTEMPTS if home is None else 1):
             try:
@@ -196,12 +206,12 @@ class OpenAIProxy:
             try:
                 response = await self._forward(replica, spec, request, headers, idle)
                 if response is None:
-                    tried.add(replica.key)
+                    tried.add(_tried(replica))
                     continue
                 await self._relay(replica, response, request, exchange)
                 return
             except ReplicaGone as exc:
-                tried.add(replica.key)
+                tried.add(_tried(replica))
                 last_error = exc
                 await self.drop_replica(DropReplica.of(replica, exc.message))
             except CorralError as exc:
@@ -237,14 +247,12 @@ class OpenAIProxy:
         self.view.last_used[replica.key] = now
         self.used[replica.key] = now
 
-    async def _choose(
-        self, spec: ModelSpec, tried: set[tuple[str, int]], stream: bool = False
-    ) -> Replica:
+    async def _choose(self, spec: ModelSpec, tried: set[Tried], stream: bool = False) -> Replica:
         """The best replica not tried yet; waits for a cold load when there is none."""
         for _ in range(2):
             candidates = self.view.candidates(spec.name)
             if tried:
-                candidates = [r for r in candidates if r.key not in tried]
+                candidates = [r for r in candidates if _tried(r) not in tried]
             if candidates:
                 self._turn += 1
                 chosen = pick_replica(

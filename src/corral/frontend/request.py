@@ -137,9 +137,10 @@ class ParsedRequest:
         self.content_type = _JSON[1]  # an upload's own multipart/form-data type
         self.response_id: str | None = None  # the stored response a by-id path names
 
-    def headers(self, client: Headers, forward: tuple[bytes, ...]) -> Headers:
-        """The headers to send upstream: the client's `forward` ones and the body's type."""
-        out = [(k, v) for k, v in client if k in forward]
+    def headers(self, forwarded: Headers) -> Headers:
+        """The headers to send upstream: the client's that are forwarded (a list this adds
+        to), and the body's content type."""
+        out = forwarded
         if self.endpoint is None or self.endpoint.body == "json":
             out.append(_JSON)
         elif self.endpoint.body == "multipart":

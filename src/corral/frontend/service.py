@@ -6,24 +6,24 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 from corral.backends.catalog import Catalog
 from corral.bus.client import Bus, decode
 from corral.bus.messages import LoadProgress, LoadReport, ModelEvent, NodeEvent, ReplicaEvent
 from corral.config import FrontendSettings
-from corral.domain.actions import RecordUse, RemoveModel, UpsertModel
+from corral.domain.actions import RecordUse
 from corral.domain.entities import Replica, ReplicaState
-from corral.errors import ConfigError
 from corral.frontend.actuator import Actuator
 from corral.frontend.artifacts_api import ArtifactStore
 from corral.frontend.auth import Authorizer, digest
 from corral.frontend.coldpath import ColdLoader
 from corral.frontend.drain import Drainer
+from corral.frontend.headers import HeaderFilter
 from corral.frontend.health import ReplicaHealth
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.installs import InstallController
+from corral.frontend.models_dir import ModelsDir
 from corral.frontend.node_client import NodeClient
 from corral.frontend.parts import Parts
 from corral.frontend.probe import ProbeCache
@@ -32,7 +32,6 @@ from corral.frontend.reconciler import Reconciler
 from corral.frontend.responses_map import ResponseHomes, SharedHomes
 from corral.frontend.upstream import UpstreamPool
 from corral.frontend.view import ClusterView
-from corral.modelfile import load_models_dir
 from corral.store.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -68,6 +67,16 @@ class Frontend:
         self.installs = InstallController(
             registry=self.registry, bus=self.bus, catalog=self.catalog
         )
+        self.models_dir = (
+            ModelsDir(
+                settings.models_dir,
+                registry=self.registry,
+                actuator=self.actuator,
+                catalog=self.catalog,
+            )
+            if settings.models_dir is not None
+            else None
+        )
         parts = Parts(self.registry, self.view, self.inflight, self.actuator)
         self.cold = ColdLoader(
             parts,
@@ -101,6 +110,7 @@ class Frontend:
             max_body_bytes=settings.max_body_bytes,
             request_timeout=settings.request_timeout,
             max_inflight=settings.max_inflight,
+            forward_headers=HeaderFilter(settings.forward_headers),
             capabilities=self.catalog.capabilities_of,
             homes=self.response_homes,
             spool_memory_bytes=settings.spool_memory_bytes,
@@ -122,8 +132,8 @@ class Frontend:
         all of `start` but the background loops (in-process tests drive those by hand)."""
         await self.registry.migrate()
         await self.bus.connect()
-        if self.settings.models_dir is not None:
-            await self.sync_models_dir(self.settings.models_dir)
+        if self.models_dir is not None:
+            await self.models_dir.sync()
         await self.refresh()
         s = self.bus.subjects
         await self.bus.subscribe(s.replica_events, self._on_replica_event)
@@ -145,6 +155,8 @@ class Frontend:
         for name, step, interval in loops:
             self._tasks.append(asyncio.create_task(self._every(name, step, interval), name=name))
         self._tasks.append(asyncio.create_task(self.reconciler.run(), name="reconciler"))
+        if self.models_dir is not None:
+            self._tasks.append(asyncio.create_task(self.models_dir.watch(), name="models-dir"))
         for loop in self.extra_loops:
             self._tasks.append(asyncio.create_task(loop()))
         self.started = True
@@ -186,33 +198,6 @@ class Frontend:
         stored = await self.registry.audit.api_key_hashes()
         self.authorizer.update(self._static_key_digests | stored)
         self.inflight.expire()
-
-    async def sync_models_dir(self, directory: Path) -> list[str]:
-        """Upsert the models declared in `directory`; remove models that left it.
-
-        Broken files are logged with their path and field; the other models still load.
-        Returns the error messages.
-        """
-        specs, errors = await asyncio.to_thread(load_models_dir, directory)
-        for spec in list(specs):
-            narrowed = self.catalog.check_capabilities(spec)
-            if narrowed:  # a model may only narrow its backend's endpoints
-                errors.append(ConfigError(narrowed, path=str(directory), field=spec.name))
-                specs.remove(spec)
-        for error in errors:
-            log.error("model file error: %s", error.message)
-        source = f"file:{await asyncio.to_thread(directory.resolve)}"
-        for spec in specs:
-            problem = self.catalog.check_model(spec)
-            if problem:  # a node's own --backends-dir may provide it: warn, keep the model
-                log.warning("model %s in %s: %s", spec.name, directory, problem)
-            await self.actuator.apply(UpsertModel(spec, f"{source}/{spec.name}"))
-        kept = {s.name for s in specs}
-        sources = await self.registry.models.sources()
-        for name, src in sources.items():
-            if src.startswith(source + "/") and name not in kept:
-                await self.actuator.apply(RemoveModel(name))
-        return [e.message for e in errors]
 
     # --- event handlers -------------------------------------------------------------------
     async def _on_replica_event(self, payload: bytes) -> None:

@@ -101,6 +101,15 @@ class LoadJobStore:
                 .values(state="failed", error=error, updated_at=now, expires_at=now + keep)
             )
 
+    async def forget_failed(self, model: str | None = None) -> int:
+        """Delete failed jobs (of `model`, or of every model): their verdict was judged on a
+        cluster that has changed since. Returns how many there were."""
+        stmt = delete(load_jobs).where(load_jobs.c.state == "failed")
+        if model is not None:
+            stmt = stmt.where(load_jobs.c.model == model)
+        async with self.engine.begin() as conn:
+            return (await conn.execute(stmt)).rowcount
+
     async def finish(self, model: str, owner: str) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(

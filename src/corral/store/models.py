@@ -20,9 +20,12 @@ class ModelStore:
         self.engine = engine
 
     async def upsert(self, spec: ModelSpec, *, source: str) -> bool:
-        """Create or replace a model; returns True when anything changed (revision bumped)."""
+        """Create or replace a model; returns True when the spec changed (revision bumped).
+
+        Idempotent: the same spec again changes nothing, whatever declares it (`source` alone
+        is updated quietly, so frontends that see one directory under two paths do not take
+        turns bumping the revision)."""
         values = spec_to_row(spec)
-        values["source"] = source
         while True:  # at most twice: a concurrent first insert (two frontends starting) won
             async with self.engine.begin() as conn:
                 current = (
@@ -33,7 +36,7 @@ class ModelStore:
                 if current is None:
                     inserted = await conn.execute(
                         insert(models)
-                        .values(name=spec.name, revision=1, **values)
+                        .values(name=spec.name, revision=1, source=source, **values)
                         .on_conflict_do_nothing(index_elements=[models.c.name])
                     )
                     if inserted.rowcount:
@@ -41,11 +44,20 @@ class ModelStore:
                     continue
                 old = current._mapping
                 if all(old[k] == v for k, v in values.items()):
+                    if old["source"] != source:
+                        await conn.execute(
+                            update(models).where(models.c.name == spec.name).values(source=source)
+                        )
                     return False
                 await conn.execute(
                     update(models)
                     .where(models.c.name == spec.name)
-                    .values(revision=old["revision"] + 1, updated_at=func.now(), **values)
+                    .values(
+                        revision=old["revision"] + 1,
+                        updated_at=func.now(),
+                        source=source,
+                        **values,
+                    )
                 )
                 return True
 
@@ -130,5 +142,6 @@ def row_to_spec(row: Mapping[Any, Any]) -> ModelSpec:
             scale_down_delay=row["scale_down_delay"],
         ),
         revision=row["revision"],
+        created_at=row["created_at"].timestamp(),
         capabilities=None if row["capabilities"] is None else tuple(row["capabilities"]),
     )

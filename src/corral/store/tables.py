@@ -70,6 +70,7 @@ models = Table(
     Column("capabilities", JSONB(none_as_null=True)),
     Column("source", Text, nullable=False, server_default="api"),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
 replicas = Table(

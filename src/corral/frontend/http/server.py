@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import ssl
@@ -12,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.errors import ListenError
 from corral.frontend.asgi import Scope
 from corral.frontend.http.asgi_bridge import AsgiApp, AsgiBridge, Lifespan
 from corral.frontend.http.protocol import Handler, HttpConnection
@@ -32,11 +34,25 @@ class HttpLimits:
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A bound TCP socket (not yet listening) for `host`:`port`.
+    """A bound TCP socket (not yet listening) for `host`:`port`; ListenError, in words a user
+    can act on, when the port is taken or the address cannot be used.
 
     With `reuse_port`, several processes bind the same port and the kernel spreads new
     connections over them.
     """
+    try:
+        return _bind(host, port, reuse_port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(
+                f"port {port} on {host} is already in use: stop what listens there, "
+                "or choose another --port"
+            ) from None
+        reason = exc.strerror or str(exc)
+        raise ListenError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -1,7 +1,7 @@
 """models.capabilities: the endpoints a model may serve, narrowing its backend's
 
-Revision ID: 0004_model_capabilities
-Revises: 0001 (chain it after 0002_revisions_scaling / 0003 when those reach main)
+Revision ID: 0006
+Revises: 0005 (the head on main when this was written; re-chain to the head when merging)
 
 `capabilities` is a JSON list of capability names (corral.backends.capabilities); null means
 every endpoint the model's backend serves, which is what every existing model did.
@@ -13,8 +13,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0004_model_capabilities"
-down_revision = "0001"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
