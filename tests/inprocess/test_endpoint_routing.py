@@ -14,6 +14,7 @@ from harness import FakeWorker, InProcessCluster, client, declare
 
 from corral.domain.actions import StartReplica
 from corral.domain.entities import Replica
+from corral.frontend.app import CorralApp, build_api
 from corral.frontend.service import Frontend
 from factories import MB, model
 from infra import apoll_until
@@ -251,3 +252,34 @@ async def test_a_spooled_upload_is_sent_again_when_its_first_replica_is_gone(
     assert {a.json()["text"] for a in answers} == {upload_text(audio)}
     assert [r.key for r in await fe.registry.replicas.all("m")] == [started[0].key]
     assert fe.inflight.local_total() == 0
+
+
+async def test_capabilities_through_the_admin_api_and_models_list(
+    cluster: InProcessCluster,
+) -> None:
+    fe = await cluster.frontend()
+    app = CorralApp(fe, build_api(fe, manage_lifecycle=False))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://corral"
+    ) as c:
+        ok = await c.put("/api/models/narrow", json={"backend": "sim", "capabilities": ["chat"]})
+        assert ok.status_code == 200 and ok.json()["capabilities"] == ["chat"]
+        wide = await c.put(
+            "/api/models/wide", json={"backend": "embeddings", "capabilities": ["chat"]}
+        )
+        assert wide.status_code == 400 and wide.json()["error"]["param"] == "capabilities"
+        unknown = await c.put(
+            "/api/models/odd", json={"backend": "sim", "capabilities": ["telepathy"]}
+        )
+        assert unknown.status_code == 400
+        await c.put("/api/models/ranker", json={"backend": "embeddings"})
+        cards = {m["id"]: m for m in (await c.get("/v1/models")).json()["data"]}
+        assert cards["narrow"]["capabilities"] == ["chat"]
+        assert cards["ranker"]["capabilities"] == ["embeddings", "rerank", "score"]
+        assert set(cards) == {"narrow", "ranker"}
+        one = (await c.get("/v1/models/narrow")).json()
+        assert one["capabilities"] == ["chat"]
+        # by-id paths reach the proxy under any ASGI server too
+        missing = await c.get("/v1/responses/resp_nowhere")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "response_not_found"
