@@ -45,7 +45,7 @@ class Spool:
 
     async def _flush(self) -> None:
         assert self._file is not None
-        pending, self._memory = bytes(self._memory), bytearray()
+        pending, self._memory = self._memory, bytearray()  # handed over, not copied
         await asyncio.to_thread(_write_all, self._file, pending)
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -72,7 +72,7 @@ class Spool:
             self._file = None
 
 
-def _write_all(file: IO[bytes], data: bytes) -> None:
+def _write_all(file: IO[bytes], data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         written = file.write(view)
