@@ -153,9 +153,10 @@ def peak_growth(pid: int, action: Any) -> tuple[int, Any]:
     return peak - before, result
 
 
-def raw_upload_then_leave(port: int, model: str, sent: int, declared: int) -> None:
-    """Start a multipart upload of `declared` bytes, send `sent` of them, then disconnect."""
-    boundary = b"leaving"
+def raw_upload(port: int, model: str, sent: int, declared: int, *, leave: bool) -> bytes:
+    """Start a multipart upload of `declared` bytes and send `sent` of them; then disconnect
+    (`leave`) or wait for the answer (the first bytes of it: b"" if none came)."""
+    boundary = b"parts"
     head = (
         b"--"
         + boundary
@@ -165,19 +166,22 @@ def raw_upload_then_leave(port: int, model: str, sent: int, declared: int) -> No
         + boundary
         + b'\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
     )
-    with socket.create_connection(("127.0.0.1", port)) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(
             b"POST /v1/audio/transcriptions HTTP/1.1\r\nhost: x\r\n"
             b"content-type: multipart/form-data; boundary=" + boundary + b"\r\n"
             b"content-length: %d\r\n\r\n" % declared + head
         )
-        s.sendall(b"\0" * (sent - len(head)))
+        if sent > len(head):
+            s.sendall(b"\0" * (sent - len(head)))
+        return b"" if leave else s.recv(65536)
 
 
 def test_every_endpoint_through_corral(cluster: Cluster, tmp_path: Path) -> None:
     cluster.write_model("m", options={"tokens": 4, "tpot": 0.04, "max_body": 32 * 1024 * 1024})
     cluster.write_model("chat-only", capabilities=["chat"])
-    frontend = cluster.start_frontend()
+    # a body that stops arriving is cut off after two windows of 2 s
+    frontend = cluster.start_frontend(CORRAL_BODY_TIMEOUT="2")
     cluster.start_worker("w")
     base = cluster.url()
     with client(cluster) as c:
@@ -293,9 +297,15 @@ def test_every_endpoint_through_corral(cluster: Cluster, tmp_path: Path) -> None
     assert growth < 6_000_000, f"a 20 MB upload grew the frontend by {growth} bytes"
     idle(cluster)
 
-    # clients that leave: mid-upload (before any replica was chosen) and mid-answer
+    # clients that leave: mid-upload (before any replica was chosen) and mid-answer; an upload
+    # that stalls gets 408 at the body deadline, one past --max-body-bytes 413 at once
     requests_before = httpx.get(sim + "/admin/stats").json()["requests"]
-    raw_upload_then_leave(cluster.ports[frontend], "m", sent=2 * 1024 * 1024, declared=UPLOAD_BYTES)
+    port = cluster.ports[frontend]
+    raw_upload(port, "m", sent=2 * 1024 * 1024, declared=UPLOAD_BYTES, leave=True)
+    stalled = raw_upload(port, "m", sent=100_000, declared=UPLOAD_BYTES, leave=False)
+    assert stalled.startswith(b"HTTP/1.1 408") and b"request_timeout" in stalled, stalled
+    too_big = raw_upload(port, "m", sent=0, declared=64 * 1024 * 1024, leave=False)
+    assert too_big.startswith(b"HTTP/1.1 413") and b"payload_too_large" in too_big, too_big
     with httpx.stream(
         "POST",
         base + "/v1/audio/speech",
