@@ -281,7 +281,8 @@ class OpenAIProxy:
 
         When the replica had nothing else in flight, its time to first byte is its own speed
         (no queueing behind other requests) and feeds the speed weights of `pick_replica`
-        (not for uploads, whose first byte waits for the upload).
+        (not for uploads, whose first byte waits for the upload, nor a stored response read
+        back by id).
         """
         assert replica.address is not None
         reason = await self.probes.check(replica.node_id, replica.address, spec.name)
@@ -297,7 +298,7 @@ class OpenAIProxy:
             headers=headers,
             timeout=self.request_timeout,
         )
-        if idle and isinstance(request.body, bytes):
+        if idle and isinstance(request.body, bytes) and request.response_id is None:
             self.view.observe_latency(replica.key, request.stream, time.monotonic() - started)
         if response.status in (404, 409, 400):
             body = await response.read()
