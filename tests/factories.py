@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from corral.domain.autoscale import ScalingTarget
 from corral.domain.entities import (
     Gpu,
     ModelSpec,
@@ -18,6 +19,7 @@ from corral.domain.entities import (
     Replica,
     ReplicaState,
     Resources,
+    Rollout,
     Scheduling,
 )
 from corral.domain.sizes import MemoryBudget
@@ -77,6 +79,8 @@ def replica(
     memory: int = 0,
     last_used: float = 0.0,
     updated: float = 0.0,
+    revision: str = "",
+    replaces: int | None = None,
 ) -> Replica:
     """A replica; its address defaults to `<node>:<9000 + index>`."""
     return Replica(
@@ -88,6 +92,8 @@ def replica(
         memory=memory,
         last_used=last_used,
         updated=updated,
+        revision=revision,
+        replaces=replaces,
     )
 
 
@@ -103,6 +109,8 @@ def model(
     spread_all: bool = False,
     selector: Mapping[str, str] | None = None,
     scale_down_delay: float = 300.0,
+    scaling: ScalingTarget | None = None,
+    rollout: Rollout = Rollout(),  # noqa: B008 - frozen
 ) -> ModelSpec:
     """A declared model."""
     return ModelSpec(
@@ -117,7 +125,9 @@ def model(
             spread_all=spread_all,
             node_selector=dict(selector or {}),
             scale_down_delay=scale_down_delay,
+            scaling=scaling,
         ),
+        rollout=rollout,
     )
 
 

@@ -146,6 +146,14 @@ def serve(
             "x-*, openai-*, traceparent, accept and user-agent (CORRAL_FORWARD_HEADERS)"
         ),
     ] = None,
+    unload_grace: Annotated[
+        float | None,
+        typer.Option(help="Seconds a retired replica is out of routing before it stops"),
+    ] = None,
+    revision_retry: Annotated[
+        float | None,
+        typer.Option(help="Seconds a rollout stays halted after its new revision failed"),
+    ] = None,
     processes: Annotated[
         int | None,
         typer.Option(
@@ -229,6 +237,8 @@ def serve(
         nats_prefix=nats_prefix,
         reconcile_interval=reconcile_interval,
         forward_headers=forward_headers,
+        unload_grace=unload_grace,
+        revision_retry=revision_retry,
         processes=processes,
         max_body_bytes=max_body_bytes,
         spool_memory_bytes=spool_memory_bytes,
@@ -350,13 +360,21 @@ def nodes(url: AdminUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> No
 
 @app.command()
 def models(url: AdminUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
-    """List the declared models, and the errors of broken model files."""
+    """List the declared models, their revision and rollout (a halted one says why), and the
+    errors of broken model files."""
     data = _admin("GET", url, "/api/models", api_key)
     for m in data["models"]:
         s = m["scheduling"]
+        rollout = m.get("rollout", {})
+        phase = rollout.get("phase", "")
+        if phase == "rolling":
+            phase = f"rolling ({rollout['old']} old, {rollout['current']} new)"
         typer.echo(
             f"{m['name']:<24} {m['backend']:<12} min={s['min_replicas']} max={s['max_replicas']}"
+            f"  rev={m.get('revision', '')}  {phase}"
         )
+        if rollout.get("phase") == "halted" and rollout.get("last_error"):
+            typer.echo(f"    halted: {rollout['last_error'].strip().splitlines()[-1]}")
     errors = data.get("errors") or []
     if errors:
         typer.echo(f"\n{len(errors)} model file error(s):")

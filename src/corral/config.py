@@ -77,7 +77,9 @@ class FrontendSettings(BaseSettings):
     reconcile_interval: float = 10.0
     capacity_cooldown: float = 30.0
     orphan_grace: float = 30.0
-    drain_timeout: float = 120.0
+    drain_timeout: float = 120.0  # also how long a retired replica's requests may take
+    unload_grace: float = 1.0  # seconds a retired replica stays out of routing before its stop
+    revision_retry: float = 300.0  # seconds a rollout stays halted after its revision failed
 
     @field_validator("api_keys", "forward_headers", mode="before")
     @classmethod

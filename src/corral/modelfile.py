@@ -7,10 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from corral.backends.capabilities import Capability, expand_aliases
-from corral.domain.entities import ModelSpec, Scheduling
+from corral.domain.autoscale import ScalingTarget, Signal
+from corral.domain.entities import ModelSpec, Rollout, RolloutStrategy, Scheduling
 from corral.domain.sizes import parse_size
 from corral.errors import ConfigError
 
@@ -18,6 +26,43 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}$"
 MODEL_FILE_SUFFIXES = (".yaml", ".yml")
+
+
+#: Names a model file may give the scaling signal.
+METRICS = {
+    "queue_wait": Signal.QUEUE_WAIT,
+    "inflight": Signal.INFLIGHT,
+    "inflight_per_replica": Signal.INFLIGHT,
+    "ttft_p90": Signal.TTFT_P90,
+}
+
+
+class ScalingDecl(BaseModel):
+    """The `scheduling.scaling:` block: scale on one load signal towards a target."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str
+    target: float = Field(gt=0)
+    window: float = Field(default=30.0, ge=0)
+    idle_timeout: float | None = Field(default=None, gt=0)
+    max_step: int = Field(default=0, ge=0)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if value not in METRICS:
+            raise ValueError(f"must be one of queue_wait, inflight, ttft_p90; got {value!r}")
+        return value
+
+    def to_domain(self) -> ScalingTarget:
+        return ScalingTarget(
+            metric=METRICS[self.metric],
+            target=self.target,
+            window=self.window,
+            idle_timeout=self.idle_timeout,
+            max_step=self.max_step,
+        )
 
 
 class SchedulingDecl(BaseModel):
@@ -30,6 +75,17 @@ class SchedulingDecl(BaseModel):
     spread_all: bool = False
     node_selector: dict[str, str] = Field(default_factory=dict)
     scale_down_delay: float = Field(default=300.0, ge=0)
+    scaling: ScalingDecl | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SchedulingDecl:
+        if self.max_replicas and self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}"
+            )
+        if self.scaling and self.scaling.idle_timeout is not None and self.min_replicas:
+            raise ValueError("scaling.idle_timeout unloads a model: it needs min_replicas 0")
+        return self
 
     def to_domain(self) -> Scheduling:
         return Scheduling(
@@ -38,7 +94,20 @@ class SchedulingDecl(BaseModel):
             spread_all=self.spread_all,
             node_selector=dict(self.node_selector),
             scale_down_delay=self.scale_down_delay,
+            scaling=self.scaling.to_domain() if self.scaling else None,
         )
+
+
+class RolloutDecl(BaseModel):
+    """The `rollout:` block (or just its strategy: `rollout: recreate`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: RolloutStrategy = RolloutStrategy.ROLLING
+    newest_only: bool = True
+
+    def to_domain(self) -> Rollout:
+        return Rollout(strategy=self.strategy, newest_only=self.newest_only)
 
 
 class ModelDecl(BaseModel):
@@ -52,8 +121,14 @@ class ModelDecl(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     memory: int | None = None
     scheduling: SchedulingDecl = Field(default_factory=SchedulingDecl)
+    rollout: RolloutDecl = Field(default_factory=RolloutDecl)
     #: narrows the backend's capabilities (`capabilities: [chat]`); None: all of them
     capabilities: tuple[Capability, ...] | None = Field(default=None, min_length=1)
+
+    @field_validator("rollout", mode="before")
+    @classmethod
+    def _strategy(cls, value: object) -> object:
+        return {"strategy": value} if isinstance(value, str) else value
 
     @field_validator("capabilities", mode="before")
     @classmethod
@@ -78,6 +153,7 @@ class ModelDecl(BaseModel):
             options=dict(self.options),
             memory=self.memory,
             scheduling=self.scheduling.to_domain(),
+            rollout=self.rollout.to_domain(),
             capabilities=self.capabilities,
         )
 

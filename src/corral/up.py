@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ from pydantic import SecretStr
 from corral.config import FrontendSettings, WorkerSettings
 from corral.embedded import PG_SYSTEM_USER, EmbeddedNats, EmbeddedPostgres
 from corral.embedded.privileges import user_exists
+from corral.frontend.view import ClusterView
 from corral.runner import (
     Frontends,
     install_stop_handler,
@@ -25,6 +27,8 @@ from corral.runner import (
 )
 
 log = logging.getLogger(__name__)
+
+PRELOAD_WAIT = 120.0  # seconds the banner waits for the models with a minimum to load
 
 
 def ensure_models_dir(directory: Path) -> Path:
@@ -107,6 +111,9 @@ async def up(
             try:
                 frontend = frontends.primary.frontend
                 assert frontend is not None
+                loading = await _preloaded(frontend.view, stop, timeout=PRELOAD_WAIT)
+                if loading:
+                    print(f"still loading: {', '.join(loading)}", file=sys.stderr, flush=True)
                 _banner(host, frontends.port, sorted(frontend.view.models), data_dir, models)
                 await stop.wait()
             finally:
@@ -118,6 +125,24 @@ async def up(
         nats.stop()
         pg.stop()
         print("corral stopped; data kept in", data_dir, file=sys.stderr, flush=True)
+
+
+async def _preloaded(view: ClusterView, stop: asyncio.Event, *, timeout: float) -> list[str]:
+    """Wait until every model with a minimum has a loaded replica (the reconciler preloads
+    them), at most `timeout` seconds or until stopped; return the models still loading."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        loading = sorted(
+            m.name
+            for m in view.models.values()
+            if m.scheduling.min_replicas > 0 and not view.candidates(m.name)
+        )
+        left = deadline - loop.time()
+        if not loading or left <= 0 or stop.is_set():
+            return loading
+        with contextlib.suppress(TimeoutError):  # a change of the model, or a poll
+            await asyncio.wait_for(view.changed(loading[0]).wait(), min(left, 0.5))
 
 
 def _client_host(host: str) -> str:

@@ -79,7 +79,11 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
     proc = start_up(data_dir, port, log)
     try:
         wait_up(proc, log, port, runs=1)
+        api = f"http://127.0.0.1:{port}/api"
+        demo = httpx.get(f"{api}/models/demo", timeout=5).json()
+        assert [r["state"] for r in demo["replicas"]] == ["loaded"], "preloaded before the banner"
         assert chat(port)
+        assert httpx.get(f"{api}/loads", timeout=5).json()["jobs"] == [], "no cold load"
         first_answer = time.monotonic() - started
         print(f"corral up: first answer after {first_answer:.1f}s")
         processes = tree(proc.pid)

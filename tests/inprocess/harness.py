@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -66,6 +67,7 @@ class FakeWorker:
         self.sims: dict[ReplicaId, SimServer] = {}
         self.starts: list[StartReplicaCommand] = []
         self.stops: list[StopReplicaCommand] = []
+        self.log: list[tuple[str, int]] = []  # ("start" | "stop", index), in arrival order
         self.fail: str | None = None  # when set, every start answers this error
         self.gate: asyncio.Event | None = None  # when set, starts wait for it
 
@@ -83,9 +85,12 @@ class FakeWorker:
         )
         await self.bus.flush()
 
-    async def run(self, model: str, index: int) -> str:
-        """Run a sim for (model, index) as if a start had asked for it; return its address."""
-        sim = SimServer(SimConfig(model=model, **self.sim))
+    async def run(self, model: str, index: int, options: Mapping[str, Any] | None = None) -> str:
+        """Run a sim for (model, index) as if a start had asked for it (with the start's
+        options that are sim settings, e.g. `fingerprint`); return its address."""
+        fields = {f.name for f in dataclasses.fields(SimConfig)}
+        given = {k: v for k, v in (options or {}).items() if k in fields}
+        sim = SimServer(SimConfig(model=model, **{**self.sim, **given}))
         port = await sim.start()
         self.sims[(model, index)] = sim
         return f"127.0.0.1:{port}"
@@ -104,15 +109,17 @@ class FakeWorker:
 
     async def _start(self, cmd: StartReplicaCommand) -> Message:
         self.starts.append(cmd)
+        self.log.append(("start", cmd.index))
         if self.gate is not None:
             await self.gate.wait()
         if self.fail is not None:
             return StartReplicaReply(ok=False, error=self.fail)
-        address = await self.run(cmd.model, cmd.index)
+        address = await self.run(cmd.model, cmd.index, cmd.options)
         return StartReplicaReply(ok=True, address=address, pid=os.getpid())
 
     async def _stop(self, cmd: StopReplicaCommand) -> Message:
         self.stops.append(cmd)
+        self.log.append(("stop", cmd.index))
         key = (cmd.model, cmd.index)
         sim = self.sims.get(key)
         if sim is None or (cmd.address is not None and cmd.address != self.address(key)):

@@ -31,6 +31,8 @@ from corral.domain.actions import (
     ReportDrained,
     ReportLeader,
     ReportLoad,
+    ReportRollout,
+    ReportScaling,
     ReportWaiting,
     SetCooldown,
     SetNodeLabels,
@@ -95,15 +97,19 @@ async def start(w: World) -> Action:
 
 
 async def started_row(w: World) -> bool:
+    """Loaded at its address, at the spec's revision, and that revision's load recorded."""
     row = await w.row()
-    info = (await w.fe.registry.replicas.load_info()).get("m")
+    revision = w.fe.view.models["m"].config_revision
+    info = (await w.fe.registry.replicas.load_info()).get(("m", revision))
     assert len(w.worker.starts) == 1 and w.worker.starts[0].backend == "sim"
     return (
         row is not None
         and row.state == LOADED
         and row.address == w.worker.address(("m", 0))
+        and row.revision == revision
         and info is not None
         and info.backend == "sim"
+        and info.loaded_at > 0
     )
 
 
@@ -137,6 +143,11 @@ async def dropped(w: World) -> bool:
 async def unloading(w: World) -> Action:
     r = await w.start()
     return MarkUnloading(r.model, r.index, r.node_id)
+
+
+async def retiring(w: World) -> Action:
+    replica = await w.start()
+    return MarkUnloading.of(replica, "replaced by its new revision")
 
 
 async def row_unloading(w: World) -> bool:
@@ -327,6 +338,14 @@ async def waiting(w: World) -> Action:
     return ReportWaiting("m", "no load information yet")
 
 
+async def rollout(w: World) -> Action:
+    return ReportRollout("m", "halted", "abc", "exit 2")
+
+
+async def scaled(w: World) -> Action:
+    return ReportScaling("m", 2, 4, "queue_wait 3.1 above target 1 for 10s")
+
+
 async def drained(w: World) -> Action:
     return ReportDrained("n1", 2)
 
@@ -367,6 +386,14 @@ CASES = [
     Case("stop", stop, stopped_on_node, not_in_view, ("replica", "removed"), ("replica.removed",)),
     Case("drop", drop, dropped, not_in_view, ("replica", "removed"), ("replica.removed",)),
     Case("unload", unloading, row_unloading, view_unloading, ("replica", "updated"), ()),
+    Case(
+        "retire",
+        retiring,
+        row_unloading,
+        view_unloading,
+        ("replica", "updated"),
+        ("replica.unloading",),
+    ),
     Case("adopt", adopt, adopted, routable, ("replica", "loaded"), ("replica.adopted",)),
     Case("remove-row", remove_row, gone, not_in_view, ("replica", "removed"), ("replica.gone",)),
     Case("exited", exited, gone, not_in_view, ("replica", "removed"), ("replica.exited",)),
@@ -413,6 +440,8 @@ CASES = [
     ),
     Case("cooldown", cooldown, unchanged, anything, None, ("model.capacity",)),
     Case("waiting", waiting, unchanged, anything, None, ("model.waiting",)),
+    Case("rollout", rollout, unchanged, anything, None, ("model.rollout",)),
+    Case("scaled", scaled, unchanged, anything, None, ("model.scaled",)),
     Case("drained", drained, unchanged, anything, None, ("node.drained",)),
     Case("leader", leader, unchanged, anything, None, ("reconciler.leader",)),
     Case("load", load, unchanged, progress_in_view, None, ()),

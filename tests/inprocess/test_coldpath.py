@@ -34,6 +34,30 @@ async def test_concurrent_requests_on_two_frontends_share_one_load(
     assert await one.registry.jobs.all() == [], "the claim is released after the load"
 
 
+async def test_requests_during_a_preload_wait_for_it_instead_of_loading_again(
+    cluster: InProcessCluster,
+) -> None:
+    one = await cluster.frontend()
+    two = await cluster.frontend()
+    worker = await cluster.worker(one, "n1")
+    worker.gate = asyncio.Event()
+    await declare(one, model("m", min_replicas=1))
+    await one.reconciler.tick()  # the preload's start waits at the gate
+    await apoll_until(lambda: two.view.replicas_of("m"), timeout=5, what="the start seen")
+    async with client(one) as c1, client(two) as c2:
+        requests = [asyncio.create_task(chat(c, "m")) for c in (c1, c2)]
+        await apoll_until(
+            lambda: "m" in one.cold._loads and "m" in two.cold._loads,
+            timeout=5,
+            what="both requests waiting in the cold path",
+        )
+        worker.gate.set()
+        answers = await asyncio.gather(*requests)
+    assert [r.status_code for r in answers] == [200, 200]
+    assert len(worker.starts) == 1 and one.cold.starts + two.cold.starts == 0
+    assert await one.registry.jobs.all() == [], "no load claimed"
+
+
 async def test_a_failed_load_reaches_every_waiter_with_the_nodes_error(
     cluster: InProcessCluster,
 ) -> None:

@@ -83,7 +83,7 @@ async def test_the_backend_sees_custom_headers_but_no_credentials_or_control_hea
     async with recording_backend() as backend:
         address = await backend.start()
 
-        async def run(model: str, index: int) -> str:
+        async def run(model: str, index: int, options: object = None) -> str:
             return address
 
         worker.run = run  # type: ignore[method-assign]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from harness import FakeWorker, InProcessCluster, declare, heartbeat
+from harness import FakeWorker, InProcessCluster, chat, client, declare, heartbeat
 
 from corral.domain.actions import (
     AdoptReplica,
@@ -73,17 +73,27 @@ async def test_below_minimum_starts_replicas_once_while_they_load(
     assert (await fe.reconciler.tick()).actions == ()
 
 
-async def test_a_model_never_loaded_is_reported_once_and_not_started(
+async def test_a_declared_model_preloads_its_minimum_before_any_request(
     cluster: InProcessCluster,
 ) -> None:
     fe = await cluster.frontend()
     worker = await cluster.worker(fe, "n1")
-    await declare(fe, model("new", min_replicas=1))
-    await fe.reconciler.tick()
-    await fe.reconciler.tick()
-    assert worker.starts == []
-    waiting = await fe.registry.audit.recent(10, kind="model.waiting")
-    assert [e["message"] for e in waiting] == ["no load information yet: waiting for a first load"]
+    await declare(fe, model("new", min_replicas=2))
+    assert await fe.registry.replicas.load_info() == {}, "never loaded before"
+    plan = await fe.reconciler.tick()
+    assert [(a.index, a.reason) for a in plan.of(StartReplica)] == [
+        (0, "below minimum"),
+        (1, "below minimum"),
+    ]
+    await apoll_until(
+        lambda: len(fe.view.candidates("new")) == 2, timeout=5, what="two preloaded replicas"
+    )
+    assert await fe.registry.audit.recent(10, kind="model.waiting") == []
+    async with client(fe) as c:
+        answer = await chat(c, "new")
+    assert answer.status_code == 200
+    assert fe.cold.starts == 0, "the first request paid no load"
+    assert len(worker.starts) == 2
 
 
 async def test_an_idle_replica_above_minimum_stops_after_the_scale_down_delay(

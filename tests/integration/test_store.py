@@ -248,9 +248,9 @@ async def test_model_upsert_changes_and_revision(registry: Registry) -> None:
         scheduling=Scheduling(min_replicas=1, node_selector={"zone": "eu"}),
     )
     assert await registry.models.upsert(base, source="api")
-    assert await registry.models.get("m") == base
+    assert await registry.models.get("m") == hashed(base)
     assert not await registry.models.upsert(base, source="api"), "nothing changed"
-    assert (await registry.models.get("m")) == base
+    assert (await registry.models.get("m")) == hashed(base)
 
     steps: list[tuple[ModelSpec, str]] = [
         (dataclasses.replace(base, options={"n_ctx": 8192}), "api"),
@@ -266,7 +266,12 @@ async def test_model_upsert_changes_and_revision(registry: Registry) -> None:
         assert await registry.models.upsert(changed, source=source)
         assert not await registry.models.upsert(changed, source=source)
         stored = await registry.models.get("m")
-        assert stored == dataclasses.replace(changed, revision=revision)
+        assert stored == dataclasses.replace(hashed(changed), revision=revision)
+
+
+def hashed(spec: ModelSpec) -> ModelSpec:
+    """The spec as the store returns it: with the revision hash it stored."""
+    return dataclasses.replace(spec, spec_hash=spec.config_revision)
 
 
 async def test_model_source_change_alone_moves_the_source_quietly(registry: Registry) -> None:
@@ -429,7 +434,7 @@ async def test_touch_never_moves_last_used_backwards(cluster: Registry) -> None:
     await cluster.replicas.touch({})
 
 
-async def test_load_info_survives_every_replica_row(cluster: Registry) -> None:
+async def test_load_info_per_revision_survives_every_replica_row(cluster: Registry) -> None:
     info = LoadInfo(
         model="m",
         backend="sim",
@@ -439,6 +444,7 @@ async def test_load_info_survives_every_replica_row(cluster: Registry) -> None:
         node_id="n1",
         load_seconds=4.5,
         loaded_at=1000.0,
+        revision="r1",
     )
     await cluster.replicas.add("m", "n1", memory=1)
     await cluster.replicas.add("m", "n2", memory=1)
@@ -446,12 +452,13 @@ async def test_load_info_survives_every_replica_row(cluster: Registry) -> None:
     await cluster.replicas.remove("m", 0)
     await cluster.replicas.remove_on_node("n2")
     assert await cluster.replicas.all("m") == []
-    assert await cluster.replicas.load_info() == {"m": info}
+    assert await cluster.replicas.load_info() == {("m", "r1"): info}
     assert await cluster.nodes.delete("n1")
-    assert await cluster.replicas.load_info(["m"]) == {"m": info}
     newer = dataclasses.replace(info, memory=456, node_id=None, loaded_at=2000.0)
     await cluster.replicas.record_load_info(newer)
-    assert await cluster.replicas.load_info(["m", "other"]) == {"m": newer}
+    other = dataclasses.replace(info, revision="r2", options={"n_ctx": 4096}, loaded_at=3000.0)
+    await cluster.replicas.record_load_info(other)
+    assert await cluster.replicas.load_info(["m", "x"]) == {("m", "r1"): newer, ("m", "r2"): other}
     assert await cluster.replicas.load_info([]) == {}
 
 

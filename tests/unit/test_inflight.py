@@ -126,3 +126,28 @@ def test_inflight_report_carries_local_counts_and_clock() -> None:
     other = InflightTracker("fe-2", clock=clock)
     other.merge(LoadReport.model_validate_json(report.model_dump_json()))
     assert (other.total(A), other.total(B)) == (1, 2)
+
+
+def test_model_signals_sum_queues_and_take_the_worst_wait_and_ttft() -> None:
+    clock = FakeClock()
+    t = _tracker(clock)
+    t.set_queue("m", 3, 0.5)
+    for ms in range(1, 11):
+        t.observe_ttft("m", ms / 1000)
+    assert (t.queued("m"), t.queue_wait("m"), t.ttft_p90("m")) == (3, 0.5, 0.009)
+    other = InflightTracker("fe-other", clock=clock)
+    other.set_queue("m", 2, 4.0)
+    other.observe_ttft("m", 0.2)
+    t.merge(other.report())
+    assert (t.queued("m"), t.queue_wait("m"), t.ttft_p90("m")) == (5, 4.0, 0.2)
+    assert (t.queued("x"), t.queue_wait("x"), t.ttft_p90("x")) == (0, 0.0, None)
+    t.set_queue("m", 0, 0.0)
+    clock.now += 10
+    t.expire()
+    assert (t.queued("m"), t.queue_wait("m"), t.ttft_p90("m")) == (0, 0.0, 0.009)
+
+
+def test_reports_without_model_signals_still_merge() -> None:
+    t = _tracker()
+    t.merge(LoadReport.model_validate({"frontend_id": "old-fe", "inflight": [["m", 0, 2]]}))
+    assert (t.total(A), t.queued("m")) == (2, 0)

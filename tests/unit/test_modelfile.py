@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 
+from corral.domain.autoscale import ScalingTarget, Signal
 from corral.domain.entities import (
     ModelSpec,
+    Rollout,
+    RolloutStrategy,
     Scheduling,
 )
 from corral.errors import (
@@ -107,6 +110,34 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], str | None]] = [
     ("unknown-capability", {"capabilities": ["chat", "telepathy"]}, "capabilities.1"),
     ("no-capabilities", {"capabilities": []}, "capabilities"),
     ("capabilities-text", {"capabilities": "chat"}, "capabilities"),
+    ("rollout-unknown", {"rollout": "blue-green"}, "rollout.strategy"),
+    ("rollout-unknown-key", {"rollout": {"surge": 2}}, "rollout.surge"),
+    (
+        "scaling-unknown-metric",
+        {"scheduling": {"scaling": {"metric": "gpu", "target": 1}}},
+        "scheduling.scaling.metric",
+    ),
+    (
+        "scaling-zero-target",
+        {"scheduling": {"scaling": {"metric": "inflight", "target": 0}}},
+        "scheduling.scaling.target",
+    ),
+    (
+        "scaling-without-target",
+        {"scheduling": {"scaling": {"metric": "inflight"}}},
+        "scheduling.scaling.target",
+    ),
+    (
+        "idle-timeout-with-a-minimum",
+        {
+            "scheduling": {
+                "min_replicas": 1,
+                "scaling": {"metric": "queue_wait", "target": 1, "idle_timeout": 60},
+            }
+        },
+        "scheduling",
+    ),
+    ("min-above-max", {"scheduling": {"min_replicas": 3, "max_replicas": 2}}, "scheduling"),
 ]
 
 
@@ -191,3 +222,34 @@ def test_model_capabilities_narrow_the_backend(
     if declared is not None:
         data["capabilities"] = declared
     assert parse_model(data).capabilities == expected
+
+
+def test_model_rollout_and_scaling() -> None:
+    text = {
+        "name": "m",
+        "backend": "sim",
+        "rollout": "recreate",
+        "scheduling": {
+            "max_replicas": 4,
+            "scale_down_delay": 60,
+            "scaling": {"metric": "inflight", "target": 4, "window": 10, "max_step": 2},
+        },
+    }
+    spec = parse_model(text)
+    assert spec.rollout == Rollout(RolloutStrategy.RECREATE, newest_only=True)
+    assert spec.scheduling.scaling == ScalingTarget(Signal.INFLIGHT, 4.0, 10.0, None, 2)
+    routed = parse_model({"name": "m", "backend": "sim", "rollout": {"newest_only": False}})
+    assert routed.rollout == Rollout(RolloutStrategy.ROLLING, newest_only=False)
+    zero = parse_model(
+        {
+            "name": "m",
+            "backend": "sim",
+            "scheduling": {"scaling": {"metric": "queue_wait", "target": 1, "idle_timeout": 600}},
+        }
+    )
+    assert zero.scheduling.scaling is not None
+    assert (zero.scheduling.scaling.metric, zero.scheduling.scaling.idle_timeout) == (
+        Signal.QUEUE_WAIT,
+        600.0,
+    )
+    assert parse_model({"name": "m", "backend": "sim"}).scheduling.scaling is None

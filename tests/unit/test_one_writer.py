@@ -17,7 +17,15 @@ WRITERS = {"actuator.py", "replica_writes.py", "node_writes.py", "announce.py"}
 WRITES = {
     "nodes": {"upsert", "heartbeat", "set_status", "set_labels", "delete"},
     "models": {"upsert", "set_scheduling", "delete", "delete_from_sources"},
-    "replicas": {"add", "update", "remove", "remove_on_node", "touch", "record_load_info"},
+    "replicas": {
+        "add",
+        "update",
+        "remove",
+        "remove_on_node",
+        "touch",
+        "record_load_info",
+        "record_load_failure",
+    },
     "installs": {"report"},
 }
 

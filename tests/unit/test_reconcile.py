@@ -4,124 +4,40 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
-from typing import Any
 
 import pytest
+from plans import (
+    CFG,
+    FAILED,
+    LOADING,
+    NOW,
+    OFF,
+    D,
+    H,
+    U,
+    cooldown,
+    model,
+    node,
+    proc,
+    rep,
+    start,
+    state,
+    stop,
+)
 
-import factories
 from corral.domain.actions import (
     AdoptReplica,
     MarkNode,
+    MarkUnloading,
     RemoveNodeReplicas,
     RemoveReplicaRow,
     ReportWaiting,
-    SetCooldown,
     StartReplica,
     StopOrphan,
-    StopReplica,
 )
-from corral.domain.entities import (
-    ModelSpec,
-    Node,
-    NodeStatus,
-    Replica,
-    ReplicaKey,
-    ReplicaState,
-)
-from corral.domain.reconcile import (
-    ClusterState,
-    PlanAction,
-    ReconcileConfig,
-    ReportedProcess,
-    plan,
-)
+from corral.domain.reconcile import ClusterState, PlanAction, ReportedProcess, plan
 from factories import GB
 
-NOW = 10_000.0
-CFG = ReconcileConfig()  # stale after 15 s, offline after 60 s, graces 30 s, cooldown 30 s
-LOADED, LOADING, FAILED = ReplicaState.LOADED, ReplicaState.LOADING, ReplicaState.FAILED
-
-
-def node(
-    nid: str,
-    *,
-    status: NodeStatus = NodeStatus.HEALTHY,
-    age: float = 1.0,
-    budget: int = 10 * GB,
-    **labels: str,
-) -> Node:
-    return factories.node(
-        nid,
-        status=status,
-        labels=labels,
-        budget=budget,
-        backends={"llama"},
-        last_heartbeat=NOW - age,
-    )
-
-
-def model(name: str = "m", **scheduling: Any) -> ModelSpec:
-    return factories.model(name, **{"backend": "llama", "memory": 4 * GB, **scheduling})
-
-
-def rep(
-    index: int,
-    nid: str = "a",
-    state: ReplicaState = LOADED,
-    *,
-    name: str = "m",
-    idle: float = 0.0,
-    age: float = 1000.0,
-) -> Replica:
-    return factories.replica(
-        name, index, nid, state, memory=4 * GB, last_used=NOW - idle, updated=NOW - age
-    )
-
-
-def proc(index: int, nid: str = "a", *, name: str = "m", age: float = 1000.0) -> ReportedProcess:
-    return ReportedProcess(name, index, f"{nid}:{9000 + index}", NOW - age)
-
-
-def state(
-    nodes: list[Node],
-    models: list[ModelSpec],
-    replicas: list[Replica] | None = None,
-    *,
-    inflight: dict[ReplicaKey, int] | None = None,
-    processes: dict[str, list[ReportedProcess]] | None = None,
-    load_info: frozenset[str] | None = None,
-    cooldowns: dict[str, float] | None = None,
-    reported: frozenset[str] = frozenset(),
-    avoid: dict[str, frozenset[str]] | None = None,
-    monitor_since: float = 0.0,
-) -> ClusterState:
-    return ClusterState(
-        nodes=nodes,
-        models=models,
-        replicas=replicas or [],
-        inflight=inflight or {},
-        processes=processes or {},
-        load_info=frozenset(m.name for m in models) if load_info is None else load_info,
-        cooldowns=cooldowns or {},
-        already_reported=reported,
-        avoid=avoid or {},
-        monitor_since=monitor_since,
-    )
-
-
-def start(nid: str, index: int, reason: str = "below minimum", name: str = "m") -> StartReplica:
-    return StartReplica(name, nid, index, "llama", 4 * GB, reason)
-
-
-def stop(r: Replica, reason: str) -> StopReplica:
-    return StopReplica(r.model, r.index, r.node_id, r.address, reason)
-
-
-def cooldown(reason: str, name: str = "m") -> SetCooldown:
-    return SetCooldown(name, NOW + CFG.capacity_cooldown, reason)
-
-
-H, U, OFF, D = NodeStatus.HEALTHY, NodeStatus.UNHEALTHY, NodeStatus.OFFLINE, NodeStatus.DRAINING
 FULL = "no node fits m: a: needs 4.0 GB, 0 B free of 4.0 GB budget"
 
 CASES: list[tuple[str, ClusterState, list[PlanAction]]] = [
@@ -219,16 +135,9 @@ CASES: list[tuple[str, ClusterState, list[PlanAction]]] = [
         [cooldown("no healthy node: a: node is unhealthy")],
     ),
     (
-        "never-loaded-reports-waiting",
-        state([node("a")], [model(min_replicas=1)], load_info=frozenset()),
-        [ReportWaiting("m", "no load information yet: waiting for a first load")],
-    ),
-    (
-        "never-loaded-reported-once",
-        state(
-            [node("a")], [model(min_replicas=1)], load_info=frozenset(), reported=frozenset({"m"})
-        ),
-        [],
+        "declared-model-preloads-from-its-spec",  # no request, no load information needed
+        state([node("a", budget=20 * GB)], [model(min_replicas=2)]),
+        [start("a", 0), start("a", 1)],
     ),
     (
         "empty-backend-never-started",
@@ -236,8 +145,13 @@ CASES: list[tuple[str, ClusterState, list[PlanAction]]] = [
         [ReportWaiting("m", "the model has no backend configured")],
     ),
     (
-        "min-zero-never-loaded-says-nothing",
-        state([node("a")], [model()], load_info=frozenset()),
+        "empty-backend-reported-once",
+        state([node("a")], [model(backend="", min_replicas=1)], reported=frozenset({"m"})),
+        [],
+    ),
+    (
+        "min-zero-starts-nothing",
+        state([node("a")], [model()]),
         [],
     ),
     # --- selector ------------------------------------------------------------------------
@@ -356,9 +270,28 @@ CASES: list[tuple[str, ClusterState, list[PlanAction]]] = [
         [stop(rep(2, idle=400), "idle above minimum")],
     ),
     (
-        "idle-within-delay-kept",
-        state([node("a")], [model(min_replicas=1)], [rep(0, idle=400), rep(1, idle=100)]),
-        [stop(rep(0, idle=400), "idle above minimum")],
+        "staggered-idle-times-stop-the-highest-index",  # not the one idle longest: no holes
+        state(
+            [node("a", budget=20 * GB)],
+            [model(min_replicas=1)],
+            [rep(0, idle=400), rep(1, idle=100), rep(2, idle=10)],
+        ),
+        [stop(rep(2, idle=10), "idle above minimum")],
+    ),
+    (
+        "highest-index-busy-is-unloaded-first",
+        state(
+            [node("a")],
+            [model(min_replicas=1)],
+            [rep(0, idle=400), rep(1)],
+            inflight={("m", 1): 1},
+        ),
+        [MarkUnloading("m", 1, "a", "idle above minimum")],
+    ),
+    (
+        "no-scale-down-while-one-starts",
+        state([node("a")], [model(min_replicas=1)], [rep(0, idle=400), rep(1, LOADING, idle=400)]),
+        [],
     ),
     (
         "recent-state-change-counts-as-activity",

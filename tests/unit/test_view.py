@@ -12,6 +12,7 @@ from corral.domain.entities import (
     NodeStatus,
     Replica,
     ReplicaState,
+    Rollout,
 )
 from corral.frontend.view import ClusterView
 from factories import model, node, replica
@@ -188,6 +189,22 @@ def test_view_free_memory() -> None:
     v.put_node(node("n1", ram_free=5))
     v.put_node(node("n2", ram_free=7))
     assert v.free_memory() == {"n1": 5, "n2": 7}
+
+
+def test_candidates_are_the_current_revision_once_one_is_ready() -> None:
+    spec = model("m", options={"v": 2})
+    old = model("m").config_revision
+    v = ClusterView()
+    v.put_node(node("n1"))
+    v.put_model(spec)
+    v.put_replica(replica("m", 0, revision=old))
+    v.put_replica(replica("m", 1, revision=old))
+    v.put_replica(replica("m", 2, state=ReplicaState.LOADING, revision=spec.config_revision))
+    assert _keys(v.candidates("m")) == [("m", 0), ("m", 1)], "nothing current is ready yet"
+    v.put_replica(replica("m", 2, revision=spec.config_revision))
+    assert _keys(v.candidates("m")) == [("m", 2)]
+    v.put_model(model("m", options={"v": 2}, rollout=Rollout(newest_only=False)))
+    assert _keys(v.candidates("m")) == [("m", 0), ("m", 1), ("m", 2)], "the setting is off"
 
 
 async def test_view_heartbeat_keeps_candidates_and_updates_free_memory(view: ClusterView) -> None:

@@ -108,6 +108,8 @@ class ReplicaEvent(Message):
     memory: int = 0
     error: str | None = None
     origin: str | None = None  # id of the frontend that announced it
+    revision: str = ""  # the spec revision the replica runs ("" = unknown)
+    replaces: int | None = None  # the index of the older-revision replica it replaces
 
 
 class NodeEvent(Message):
@@ -149,12 +151,24 @@ class InstallProgress(Message):
     error: str | None = None
 
 
+class ModelLoad(BaseModel):
+    """One frontend's load signals for one model (the autoscaler's inputs besides in-flight)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    queued: int = 0  # requests waiting in this frontend's admission queue
+    queue_wait: float = 0.0  # seconds the longest-waiting of them has waited
+    ttft_p90: float | None = None  # 90th percentile of recent times to first byte, seconds
+
+
 class LoadReport(Message):
     """One frontend's in-flight counts per replica, broadcast a few times a second."""
 
     frontend_id: str
     inflight: list[tuple[str, int, int]] = Field(default_factory=list)  # (model, index, count)
     at: float = 0.0
+    models: list[ModelLoad] = Field(default_factory=list)  # per-model signals, when it has any
 
 
 class ResponseHomeEvent(Message):

@@ -25,8 +25,9 @@ LoadState = Literal["placing", "evicting", "staging", "installing", "loading", "
 class StartReplica:
     """Insert a row for (model, index) on the node, start it there and wait until it is loaded.
 
-    `index` None takes the lowest free index; `options` None takes the model's own (the
-    reconciler replays the options of the last successful load instead).
+    `index` None takes the lowest free index. The replica runs the model's spec as it is when
+    the start begins, and its row records that spec's revision; `replaces` names the index of
+    an older-revision replica a rollout retires once this one is loaded.
     """
 
     model: str
@@ -35,7 +36,7 @@ class StartReplica:
     backend: str
     memory: int  # bytes the placement reserved
     reason: str
-    options: Mapping[str, Any] | None = None
+    replaces: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +72,17 @@ class DropReplica:
 
 @dataclass(frozen=True, slots=True)
 class MarkUnloading:
-    """Take the replica out of routing on every frontend before it stops (a drain)."""
+    """Take the replica out of routing on every frontend before it stops (a drain, a rollout
+    or a scale-down of a busy replica); its in-flight requests finish."""
 
     model: str
     index: int
     node_id: str
+    reason: str = ""
+
+    @classmethod
+    def of(cls, replica: Replica, reason: str) -> MarkUnloading:
+        return cls(replica.model, replica.index, replica.node_id, reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +264,30 @@ class ReportWaiting:
     reason: str
 
 
+RolloutState = Literal["rolling", "halted", "finished"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRollout:
+    """A model's replicas move to a new revision, stopped moving (its load failed), or all run
+    it now."""
+
+    model: str
+    state: RolloutState
+    revision: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReportScaling:
+    """The autoscaler changed a model's replica count, and why."""
+
+    model: str
+    before: int
+    after: int
+    reason: str
+
+
 @dataclass(frozen=True, slots=True)
 class ReportDrained:
     """A drain of the node is over."""
@@ -300,5 +331,14 @@ NodeAction = (
     | DeregisterNode
 )
 ModelAction = UpsertModel | SetScheduling | RemoveModel
-Report = ReportLoad | SetCooldown | ReportWaiting | ReportDrained | ReportLeader | RecordUse
+Report = (
+    ReportLoad
+    | SetCooldown
+    | ReportWaiting
+    | ReportRollout
+    | ReportScaling
+    | ReportDrained
+    | ReportLeader
+    | RecordUse
+)
 Action = ReplicaAction | NodeAction | ModelAction | Report

@@ -22,9 +22,12 @@ Rules, first match wins:
    `idle_timeout` seconds: down to zero (unload the model);
 4. replicas still starting, or the newest sample older than `max_sample_age`: hold (their
    capacity is not in the signal yet / the signal is not trustworthy);
-5. above target for `up_window`: up to `ceil(current * mean / target)` (mean of the window's
-   values), at least one more, at most `max_step` more (0 = no step cap), never above max;
-6. below target for `scale_down_delay`: down, never below min. For in-flight per replica
+5. above target for `up_window`: up to `ceil(current * mean / target)` (mean of the samples
+   taken inside the window; the value in force at its start only when there are none: after a
+   step in load that one still averages in the time before the step), at least one more, at
+   most `max_step` more (0 = no step cap), never above max;
+6. below target for `scale_down_delay`: down, never below min and never below one replica
+   (zero is rule 3's: only an idle timeout unloads a model). For in-flight per replica
    (proportional to the replica count) to `ceil(current * peak / target)` (the window's peak),
    so the replicas left stay under target, and hold if that removes none; for queue wait and
    TTFT (which say nothing about how much capacity is spare) one replica per window;
@@ -89,6 +92,33 @@ class ScalePolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ScalingTarget:
+    """A model's `scaling:` setting (beside its min/max replicas and scale-down delay)."""
+
+    metric: Signal
+    target: float
+    window: float = 30.0  # seconds above target before scaling up
+    idle_timeout: float | None = None  # with min_replicas 0: unload after this long unused
+    max_step: int = 0  # most replicas one decision adds (0 = as many as the gap asks)
+
+    def policy(
+        self, *, min_replicas: int, max_replicas: int, scale_down_delay: float
+    ) -> ScalePolicy:
+        """The policy `decide` applies, with the model's replica bounds."""
+        return ScalePolicy(
+            signal=self.metric,
+            target=self.target,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            up_window=self.window,
+            scale_down_delay=scale_down_delay,
+            idle_timeout=self.idle_timeout,
+            max_step=self.max_step,
+            max_sample_age=max(60.0, 2 * self.window),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Sample:
     """One observation of the signal."""
 
@@ -146,7 +176,8 @@ def decide(policy: ScalePolicy, observed: Observed, now: float) -> ScaleDecision
     if above is not None:
         if current >= hi:
             return _hold(current, f"{policy.signal} above target but at max_replicas")
-        mean = sum(above) / len(above)
+        inside = above[1:] or above  # after a step, the value in force at the start lags
+        mean = sum(inside) / len(inside)
         desired = max(current + 1, math.ceil(current * mean / target))
         if policy.max_step:
             desired = min(desired, current + policy.max_step)
@@ -156,10 +187,11 @@ def decide(policy: ScalePolicy, observed: Observed, now: float) -> ScaleDecision
     below = _holds(
         samples, observed.last_change, now, policy.scale_down_delay, lambda v: v < target
     )
-    if below is not None and current > lo:
+    floor = max(lo, 1)
+    if below is not None and current > floor:
         peak = max(below)
         if policy.signal == Signal.INFLIGHT:
-            desired = max(lo, math.ceil(current * peak / target))
+            desired = max(floor, math.ceil(current * peak / target))
             if desired >= current:
                 return _hold(current, f"one replica fewer would put {policy.signal} above target")
         else:

@@ -6,11 +6,14 @@ seconds since the epoch (float) so policies can be tested with a fixed `now`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from corral.domain.autoscale import ScalingTarget
 from corral.domain.sizes import MemoryBudget
 
 
@@ -106,10 +109,26 @@ class Scheduling:
     spread_all: bool = False  # exactly one replica on every matching node
     node_selector: Mapping[str, str] = field(default_factory=dict)
     scale_down_delay: float = 300.0  # seconds a replica above the minimum may stay idle
+    scaling: ScalingTarget | None = None  # scale on a load signal; None: when all are busy
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         """True when a node with `labels` satisfies the node selector."""
         return all(labels.get(k) == v for k, v in self.node_selector.items())
+
+
+class RolloutStrategy(StrEnum):
+    """How replicas move to a changed spec."""
+
+    ROLLING = "rolling"  # one at a time: start a new one, wait until it is ready, retire an old one
+    RECREATE = "recreate"  # retire every old replica first, then start new ones (too big for two)
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """How a model's replicas move to a new revision of its spec."""
+
+    strategy: RolloutStrategy = RolloutStrategy.ROLLING
+    newest_only: bool = True  # once a current-revision replica is ready, route only to those
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,13 +141,21 @@ class ModelSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     memory: int | None = None  # declared memory estimate in bytes
     scheduling: Scheduling = Scheduling()
-    revision: int = 1
+    revision: int = 1  # counts every change of the row (spec, scheduling, rollout)
+    spec_hash: str = ""  # the revision replicas run (`domain.revision`); "": of the spec itself
+    rollout: Rollout = Rollout()
     # when the model was first declared (seconds since the epoch; 0 = not stored yet): a fact
     # about the row, not part of the spec, so two specs that differ only here are equal
     created_at: float = field(default=0.0, compare=False)
     #: endpoints it may serve (corral.backends.capabilities names), a subset of its backend's;
     #: None: every endpoint the backend serves
     capabilities: tuple[str, ...] | None = None
+
+    @property
+    def config_revision(self) -> str:
+        """The revision new replicas of this spec run: what a replica's `revision` is compared
+        with (the stored hash, which may include the artifact's digest, else the spec's own)."""
+        return self.spec_hash or spec_revision(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +171,8 @@ class Replica:
     last_used: float = 0.0
     load_error: str | None = None
     updated: float = 0.0  # when the row last changed state (seconds since the epoch); 0 = unknown
+    revision: str = ""  # the spec revision it was started with ("" = unknown: older than any)
+    replaces: int | None = None  # a rollout started it to replace this index of the model
 
     @property
     def key(self) -> ReplicaKey:
@@ -152,3 +181,21 @@ class Replica:
 
 #: Identity of a replica: (model name, replica index).
 ReplicaKey = tuple[str, int]
+
+
+def spec_revision(spec: ModelSpec, artifact_digest: str | None = None) -> str:
+    """The revision of a spec: a digest of what its replicas run (backend, the artifact's
+    content digest or else its reference, options, memory); scheduling and rollout settings are
+    not part of it. Equal specs have equal revisions on every frontend."""
+    canonical = {
+        "backend": spec.backend,
+        "artifact": artifact_digest or spec.artifact,
+        "options": spec.options,
+        "memory": spec.memory,
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:REVISION_LENGTH]
+
+
+#: Hex digits of a revision (48 bits: collisions among one model's revisions are not a concern).
+REVISION_LENGTH = 12

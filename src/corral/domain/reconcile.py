@@ -23,32 +23,15 @@
 3. Processes without a row: a process a non-offline node has reported for longer than
    `cfg.orphan_grace` that matches no row on that node (FAILED rows do not count) gets
    `StopOrphan` with its exact identity.
-4. Per model, by name. Counted replicas: active rows (scheduled..loaded) on servable nodes
-   (healthy or draining) whose labels match the model's node selector now.
-   a. Active replicas on servable nodes whose labels no longer match the selector, with nothing
-      in flight, get `StopReplica` ("node labels no longer match the selector"); they do not
-      count. Replicas on unhealthy or pending nodes neither count nor are stopped.
-   b. `spread_all`: desired is exactly one replica on every schedulable matching node; start
-      where one is missing (each node tried through `place`), stop duplicates on a node
-      (keeping a LOADED one, then the lowest index; busy ones are never stopped). min/max and
-      scaling do not apply.
-   c. Below `min_replicas`: start `min - counted` replicas, choosing nodes with `place`
-      repeatedly; each planned replica reserves its estimate for the next choice.
-   d. Otherwise, every routable replica (see `pick.eligible`) has at least `cfg.busy_inflight`
-      requests in flight, none is still starting, and counted < `max_replicas` (0 = no cap):
-      start one more.
-   e. Otherwise, more than `min_replicas` counted replicas are on nodes that are not draining
-      (a drain replaces and stops its own) and some LOADED one of them has had nothing in
-      flight and no use for `scale_down_delay` (`now - max(last_used, updated)`): stop the one
-      with the highest index (one per model per tick).
-   Starting (b, c, d) first checks, in order: a model with an empty backend or whose load
-   information was never recorded is not started but gets `ReportWaiting`, only when its name
-   is not in `state.already_reported`; a model whose cooldown (`state.cooldowns`) lies after
-   `now` is not started; nodes in `state.avoid[model]` (a start of the model failed there a
-   moment ago) are left out of its placement; when fewer replicas fit than wanted, what fits
-   starts and the model gets `SetCooldown(now + cfg.capacity_cooldown)`. New replicas take the
-   lowest index that no row (any state, even the ones removed this tick) and no reported
-   process of the model uses.
+4. Retired replicas: an UNLOADING row (a rollout or a scale-down took it out of routing on
+   every frontend) on a known, non-offline node, unloading for at least `cfg.unload_grace`
+   (the other frontends heard of it and reported what they still had in flight there) with
+   nothing in flight, gets `StopReplica`; so does one unloading for longer than
+   `cfg.unload_timeout` whatever it still serves. On a draining node the drainer stops its own
+   unless it has been unloading for longer than `cfg.unload_timeout`.
+5. Per model, by name: the rules of `corral.domain.model_rules` (selector, spread_all, the
+   minimum (declared models preload: nothing waits for a first request), rollouts of a changed
+   spec, scaling).
 """
 
 from __future__ import annotations
@@ -60,27 +43,24 @@ from typing import TypeVar
 from corral.domain.actions import (
     AdoptReplica,
     MarkNode,
+    MarkUnloading,
     RemoveNodeReplicas,
     RemoveReplicaRow,
+    ReportRollout,
+    ReportScaling,
     ReportWaiting,
+    RolloutState,
     SetCooldown,
     StartReplica,
     StopOrphan,
     StopReplica,
 )
-from corral.domain.entities import (
-    ACTIVE_REPLICA_STATES,
-    ModelSpec,
-    Node,
-    NodeStatus,
-    Replica,
-    ReplicaKey,
-    ReplicaState,
-)
+from corral.domain.autoscale import Sample
+from corral.domain.entities import ModelSpec, Node, NodeStatus, Replica, ReplicaKey, ReplicaState
 from corral.domain.health import node_status
-from corral.domain.memory import MemoryPool, estimate_memory, memory_pool
-from corral.domain.pick import eligible
-from corral.domain.placement import BUILTIN_BACKENDS, Strategy, place
+from corral.domain.model_rules import ModelRules
+from corral.domain.placement import BUILTIN_BACKENDS, Strategy
+from corral.domain.rollout import LoadFailure
 
 # --- inputs ------------------------------------------------------------------------------
 
@@ -107,16 +87,28 @@ class ClusterState:
     processes: Mapping[str, Sequence[ReportedProcess]] = field(
         default_factory=dict
     )  # node id -> its processes; a node missing here has sent no report (nothing is judged)
-    load_info: frozenset[str] = frozenset()  # models whose load information was ever recorded
     cooldowns: Mapping[str, float] = field(default_factory=dict)  # model -> no starts until
     already_reported: frozenset[str] = frozenset()  # models already reported as waiting
     estimates: Mapping[str, int] = field(
         default_factory=dict
-    )  # model -> memory estimate; missing: estimate_memory(spec, None)
+    )  # model -> memory estimate of its current revision; missing: estimate_memory(spec, None)
     monitor_since: float = 0.0  # when the leader began watching; older heartbeats count as then
     avoid: Mapping[str, frozenset[str]] = field(
         default_factory=dict
     )  # model -> nodes where a start of it just failed: no new replica of it there for now
+    failures: Mapping[str, LoadFailure] = field(
+        default_factory=dict
+    )  # model -> the last failed load of a revision of it (the rules compare the revision)
+    rollouts: Mapping[str, tuple[RolloutState, str]] = field(
+        default_factory=dict
+    )  # model -> the rollout state and revision last reported
+    signals: Mapping[str, Sequence[Sample]] = field(
+        default_factory=dict
+    )  # model -> its scaling signal's samples, oldest first
+    queued: Mapping[str, int] = field(default_factory=dict)  # model -> requests waiting now
+    last_change: Mapping[str, float] = field(
+        default_factory=dict
+    )  # model -> when its replica count last changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +122,9 @@ class ReconcileConfig:
     busy_inflight: int = 1  # in-flight requests at which a replica counts as busy
     missing_grace: float = 30.0  # seconds a row may lack its process before it is removed
     orphan_grace: float = 30.0  # seconds a process may lack its row before it is stopped
+    unload_grace: float = 1.0  # seconds an unloading replica is kept before its stop
+    unload_timeout: float = 120.0  # seconds its in-flight requests may take to finish
+    revision_retry: float = 300.0  # seconds a rollout stays halted after its revision failed
     placement: Strategy = "binpack"
     gpu_backends: frozenset[str] = frozenset()  # backends whose models fill VRAM
     builtin_backends: frozenset[str] = BUILTIN_BACKENDS
@@ -141,11 +136,14 @@ PlanAction = (
     | RemoveNodeReplicas
     | StartReplica
     | StopReplica
+    | MarkUnloading
     | RemoveReplicaRow
     | AdoptReplica
     | StopOrphan
     | SetCooldown
     | ReportWaiting
+    | ReportRollout
+    | ReportScaling
 )
 
 
@@ -173,9 +171,10 @@ def plan(state: ClusterState, now: float, cfg: ReconcileConfig) -> Plan:
     gone = _offline_rows(state, nodes, actions)
     gone |= _missing_processes(state, nodes, now, cfg, gone, actions)
     _orphans(state, nodes, now, cfg, gone, actions)
-    tick = _Tick(state, now, cfg, nodes, gone)
+    _unloaded(state, nodes, now, cfg, gone, actions)  # their rows go once they stopped
+    rules = ModelRules(state, now, cfg, nodes, gone)
     for spec in sorted(state.models, key=lambda m: m.name):
-        actions.extend(tick.model(spec))
+        actions.extend(rules.model(spec))
     return Plan(tuple(actions))
 
 
@@ -284,156 +283,25 @@ def _orphans(
             actions.append(StopOrphan(node_id, p.model, p.index, p.address))
 
 
-class _Tick:
-    """Working state of the per-model rules of one tick (replicas planned so far)."""
-
-    def __init__(
-        self,
-        state: ClusterState,
-        now: float,
-        cfg: ReconcileConfig,
-        nodes: Mapping[str, Node],
-        gone: set[ReplicaKey],
-    ) -> None:
-        self.state = state
-        self.now = now
-        self.cfg = cfg
-        self.nodes = nodes
-        self.node_list = list(nodes.values())
-        self.work = [r for r in state.replicas if r.key not in gone]
-        self.pools = {m.name: memory_pool(m, cfg.gpu_backends) for m in state.models}
-        self.taken: dict[str, set[int]] = {}
-        for r in state.replicas:
-            self.taken.setdefault(r.model, set()).add(r.index)
-        for procs in state.processes.values():
-            for p in procs:
-                self.taken.setdefault(p.model, set()).add(p.index)
-
-    def busy(self, r: Replica) -> int:
-        return self.state.inflight.get(r.key, 0)
-
-    def model(self, spec: ModelSpec) -> list[PlanAction]:
-        sched = spec.scheduling
-        out: list[PlanAction] = []
-        counted: list[Replica] = []
-        for r in sorted(self.work, key=lambda r: r.index):
-            node = self.nodes.get(r.node_id)
-            if r.model != spec.name or r.state not in ACTIVE_REPLICA_STATES:
-                continue
-            if node is None or not node.servable:
-                continue
-            if sched.matches(node.labels):
-                counted.append(r)
-            elif self.busy(r) <= 0:
-                reason = "node labels no longer match the selector"
-                out.append(StopReplica(r.model, r.index, r.node_id, r.address, reason))
-        if sched.spread_all:
-            out.extend(self._spread(spec, counted))
-            return out
-        if len(counted) < sched.min_replicas:
-            out.extend(self._start(spec, sched.min_replicas - len(counted), "below minimum"))
-        elif self._all_busy(spec, counted):
-            out.extend(self._start(spec, 1, "all replicas busy"))
-        else:
-            out.extend(self._scale_down(spec, counted))
-        return out
-
-    def _all_busy(self, spec: ModelSpec, counted: list[Replica]) -> bool:
-        cap = spec.scheduling.max_replicas
-        if cap > 0 and len(counted) >= cap:
-            return False
-        if any(r.state != ReplicaState.LOADED for r in counted):
-            return False  # one is still starting: its capacity is on the way
-        routable = eligible(counted, self.nodes, spec.scheduling)
-        return bool(routable) and all(self.busy(r) >= self.cfg.busy_inflight for r in routable)
-
-    def _scale_down(self, spec: ModelSpec, counted: list[Replica]) -> list[PlanAction]:
-        sched = spec.scheduling
-        staying = [r for r in counted if self.nodes[r.node_id].status != NodeStatus.DRAINING]
-        if len(staying) <= sched.min_replicas:
-            return []
-        idle = [
-            r
-            for r in staying
-            if r.state == ReplicaState.LOADED
-            and self.busy(r) <= 0
-            and self.now - max(r.last_used, r.updated) > sched.scale_down_delay
-        ]
-        if not idle:
-            return []
-        r = max(idle, key=lambda r: r.index)
-        return [StopReplica(r.model, r.index, r.node_id, r.address, "idle above minimum")]
-
-    def _spread(self, spec: ModelSpec, counted: list[Replica]) -> list[PlanAction]:
-        out: list[PlanAction] = []
-        by_node: dict[str, list[Replica]] = {}
-        for r in counted:
-            by_node.setdefault(r.node_id, []).append(r)
-        for node_id in sorted(by_node):
-            keep = min(by_node[node_id], key=lambda r: (r.state != ReplicaState.LOADED, r.index))
-            for r in by_node[node_id]:
-                if r is not keep and self.busy(r) <= 0:
-                    reason = "spread_all keeps one replica per node"
-                    out.append(StopReplica(r.model, r.index, r.node_id, r.address, reason))
-        missing = [
-            n
-            for n in self.node_list
-            if n.schedulable and spec.scheduling.matches(n.labels) and n.id not in by_node
-        ]
-        if missing:
-            out.extend(self._start(spec, len(missing), "spread_all", targets=missing))
-        return out
-
-    def _start(
-        self, spec: ModelSpec, count: int, reason: str, *, targets: list[Node] | None = None
-    ) -> list[PlanAction]:
-        """Plan up to `count` starts (one per target node when `targets` is given)."""
-        state = self.state
-        if not spec.backend.strip() or spec.name not in state.load_info:
-            if spec.name in state.already_reported:
-                return []
-            if not spec.backend.strip():
-                return [ReportWaiting(spec.name, "the model has no backend configured")]
-            return [ReportWaiting(spec.name, "no load information yet: waiting for a first load")]
-        if state.cooldowns.get(spec.name, 0.0) > self.now:
-            return []
-        estimate = state.estimates.get(spec.name)
-        if estimate is None:
-            estimate = estimate_memory(spec, None)
-        pool = self.pools.get(spec.name, MemoryPool.RAM)
-        out: list[PlanAction] = []
-        failure = ""
-        for i in range(count):
-            candidates = [targets[i]] if targets is not None else self.node_list
-            decision = place(
-                spec,
-                estimate,
-                candidates,
-                self.work,
-                strategy=self.cfg.placement,
-                exclude_nodes=state.avoid.get(spec.name, frozenset()),
-                pool=pool,
-                model_pools=self.pools,
-                builtin_backends=self.cfg.builtin_backends,
-            )
-            if decision.node_id is None:
-                failure = failure or decision.reason
-                if targets is None:
-                    break
-                continue
-            index = self._next_index(spec.name)
-            out.append(
-                StartReplica(spec.name, decision.node_id, index, spec.backend, estimate, reason)
-            )
-            self.work.append(
-                Replica(spec.name, index, decision.node_id, ReplicaState.SCHEDULED, memory=estimate)
-            )
-        if failure:
-            out.append(SetCooldown(spec.name, self.now + self.cfg.capacity_cooldown, failure))
-        return out
-
-    def _next_index(self, model: str) -> int:
-        taken = self.taken.setdefault(model, set())
-        index = next(i for i in range(len(taken) + 1) if i not in taken)
-        taken.add(index)
-        return index
+def _unloaded(
+    state: ClusterState,
+    nodes: Mapping[str, Node],
+    now: float,
+    cfg: ReconcileConfig,
+    gone: set[ReplicaKey],
+    actions: list[PlanAction],
+) -> None:
+    for r in sorted(state.replicas, key=lambda r: r.key):
+        if r.state != ReplicaState.UNLOADING or r.key in gone:
+            continue
+        node = nodes.get(r.node_id)
+        if node is None or node.status == NodeStatus.OFFLINE:
+            continue
+        age = now - r.updated
+        overdue = age > cfg.unload_timeout
+        if age < cfg.unload_grace or (node.status == NodeStatus.DRAINING and not overdue):
+            continue
+        if state.inflight.get(r.key, 0) > 0 and not overdue:
+            continue
+        reason = "unloaded past the timeout" if overdue else "unloaded: nothing in flight"
+        actions.append(StopReplica.of(r, reason))

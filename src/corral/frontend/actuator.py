@@ -12,6 +12,7 @@ time per replica (`submit`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Coroutine
 from typing import Any, assert_never, overload
@@ -36,6 +37,8 @@ from corral.domain.actions import (
     ReportDrained,
     ReportLeader,
     ReportLoad,
+    ReportRollout,
+    ReportScaling,
     ReportWaiting,
     SetCooldown,
     SetNodeLabels,
@@ -46,7 +49,7 @@ from corral.domain.actions import (
     UndrainNode,
     UpsertModel,
 )
-from corral.domain.entities import NodeStatus, Replica
+from corral.domain.entities import NodeStatus, Replica, spec_revision
 from corral.errors import CorralError, NotFound
 from corral.frontend.announce import Announcer
 from corral.frontend.node_client import NodeClient
@@ -75,6 +78,7 @@ class Actuator:
         frontend_id: str,
     ) -> None:
         self.registry = registry
+        self.nodes = nodes
         self.announce = Announcer(registry=registry, bus=bus, view=view, frontend_id=frontend_id)
         self.replicas = ReplicaWrites(
             registry=registry, view=view, nodes=nodes, announce=self.announce, spawn=self._spawn
@@ -109,10 +113,7 @@ class Actuator:
             case DropReplica():
                 return await self.replicas.drop(action)
             case MarkUnloading():
-                marked = await self.replicas.mark(
-                    action.model, action.index, action.node_id, unloading=True
-                )
-                return marked is not None
+                return await self.replicas.unload(action)
             case AdoptReplica():
                 return await self.replicas.adopt(action)
             case RemoveReplicaRow() | ReplicaExited():
@@ -149,6 +150,15 @@ class Actuator:
             case ReportWaiting():
                 log.warning("model %s waits: %s", action.model, action.reason)
                 await self.announce.audit("model.waiting", action.reason, action.model)
+            case ReportRollout():
+                text = f"{action.model} {action.state} ({action.revision}): {action.detail}"
+                log.info("rollout of %s", text)
+                await self.announce.audit("model.rollout", text, action.model)
+            case ReportScaling():
+                way = "up" if action.after > action.before else "down"
+                text = f"scaled {way} {action.before} -> {action.after}: {action.reason}"
+                log.info("model %s %s", action.model, text)
+                await self.announce.audit("model.scaled", text, action.model)
             case ReportDrained():
                 text = f"{action.node_id}: {action.moved} replicas moved"
                 await self.announce.audit("node.drained", text, action.node_id)
@@ -175,6 +185,10 @@ class Actuator:
         )
         return task
 
+    def pending(self) -> int:
+        """How many actions still run in the background."""
+        return len(self._background)
+
     async def close(self) -> None:
         """Cancel what still runs in the background and wait for it to end."""
         tasks = list(self._background)
@@ -184,12 +198,21 @@ class Actuator:
 
     # --- models ---------------------------------------------------------------------------
     async def _upsert_model(self, action: UpsertModel) -> bool:
+        """Store the spec with its revision (the artifact's content digest counts, when the
+        model store has it)."""
         name = action.spec.name
-        if not await self.registry.models.upsert(action.spec, source=action.source):
+        try:
+            fetch = await self.nodes.artifact_fetch(action.spec.artifact)
+        except CorralError:  # not in the store (yet): the reference stands for it
+            fetch = {}
+        digest = fetch.get("artifact_digest")
+        spec = dataclasses.replace(action.spec, spec_hash=spec_revision(action.spec, digest))
+        if not await self.registry.models.upsert(spec, source=action.source):
             return False
         await self.announce.model(name)
         origin = "via API" if action.source == "api" else f"from {action.source}"
-        await self.announce.audit("model.updated", f"{name} {origin}", name)
+        text = f"{name} {origin}, revision {spec.config_revision}"
+        await self.announce.audit("model.updated", text, name)
         return True
 
     async def _set_scheduling(self, action: SetScheduling) -> None:

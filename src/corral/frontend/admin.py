@@ -19,8 +19,9 @@ from corral.domain.actions import (
     UndrainNode,
     UpsertModel,
 )
-from corral.domain.entities import ModelSpec, Node, Replica
+from corral.domain.entities import ModelSpec, Node
 from corral.errors import BadRequest, NotFound
+from corral.frontend.model_view import model_detail, model_json, models_json, replica_json
 from corral.frontend.nodes_api import frontend_of
 from corral.frontend.service import Frontend
 from corral.modelfile import SchedulingDecl, parse_model
@@ -69,39 +70,8 @@ def node_json(node: Node) -> dict[str, Any]:
     }
 
 
-def model_json(spec: ModelSpec) -> dict[str, Any]:
-    s = spec.scheduling
-    return {
-        "name": spec.name,
-        "backend": spec.backend,
-        "artifact": spec.artifact,
-        "options": dict(spec.options),
-        "memory": spec.memory,
-        "revision": spec.revision,
-        "capabilities": None if spec.capabilities is None else list(spec.capabilities),
-        "scheduling": scheduling_json(spec),
-        "node_selector": dict(s.node_selector),
-    }
-
-
 def scheduling_json(spec: ModelSpec) -> dict[str, Any]:
     return scheduling_to_row(spec.scheduling)
-
-
-def replica_json(r: Replica, fe: Frontend | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "model": r.model,
-        "index": r.index,
-        "node_id": r.node_id,
-        "state": r.state.value,
-        "address": r.address,
-        "memory": r.memory,
-        "last_used": r.last_used,
-        "load_error": r.load_error,
-    }
-    if fe is not None:
-        out["inflight"] = fe.inflight.total(r.key)
-    return out
 
 
 def admin_router() -> APIRouter:
@@ -111,9 +81,8 @@ def admin_router() -> APIRouter:
     @router.get("/models")
     async def list_models(request: Request) -> dict[str, Any]:
         fe = frontend_of(request)
-        specs = await fe.registry.models.all()
         errors = fe.models_dir.errors_json() if fe.models_dir is not None else []
-        return {"models": [model_json(s) for s in specs], "errors": errors}
+        return {"models": await models_json(fe, await fe.registry.models.all()), "errors": errors}
 
     @router.get("/models/{name:path}/scheduling")
     async def get_scheduling(name: str, request: Request) -> dict[str, Any]:
@@ -129,10 +98,7 @@ def admin_router() -> APIRouter:
     @router.get("/models/{name:path}")
     async def get_model(name: str, request: Request) -> dict[str, Any]:
         fe = frontend_of(request)
-        spec = await _model(fe, name)
-        out = model_json(spec)
-        out["replicas"] = [replica_json(r, fe) for r in await fe.registry.replicas.all(name)]
-        return out
+        return await model_detail(fe, await _model(fe, name))
 
     @router.put("/models/{name:path}")
     async def put_model(name: str, body: dict[str, Any], request: Request) -> dict[str, Any]:

@@ -102,5 +102,7 @@ class Announcer:
                 memory=replica.memory,
                 error=error,
                 origin=self.frontend_id,
+                revision=replica.revision,
+                replaces=replica.replaces,
             ),
         )

@@ -4,9 +4,11 @@ It decides and waits; the actuator starts the replica, evicts and reports the pr
 
 Requests for a model without a loaded replica call `ensure_replica`. On each frontend, one
 task per model does the work; across frontends, the `load_jobs` claim in PostgreSQL elects a
-single loader while the others wait for its replica event. Waiters give up after the wait
-budget with 503 and the load's progress; the load itself goes on (a client that leaves does
-not cancel it). A failed load reaches every waiter with the node's own error.
+single loader while the others wait for its replica event. While a replica of the model is
+already starting (the reconciler's preload, rollout or scale-up), requests wait for it.
+Waiters give up after the wait budget with 503 and the load's progress; the load itself goes
+on (a client that leaves does not cancel it). A failed load reaches every waiter with the
+node's own error.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from corral.domain.actions import ReportLoad, StartReplica, StopReplica
-from corral.domain.entities import ModelSpec, Node, Replica
+from corral.domain.entities import ModelSpec, Node, Replica, ReplicaState
 from corral.domain.eviction import plan_eviction
 from corral.domain.memory import MemoryPool, estimate_memory, memory_pool
 from corral.domain.placement import Strategy, place
@@ -31,6 +33,8 @@ from corral.frontend.parts import Parts
 log = logging.getLogger(__name__)
 
 CAPACITY_POLL = 0.5  # seconds between placement attempts while every replica is busy
+#: Replica states on the way to LOADED.
+STARTING = frozenset({ReplicaState.SCHEDULED, ReplicaState.STAGING, ReplicaState.LOADING})
 
 
 class ColdLoader:
@@ -117,6 +121,11 @@ class ColdLoader:
     async def _load(self, spec: ModelSpec) -> None:
         began = time.time()
         while not self.view.candidates(spec.name):
+            if self._starting(spec.name):
+                # a replica of it is on its way (the reconciler preloads, rolls or scales it,
+                # or another load): wait for it rather than start one more
+                await self._changed(spec.name)
+                continue
             if await self.registry.jobs.claim(spec.name, self.frontend_id, ttl=self.job_ttl):
                 await self._load_claimed(spec)
                 return
@@ -127,9 +136,16 @@ class ColdLoader:
             if failure is not None and failure[0] >= began:
                 raise LoadFailed(failure[1], retry_after=5)
             # another frontend loads it: wait for its replica event, re-checking the claim
-            changed = self.view.changed(spec.name)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout=1.0)
+            await self._changed(spec.name)
+
+    def _starting(self, model: str) -> bool:
+        return any(r.state in STARTING for r in self.view.replicas_of(model))
+
+    async def _changed(self, model: str) -> None:
+        """Return on the next change of the model's replicas, or after a second."""
+        changed = self.view.changed(model)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout=1.0)
 
     async def _load_claimed(self, spec: ModelSpec) -> None:
         renew = asyncio.create_task(self._renew(spec.name))

@@ -1,12 +1,23 @@
-"""In-flight request counts per replica: this frontend's own, plus what other frontends report."""
+"""Load per replica and per model: this frontend's own, plus what the other frontends report.
+
+Per replica: requests in flight. Per model: requests waiting in the admission queue (depth and
+the longest wait, set by the queue through `set_queue`) and the 90th percentile of recent
+times to first byte (fed by `observe_ttft`); the autoscaler reads the cluster-wide sums and
+maxima.
+"""
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from corral.bus.messages import LoadReport
+from corral.bus.messages import LoadReport, ModelLoad
 from corral.domain.entities import ReplicaKey
+
+#: Times to first byte kept per model for its p90.
+TTFT_WINDOW = 128
 
 
 class Slot:
@@ -39,6 +50,9 @@ class InflightTracker:
         self._remote_sum: dict[ReplicaKey, int] = {}
         self.version = 0  # bumped on every local change; reporters skip unchanged states
         self._view = TotalView(self)
+        self._queues: dict[str, tuple[int, float]] = {}  # model -> (depth, longest wait)
+        self._ttft: dict[str, deque[float]] = {}
+        self._remote_models: dict[str, dict[str, ModelLoad]] = {}
 
     # --- local --------------------------------------------------------------------------
     def acquire(self, key: ReplicaKey) -> Slot:
@@ -57,6 +71,53 @@ class InflightTracker:
     def local_total(self) -> int:
         return sum(self.local.values())
 
+    # --- per model ----------------------------------------------------------------------
+    def set_queue(self, model: str, depth: int, wait: float) -> None:
+        """This frontend's admission queue for `model`: its depth and its longest wait."""
+        if depth > 0:
+            self._queues[model] = (depth, wait)
+        else:
+            self._queues.pop(model, None)
+        self.version += 1
+
+    def observe_ttft(self, model: str, seconds: float) -> None:
+        """One answer's time to first byte."""
+        window = self._ttft.get(model)
+        if window is None:
+            window = self._ttft[model] = deque(maxlen=TTFT_WINDOW)
+        window.append(seconds)
+
+    def local_models(self) -> list[ModelLoad]:
+        """This frontend's per-model signals."""
+        out: dict[str, ModelLoad] = {}
+        for model, (depth, wait) in self._queues.items():
+            out[model] = ModelLoad(model=model, queued=depth, queue_wait=wait)
+        for model, window in self._ttft.items():
+            p90 = percentile(window, 0.9)
+            base = out.get(model) or ModelLoad(model=model)
+            out[model] = base.model_copy(update={"ttft_p90": p90})
+        return list(out.values())
+
+    def queued(self, model: str) -> int:
+        """Requests waiting for `model` on every frontend."""
+        return sum(m.queued for m in self._model_loads(model))
+
+    def queue_wait(self, model: str) -> float:
+        """The longest wait of a request for `model` on any frontend (0 when none waits)."""
+        return max((m.queue_wait for m in self._model_loads(model)), default=0.0)
+
+    def ttft_p90(self, model: str) -> float | None:
+        """The highest p90 time to first byte any frontend reports for `model`."""
+        values = [m.ttft_p90 for m in self._model_loads(model) if m.ttft_p90 is not None]
+        return max(values, default=None)
+
+    def _model_loads(self, model: str) -> list[ModelLoad]:
+        found = [m for m in self.local_models() if m.model == model]
+        for loads in self._remote_models.values():
+            if model in loads:
+                found.append(loads[model])
+        return found
+
     # --- remote -------------------------------------------------------------------------
     def report(self) -> LoadReport:
         """This frontend's counts, to broadcast."""
@@ -64,6 +125,7 @@ class InflightTracker:
             frontend_id=self.frontend_id,
             inflight=[(m, i, c) for (m, i), c in self.local.items()],
             at=self.clock(),
+            models=self.local_models(),
         )
 
     def merge(self, report: LoadReport) -> None:
@@ -74,6 +136,7 @@ class InflightTracker:
             self.clock(),
             {(m, i): c for m, i, c in report.inflight if c > 0},
         )
+        self._remote_models[report.frontend_id] = {m.model: m for m in report.models}
         self._recompute()
 
     def expire(self) -> None:
@@ -82,6 +145,7 @@ class InflightTracker:
         stale = [fid for fid, (at, _) in self._remote.items() if at < cutoff]
         for fid in stale:
             del self._remote[fid]
+            self._remote_models.pop(fid, None)
         if stale:
             self._recompute()
 
@@ -119,3 +183,11 @@ class TotalView(Mapping[ReplicaKey, int]):
 
     def __len__(self) -> int:
         return len(set(self._t.local) | set(self._t._remote_sum))
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The `q` quantile (nearest rank) of `values`, None when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]

@@ -6,7 +6,15 @@ replica), so a slow load never stalls the tick; a start in flight counts as a SC
 in the next observations until its row exists, so a fast tick never plans it twice. A node
 where a start failed is avoided for that model for one capacity cooldown. A capacity shortage
 is reported once per episode (until the model is satisfied again), not once per tick or
-cooldown. Health probes (`frontend/health.py`) run beside each tick.
+cooldown; a rollout's state once per change. Health probes (`frontend/health.py`) run beside
+each tick.
+
+What the plan reads besides the snapshot: each model's memory estimate for its current
+revision (that revision's recorded load, else the spec with its model-store artifact's size),
+the last failed load of each revision, one sample per tick of each scaling model's signal
+(`frontend/signals.py`; kept as long as the model's windows need), the requests queued per
+model and when each model's count of active or loaded replicas last changed (all in memory: a
+new leader starts the windows afresh).
 """
 
 from __future__ import annotations
@@ -14,27 +22,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from corral.config import FrontendSettings
 from corral.domain.actions import (
     ReportLeader,
+    ReportRollout,
     ReportWaiting,
+    RolloutState,
     SetCooldown,
     StartReplica,
     StopOrphan,
     StopReplica,
 )
-from corral.domain.entities import Replica, ReplicaState
+from corral.domain.autoscale import Sample
+from corral.domain.entities import ACTIVE_REPLICA_STATES, ModelSpec, Replica, ReplicaState
+from corral.domain.memory import estimate_memory
 from corral.domain.reconcile import ClusterState, Plan, PlanAction, ReconcileConfig, plan
 from corral.errors import CorralError
+from corral.frontend.artifacts_api import ArtifactStore
 from corral.frontend.health import ReplicaHealth
 from corral.frontend.parts import Parts
+from corral.frontend.signals import LoadSignals
 from corral.store.db import RECONCILER_LOCK
 from corral.store.registry import Lease
-from corral.store.replicas import LoadInfo
+from corral.store.replicas import LoadInfo, revision_failures
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +61,20 @@ class Reconciler:
         parts: Parts,
         *,
         health: ReplicaHealth,
+        signals: LoadSignals,
         settings: FrontendSettings,
         gpu_backends: frozenset[str],
+        artifacts: ArtifactStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = parts.registry
+        self.view = parts.view
         self.inflight = parts.inflight
         self.actuator = parts.actuator
         self.health = health
+        self.signals = signals
         self.settings = settings
+        self.artifacts = artifacts
         self.clock = clock
         self.config = ReconcileConfig(
             heartbeat_interval=settings.heartbeat_interval,
@@ -64,6 +83,9 @@ class Reconciler:
             capacity_cooldown=settings.capacity_cooldown,
             missing_grace=settings.orphan_grace,
             orphan_grace=settings.orphan_grace,
+            unload_grace=settings.unload_grace,
+            unload_timeout=settings.drain_timeout,
+            revision_retry=settings.revision_retry,
             placement=settings.placement,
             gpu_backends=gpu_backends,
         )
@@ -71,11 +93,15 @@ class Reconciler:
         self.leader_since = 0.0
         self.ticks = 0
         self.cooldowns: dict[str, float] = {}
-        self.reported: set[str] = set()  # models reported as waiting for a first load
+        self.reported: set[str] = set()  # models reported as waiting for a backend
         self.short: set[str] = set()  # models whose capacity shortage was reported
+        self.rollouts: dict[str, tuple[RolloutState, str]] = {}  # last reported, per model
         self.avoid: dict[tuple[str, str], float] = {}  # (model, node) -> avoided until
+        self.history: dict[str, deque[Sample]] = {}  # model -> its signal, one sample a tick
+        self._revisions: dict[str, str] = {}  # model -> its revision at the last observation
+        self._counts: dict[str, tuple[int, int]] = {}  # model -> (active, loaded) replicas
+        self._changed: dict[str, float] = {}  # model -> when that count last changed
         self._starting: dict[tuple[str, int], Replica] = {}  # starts whose row may not exist
-        self._info: dict[str, LoadInfo] = {}  # load information as of the last observation
         self.last_plan = Plan()
         self._wake = asyncio.Event()
 
@@ -127,6 +153,7 @@ class Reconciler:
     # --- one tick -------------------------------------------------------------------------
     async def observe(self) -> ClusterState:
         snap = await self.registry.snapshot()
+        self._forget_changed_specs(snap.models)
         replicas = list(snap.replicas)
         rows = {r.key for r in replicas}
         replicas += [r for key, r in self._starting.items() if key not in rows]
@@ -138,20 +165,86 @@ class Reconciler:
                 avoid.setdefault(model, set()).add(node_id)
             else:
                 del self.avoid[(model, node_id)]
-        self._info = dict(snap.load_info)
         return ClusterState(
             nodes=snap.nodes,
             models=snap.models,
             replicas=replicas,
             inflight=inflight,
             processes=snap.processes,
-            load_info=frozenset(snap.load_info),
             cooldowns=dict(self.cooldowns),
             already_reported=frozenset(self.reported),
-            estimates={m: i.memory for m, i in snap.load_info.items() if i.memory > 0},
+            estimates=await self._estimates(snap.models, snap.load_info),
             monitor_since=self.leader_since,
             avoid={m: frozenset(n) for m, n in avoid.items()},
+            failures=revision_failures(snap.models, snap.load_info),
+            rollouts=dict(self.rollouts),
+            signals=self._signals(snap.models, now),
+            queued={m.name: self.inflight.queued(m.name) for m in snap.models},
+            last_change=self._last_change(replicas, now),
         )
+
+    def _forget_changed_specs(self, models: Sequence[ModelSpec]) -> None:
+        """A model whose revision changed starts afresh: its cooldown and the nodes avoided
+        after failed starts were about the spec before."""
+        revisions = {m.name: m.config_revision for m in models}
+        for name, revision in revisions.items():
+            before = self._revisions.get(name)
+            if before is not None and before != revision:
+                self.cooldowns.pop(name, None)
+                self.short.discard(name)
+                for key in [k for k in self.avoid if k[0] == name]:
+                    del self.avoid[key]
+        self._revisions = revisions
+
+    async def _estimates(
+        self, models: Sequence[ModelSpec], load_info: Mapping[tuple[str, str], LoadInfo]
+    ) -> dict[str, int]:
+        """Memory per model for its current revision: what its last load of that revision
+        reserved, else the spec's estimate with its model-store artifact's size."""
+        out: dict[str, int] = {}
+        for spec in models:
+            info = load_info.get((spec.name, spec.config_revision))
+            if info is not None and info.loaded_at > 0 and info.memory > 0:
+                out[spec.name] = info.memory
+            elif self.artifacts is not None and spec.artifact:
+                out[spec.name] = estimate_memory(spec, await self.artifacts.size(spec.artifact))
+        return out
+
+    def _signals(self, models: Sequence[ModelSpec], now: float) -> dict[str, list[Sample]]:
+        """This tick's sample of each scaling model's signal, added to the history kept for
+        the longest window the model needs (plus the sample in force when it starts)."""
+        taken = self.signals.take(now)
+        names = {m.name for m in models}
+        for gone in [m for m in self.history if m not in names]:
+            del self.history[gone]
+        out: dict[str, list[Sample]] = {}
+        for spec in models:
+            scaling = spec.scheduling.scaling
+            if scaling is None:
+                self.history.pop(spec.name, None)
+                continue
+            history = self.history.setdefault(spec.name, deque())
+            if spec.name in taken:
+                history.append(taken[spec.name])
+            horizon = now - max(scaling.window, spec.scheduling.scale_down_delay)
+            while len(history) > 1 and history[1].at <= horizon:
+                history.popleft()
+            out[spec.name] = list(history)
+        return out
+
+    def _last_change(self, replicas: Sequence[Replica], now: float) -> dict[str, float]:
+        """When each model's capacity last changed: its active or its loaded replicas (a
+        signal measured while new replicas loaded measured the capacity before them)."""
+        counts: dict[str, tuple[int, int]] = {}
+        for r in replicas:
+            if r.state in ACTIVE_REPLICA_STATES:
+                active, loaded = counts.get(r.model, (0, 0))
+                counts[r.model] = (active + 1, loaded + (r.state == ReplicaState.LOADED))
+        for model in set(counts) | set(self._counts):
+            if counts.get(model) != self._counts.get(model) or model not in self._changed:
+                self._changed[model] = now
+        self._counts = counts
+        return dict(self._changed)
 
     async def tick(self) -> Plan:
         state = await self.observe()
@@ -186,18 +279,22 @@ class Reconciler:
             case ReportWaiting():
                 self.reported.add(action.model)
                 await self.actuator.apply(action)
+            case ReportRollout():
+                if action.state == "finished":
+                    self.rollouts.pop(action.model, None)
+                else:
+                    self.rollouts[action.model] = (action.state, action.revision)
+                await self.actuator.apply(action)
             case _:
                 await self.actuator.apply(action)
 
     def _start(self, action: StartReplica) -> None:
-        """Start from the recorded load information; remember the start until its row exists,
-        and avoid the node for a while when it fails there."""
-        info = self._info.get(action.model)
-        if info is None or action.index is None:
+        """Start in the background; remember the start until its row exists, and avoid the
+        node for a while when it fails there."""
+        if action.index is None:
             return
         key = (action.model, action.index)
-        start = replace(action, backend=info.backend or action.backend, options=info.options)
-        task = self.actuator.submit(start)
+        task = self.actuator.submit(action)
         if task is None:
             return
         self._starting[key] = Replica(
@@ -207,6 +304,8 @@ class Reconciler:
             ReplicaState.SCHEDULED,
             memory=action.memory,
             updated=self.clock(),
+            revision=self._revision(action.model),
+            replaces=action.replaces,
         )
 
         def done(task: asyncio.Task[Any]) -> None:
@@ -217,6 +316,10 @@ class Reconciler:
                 self.avoid[(action.model, action.node_id)] = until
 
         task.add_done_callback(done)
+
+    def _revision(self, model: str) -> str:
+        spec = self.view.models.get(model)
+        return spec.config_revision if spec is not None else ""
 
     def _end_shortages(self, decided: Plan, now: float) -> None:
         """A reported model that planned without running short (and is not cooling down) is

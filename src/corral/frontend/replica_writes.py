@@ -8,6 +8,7 @@ replica event and the audit entry (through `Announcer`), and the node's process 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -16,6 +17,7 @@ from typing import Any
 from corral.domain.actions import (
     AdoptReplica,
     DropReplica,
+    MarkUnloading,
     RemoveReplicaRow,
     ReplicaExited,
     ReportLoad,
@@ -56,19 +58,31 @@ class ReplicaWrites:
         self.spawn = spawn
 
     async def start(self, action: StartReplica) -> Replica:
-        """Row LOADING, the node starts the process, row LOADED at its address, load
-        information recorded. LoadFailed (row gone, the node's own error) otherwise."""
+        """Row LOADING at the spec's current revision, the node starts the process, row LOADED
+        at its address, the revision's load information recorded. LoadFailed (row gone, the
+        node's own error, recorded as the revision's failed load) otherwise."""
         spec = await self._spec(action.model)
-        backend = action.backend or spec.backend
-        if not backend:
+        if not spec.backend:
             raise LoadFailed(f"model {spec.name} has no backend configured")
-        options = dict(spec.options if action.options is None else action.options)
+        record = LoadInfo(
+            model=spec.name,
+            backend=spec.backend,
+            artifact=spec.artifact,
+            options=dict(spec.options),
+            memory=action.memory,
+            node_id=action.node_id,
+            load_seconds=0.0,
+            loaded_at=0.0,
+            revision=spec.config_revision,
+        )
         replica = await self.registry.replicas.add(
             spec.name,
             action.node_id,
             memory=action.memory,
             state=ReplicaState.LOADING,
             index=action.index,
+            revision=record.revision,
+            replaces=action.replaces,
         )
         if replica is None:
             raise Conflict(f"replica {spec.name}#{action.index} already exists")
@@ -80,8 +94,8 @@ class ReplicaWrites:
                 action.node_id,
                 model=spec.name,
                 index=replica.index,
-                backend=backend,
-                options=options,
+                backend=spec.backend,
+                options=record.options,
                 artifact=spec.artifact,
                 memory=action.memory,
             )
@@ -92,11 +106,11 @@ class ReplicaWrites:
                 retry_after=5,
             ) from None
         except CorralError as exc:  # the model-store artifact is unusable
-            await self._forget(replica, exc.message)
+            await self._failed(replica, record, f"artifact of {spec.name}: {exc.message}")
             raise LoadFailed(f"artifact of {spec.name}: {exc.message}") from None
         if not reply.ok or not reply.address:
             error = reply.error or "the node gave no address"
-            await self._forget(replica, error)
+            await self._failed(replica, record, error)
             raise LoadFailed(
                 f"starting {spec.name} on node {action.node_id} failed: {error}", retry_after=5
             )
@@ -112,26 +126,23 @@ class ReplicaWrites:
             raise LoadFailed(f"replica {spec.name}#{replica.index} was removed while loading")
         now = time.time()
         await self.registry.replicas.record_load_info(
-            LoadInfo(
-                model=spec.name,
-                backend=backend,
-                artifact=spec.artifact,
-                options=options,
-                memory=action.memory,
-                node_id=action.node_id,
-                load_seconds=now - started,
-                loaded_at=now,
-            )
+            dataclasses.replace(record, load_seconds=now - started, loaded_at=now)
         )
         await self.announce.replica_put(loaded, "loaded")
         await self.announce.load(ReportLoad(spec.name, "loaded", action.node_id, loaded.index))
         await self.announce.audit(
             "replica.loaded",
             f"{spec.name}#{loaded.index} loaded on {action.node_id} at {reply.address} "
-            f"in {now - started:.2f}s",
+            f"in {now - started:.2f}s (revision {loaded.revision})",
             spec.name,
         )
         return loaded
+
+    async def _failed(self, replica: Replica, record: LoadInfo, error: str) -> None:
+        """The revision did not load: its row goes, and its load record says why."""
+        await self._forget(replica, error)
+        failed = dataclasses.replace(record, error=error[-2000:], failed_at=time.time())
+        await self.registry.replicas.record_load_failure(failed)
 
     async def stop(self, action: StopReplica) -> bool:
         """Out of routing, stopped on its node, row deleted; True when a process stopped."""
@@ -168,6 +179,16 @@ class ReplicaWrites:
         if changed is not None:
             await self.announce.replica_put(changed, "updated" if unloading else "loaded")
         return changed
+
+    async def unload(self, action: MarkUnloading) -> bool:
+        """Out of routing on every frontend; its in-flight requests finish before its stop."""
+        marked = await self.mark(action.model, action.index, action.node_id, unloading=True)
+        if marked is None:
+            return False
+        if action.reason:
+            text = f"{action.model}#{action.index} on {action.node_id}: {action.reason}"
+            await self.announce.audit("replica.unloading", text, action.model)
+        return True
 
     async def adopt(self, action: AdoptReplica) -> bool:
         adopted = await self.mark(

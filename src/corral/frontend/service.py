@@ -30,6 +30,7 @@ from corral.frontend.probe import ProbeCache
 from corral.frontend.proxy import OpenAIProxy
 from corral.frontend.reconciler import Reconciler
 from corral.frontend.responses_map import ResponseHomes, SharedHomes
+from corral.frontend.signals import LoadSignals
 from corral.frontend.upstream import UpstreamPool
 from corral.frontend.view import ClusterView
 from corral.store.registry import Registry
@@ -88,13 +89,16 @@ class Frontend:
             gpu_backends=self.catalog.gpu_backends(),
         )
         self.drainer = Drainer(parts, cold=self.cold, timeout=settings.drain_timeout)
+        self.signals = LoadSignals(self.view, self.inflight)
         self.reconciler = Reconciler(
             parts,
             health=ReplicaHealth(
                 probes=self.probes, inflight=self.inflight, actuator=self.actuator
             ),
+            signals=self.signals,
             settings=settings,
             gpu_backends=self.catalog.gpu_backends(),
+            artifacts=self.artifacts,
         )
         self.response_homes = SharedHomes(
             ResponseHomes(settings.response_map_size, settings.response_ttl), self.bus, self.id
@@ -224,6 +228,8 @@ class Frontend:
                 address=event.address,
                 memory=event.memory,
                 last_used=time.time(),
+                revision=event.revision,
+                replaces=event.replaces,
             )
         )
 
@@ -270,6 +276,7 @@ class Frontend:
 
     # --- loops ----------------------------------------------------------------------------
     async def _report_load(self) -> None:
+        self.signals.sample()
         version = self.inflight.version
         if version == self._reported_version and not self.inflight.local:
             self._quiet_reports += 1

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from corral.bus.messages import LoadProgress
 from corral.domain.entities import ModelSpec, Node, Replica, ReplicaKey, ReplicaState
-from corral.domain.pick import eligible
+from corral.domain.routing import Candidates
 from corral.store.registry import Registry
 
 
@@ -36,14 +36,26 @@ class ClusterView:
 
     # --- reads (hot path) ---------------------------------------------------------------
     def candidates(self, model: str) -> list[Replica]:
-        """Loaded replicas of `model` on servable nodes that match its selector now."""
+        """Loaded replicas of `model` on servable nodes that match its selector now; once one
+        runs the spec's current revision, only those (unless the model's rollout routes to
+        every revision: `newest_only` off)."""
         cached = self._candidates.get(model)
         if cached is not None:
             return cached
         spec = self.models.get(model)
         if spec is None:
             return []
-        found = eligible(self._by_model.get(model, {}).values(), self.nodes, spec.scheduling)
+        replicas = self._by_model.get(model, {}).values()
+        found = list(
+            Candidates.build(
+                replicas,
+                self.nodes,
+                spec.scheduling,
+                revisions={r.key: r.revision for r in replicas},
+                revision=spec.config_revision,
+                newest_only=spec.rollout.newest_only,
+            ).replicas
+        )
         self._candidates[model] = found
         return found
 

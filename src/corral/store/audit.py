@@ -42,10 +42,15 @@ class AuditStore:
             if new_id % 100 == 0:
                 await conn.execute(delete(events).where(events.c.id <= new_id - self.keep))
 
-    async def recent(self, limit: int = 100, kind: str | None = None) -> list[dict[str, Any]]:
+    async def recent(
+        self, limit: int = 100, kind: str | None = None, subject: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The newest entries first (of one kind, about one subject, when given)."""
         query = select(events).order_by(events.c.id.desc()).limit(limit)
         if kind:
             query = query.where(events.c.kind == kind)
+        if subject is not None:
+            query = query.where(events.c.subject == subject)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [dict(r._mapping) for r in rows]

@@ -9,7 +9,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from corral.domain.entities import ModelSpec, Scheduling
+from corral.domain.autoscale import ScalingTarget, Signal
+from corral.domain.entities import ModelSpec, Rollout, RolloutStrategy, Scheduling
 from corral.store.tables import models
 
 
@@ -107,13 +108,31 @@ class ModelStore:
 
 
 def scheduling_to_row(s: Scheduling) -> dict[str, Any]:
+    """The scheduling columns (also the admin API's JSON of a model's scheduling)."""
     return {
         "min_replicas": s.min_replicas,
         "max_replicas": s.max_replicas,
         "spread_all": s.spread_all,
         "node_selector": dict(s.node_selector),
         "scale_down_delay": s.scale_down_delay,
+        "scaling": scaling_to_row(s.scaling),
     }
+
+
+def scaling_to_row(t: ScalingTarget | None) -> dict[str, Any] | None:
+    if t is None:
+        return None
+    return {
+        "metric": t.metric.value,
+        "target": t.target,
+        "window": t.window,
+        "idle_timeout": t.idle_timeout,
+        "max_step": t.max_step,
+    }
+
+
+def rollout_to_row(r: Rollout) -> dict[str, Any]:
+    return {"strategy": r.strategy.value, "newest_only": r.newest_only}
 
 
 def spec_to_row(spec: ModelSpec) -> dict[str, Any]:
@@ -122,12 +141,16 @@ def spec_to_row(spec: ModelSpec) -> dict[str, Any]:
         "artifact": spec.artifact,
         "options": dict(spec.options),
         "memory": spec.memory,
+        "spec_hash": spec.config_revision,
+        "rollout": rollout_to_row(spec.rollout),
         "capabilities": None if spec.capabilities is None else list(spec.capabilities),
         **scheduling_to_row(spec.scheduling),
     }
 
 
 def row_to_spec(row: Mapping[Any, Any]) -> ModelSpec:
+    scaling = row["scaling"]
+    rollout = row["rollout"] or {}
     return ModelSpec(
         name=row["name"],
         backend=row["backend"],
@@ -140,8 +163,22 @@ def row_to_spec(row: Mapping[Any, Any]) -> ModelSpec:
             spread_all=row["spread_all"],
             node_selector=dict(row["node_selector"] or {}),
             scale_down_delay=row["scale_down_delay"],
+            scaling=None
+            if not scaling
+            else ScalingTarget(
+                metric=Signal(scaling["metric"]),
+                target=float(scaling["target"]),
+                window=float(scaling.get("window", 30.0)),
+                idle_timeout=scaling.get("idle_timeout"),
+                max_step=int(scaling.get("max_step", 0)),
+            ),
         ),
         revision=row["revision"],
         created_at=row["created_at"].timestamp(),
+        spec_hash=row["spec_hash"],
+        rollout=Rollout(
+            strategy=RolloutStrategy(rollout.get("strategy", "rolling")),
+            newest_only=bool(rollout.get("newest_only", True)),
+        ),
         capabilities=None if row["capabilities"] is None else tuple(row["capabilities"]),
     )

@@ -27,7 +27,7 @@ class Snapshot:
     nodes: Sequence[Node]
     models: Sequence[ModelSpec]
     replicas: Sequence[Replica]
-    load_info: Mapping[str, LoadInfo]  # model -> its last successful load
+    load_info: Mapping[tuple[str, str], LoadInfo]  # (model, revision) -> its last load
     processes: Mapping[str, Sequence[ReportedProcess]]  # node -> what its heartbeat reported
 
 

@@ -1,4 +1,4 @@
-"""Queries on replicas and on the per-model load information that outlives them."""
+"""Queries on replicas and on the load information per (model, revision) that outlives them."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ from sqlalchemy import Integer, bindparam, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from corral.domain.entities import Replica, ReplicaKey, ReplicaState
+from corral.domain.entities import ModelSpec, Replica, ReplicaKey, ReplicaState
+from corral.domain.rollout import LoadFailure
 from corral.store.tables import model_load_info, replicas
+
+#: Load records kept per model (the newest revisions; older ones are deleted).
+KEEP_REVISIONS = 8
 
 
 @dataclass(frozen=True, slots=True)
 class LoadInfo:
-    """What a successful load used; enough to start the model again with no request."""
+    """The last load of one revision of a model: what it used, how long it took, and whether it
+    failed (`error`). A replica is only ever started from its own revision's record."""
 
     model: str
     backend: str
@@ -26,7 +31,14 @@ class LoadInfo:
     memory: int
     node_id: str | None
     load_seconds: float
-    loaded_at: float
+    loaded_at: float  # 0: never loaded
+    revision: str = ""
+    error: str | None = None  # the last load of this revision failed with this
+    failed_at: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.model, self.revision)
 
 
 class ReplicaStore:
@@ -43,6 +55,8 @@ class ReplicaStore:
         memory: int,
         state: ReplicaState = ReplicaState.SCHEDULED,
         index: int | None = None,
+        revision: str = "",
+        replaces: int | None = None,
     ) -> Replica | None:
         """Insert a replica with the lowest free index of its model (or `index`).
 
@@ -73,6 +87,8 @@ class ReplicaStore:
                     memory=memory,
                     last_used=now,
                     updated=now,
+                    revision=revision,
+                    replaces=replaces,
                 )
             )
         return Replica(
@@ -83,6 +99,8 @@ class ReplicaStore:
             memory=memory,
             last_used=now,
             updated=now,
+            revision=revision,
+            replaces=replaces,
         )
 
     async def update(
@@ -178,6 +196,7 @@ class ReplicaStore:
     # --- load information -------------------------------------------------------------
 
     async def record_load_info(self, info: LoadInfo) -> None:
+        """Record a successful load of `info.revision` (clearing a failure recorded before)."""
         values = {
             "backend": info.backend,
             "artifact": info.artifact,
@@ -186,22 +205,55 @@ class ReplicaStore:
             "node_id": info.node_id,
             "load_seconds": info.load_seconds,
             "loaded_at": info.loaded_at,
+            "error": None,
         }
+        await self._put(info, values, values)
+
+    async def record_load_failure(self, info: LoadInfo) -> None:
+        """Record that a load of `info.revision` failed with `info.error` at `info.failed_at`;
+        what an earlier successful load of the revision recorded is kept."""
+        failure = {"error": info.error, "failed_at": info.failed_at}
+        values = {
+            "backend": info.backend,
+            "artifact": info.artifact,
+            "options": dict(info.options),
+            "memory": info.memory,
+            "node_id": info.node_id,
+            **failure,
+        }
+        await self._put(info, values, failure)
+
+    async def _put(
+        self, info: LoadInfo, values: Mapping[str, Any], on_conflict: Mapping[str, Any]
+    ) -> None:
+        t = model_load_info
         async with self.engine.begin() as conn:
             await conn.execute(
-                insert(model_load_info)
-                .values(model=info.model, **values)
-                .on_conflict_do_update(index_elements=[model_load_info.c.model], set_=values)
+                insert(t)
+                .values(model=info.model, revision=info.revision, **values)
+                .on_conflict_do_update(index_elements=[t.c.model, t.c.revision], set_=on_conflict)
+            )
+            newest = (
+                select(t.c.revision)
+                .where(t.c.model == info.model)
+                .order_by(func.greatest(t.c.loaded_at, t.c.failed_at).desc())
+                .limit(KEEP_REVISIONS)
+            )
+            await conn.execute(
+                delete(t).where(t.c.model == info.model, t.c.revision.not_in(newest))
             )
 
-    async def load_info(self, models: Iterable[str] | None = None) -> dict[str, LoadInfo]:
+    async def load_info(
+        self, models: Iterable[str] | None = None
+    ) -> dict[tuple[str, str], LoadInfo]:
+        """Load records by (model, revision)."""
         query = select(model_load_info)
         if models is not None:
             query = query.where(model_load_info.c.model.in_(list(models)))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return {
-            r.model: LoadInfo(
+        infos = (
+            LoadInfo(
                 model=r.model,
                 backend=r.backend,
                 artifact=r.artifact,
@@ -210,9 +262,13 @@ class ReplicaStore:
                 node_id=r.node_id,
                 load_seconds=r.load_seconds,
                 loaded_at=r.loaded_at,
+                revision=r.revision,
+                error=r.error,
+                failed_at=r.failed_at,
             )
             for r in rows
-        }
+        )
+        return {i.key: i for i in infos}
 
 
 def row_to_replica(row: Mapping[Any, Any]) -> Replica:
@@ -226,4 +282,18 @@ def row_to_replica(row: Mapping[Any, Any]) -> Replica:
         last_used=row["last_used"],
         load_error=row["load_error"],
         updated=row["updated"],
+        revision=row["revision"],
+        replaces=row["replaces"],
     )
+
+
+def revision_failures(
+    models: Iterable[ModelSpec], load_info: Mapping[tuple[str, str], LoadInfo]
+) -> dict[str, LoadFailure]:
+    """Per model, the last load of its current revision, when it failed."""
+    out: dict[str, LoadFailure] = {}
+    for spec in models:
+        info = load_info.get((spec.name, spec.config_revision))
+        if info is not None and info.error is not None:
+            out[spec.name] = LoadFailure(info.revision, info.error, info.failed_at)
+    return out

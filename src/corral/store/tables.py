@@ -66,6 +66,9 @@ models = Table(
     Column("node_selector", JSONB, nullable=False, server_default="{}"),
     Column("scale_down_delay", Double, nullable=False, server_default="300"),
     Column("revision", Integer, nullable=False, server_default="1"),
+    Column("spec_hash", String(64), nullable=False, server_default=""),
+    Column("rollout", JSONB, nullable=False, server_default="{}"),
+    Column("scaling", JSONB),
     # the endpoints the model may serve, narrowing its backend's (a list); null: all of them
     Column("capabilities", JSONB(none_as_null=True)),
     Column("source", Text, nullable=False, server_default="api"),
@@ -85,14 +88,18 @@ replicas = Table(
     Column("last_used", Double, nullable=False, server_default="0"),
     Column("load_error", Text),
     Column("updated", Double, nullable=False, server_default="0"),
+    Column("revision", String(64), nullable=False, server_default=""),
+    Column("replaces", Integer),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("model", "replica_index"),
 )
 
+#: One row per (model, spec revision): its last successful load, or its last failed one.
 model_load_info = Table(
     "model_load_info",
     metadata,
-    Column("model", String(255), primary_key=True),
+    Column("model", String(255), nullable=False),
+    Column("revision", String(64), nullable=False, server_default=""),
     Column("backend", String(64), nullable=False),
     Column("artifact", Text),
     Column("options", JSONB, nullable=False, server_default="{}"),
@@ -100,6 +107,9 @@ model_load_info = Table(
     Column("node_id", String(64)),
     Column("load_seconds", Double, nullable=False, server_default="0"),
     Column("loaded_at", Double, nullable=False, server_default="0"),
+    Column("error", Text),  # the last load of this revision failed (None: it loaded)
+    Column("failed_at", Double, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("model", "revision"),
 )
 
 load_jobs = Table(

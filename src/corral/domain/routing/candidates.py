@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from corral.domain.entities import Node, Replica, ReplicaKey, ReplicaState, Scheduling
 
@@ -43,6 +44,10 @@ def eligible(
             continue
         out.append(r)
     return out
+
+
+#: A revision: the spec's hash (`ModelSpec.config_revision`) or, in tables, a number.
+Rev = TypeVar("Rev", str, int)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +75,8 @@ class Candidates:
         nodes: Mapping[str, Node],
         scheduling: Scheduling,
         *,
-        revisions: Mapping[ReplicaKey, int] | None = None,
-        revision: int | None = None,
+        revisions: Mapping[ReplicaKey, Rev] | None = None,
+        revision: Rev | None = None,
         newest_only: bool = False,
     ) -> Candidates:
         """Apply the static filters (module doc) to one model's replicas."""

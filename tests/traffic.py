@@ -1,4 +1,4 @@
-"""Helpers of the chaos tests: steady background traffic and views of the cluster's replicas."""
+"""Helpers of the cluster tests: steady background traffic and views of the cluster's replicas."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ class Outcome:
     sent: float  # time.monotonic() when it was sent
     status: int  # HTTP status, 0 when the request itself failed
     error: str = ""
+    wall: float = 0.0  # time.time() when it was sent (to compare with the audit log)
+    fingerprint: str = ""  # the answer's system_fingerprint (which configuration served it)
 
 
 @dataclass
@@ -55,13 +57,17 @@ class Traffic:
         body = {"model": self.model, "messages": [{"role": "user", "content": "hi"}]}
         with httpx.Client(timeout=60) as client:
             while not self._stop.is_set():
-                sent = time.monotonic()
+                sent, wall = time.monotonic(), time.time()
                 try:
                     r = client.post(self.url + "/v1/chat/completions", json=body)
-                    error = "" if r.status_code == 200 else r.text[:300]
-                    self.outcomes.append(Outcome(sent, r.status_code, error))
                 except httpx.HTTPError as exc:
-                    self.outcomes.append(Outcome(sent, 0, repr(exc)))
+                    self.outcomes.append(Outcome(sent, 0, repr(exc), wall))
+                    continue
+                if r.status_code == 200:
+                    fingerprint = str(r.json().get("system_fingerprint", ""))
+                    self.outcomes.append(Outcome(sent, 200, "", wall, fingerprint))
+                else:
+                    self.outcomes.append(Outcome(sent, r.status_code, r.text[:300], wall))
 
     def failures(self, after: float = 0.0) -> list[Outcome]:
         """Requests sent at or after `after` (monotonic) that did not answer 200."""
