@@ -61,7 +61,8 @@ def stored_on(replica: dict[str, Any], response_id: str) -> bool:
 
 
 def test_responses_follow_ups_land_on_the_replica_holding_them(cluster: Cluster) -> None:
-    cluster.write_model("m", options={"tokens": 6}, scheduling={"min_replicas": 3})
+    three = {"min_replicas": 3, "max_replicas": 3}
+    cluster.write_model("m", options={"tokens": 6}, scheduling=three)
     one = cluster.start_frontend()
     other = cluster.start_frontend()
     cluster.start_worker("w")
@@ -178,7 +179,11 @@ def raw_upload(port: int, model: str, sent: int, declared: int, *, leave: bool) 
 
 
 def test_every_endpoint_through_corral(cluster: Cluster, tmp_path: Path) -> None:
-    cluster.write_model("m", options={"tokens": 4, "tpot": 0.04, "max_body": 32 * 1024 * 1024})
+    cluster.write_model(
+        "m",
+        options={"tokens": 4, "tpot": 0.04, "max_body": 32 * 1024 * 1024},
+        scheduling={"max_replicas": 1},  # one sim: its counters see every request
+    )
     cluster.write_model("chat-only", capabilities=["chat"])
     # a body that stops arriving is cut off after two windows of 2 s
     frontend = cluster.start_frontend(CORRAL_BODY_TIMEOUT="2")
