@@ -8,7 +8,7 @@ import pytest
 
 from corral.backends.capabilities import PATHS, capability_for_path
 from corral.errors import BadRequest
-from corral.frontend.proxy import _lost_model, _whole
+from corral.frontend.proxy import WHOLE_LIMIT, _lost_model
 from corral.frontend.request import (
     ENDPOINTS,
     FORMS,
@@ -25,6 +25,7 @@ from corral.frontend.responses_map import (
     StreamIdScanner,
     id_of_body,
 )
+from corral.frontend.upstream import UpstreamPool, UpstreamResponse, _Connection
 
 # --- the table ----------------------------------------------------------------------------
 
@@ -256,25 +257,26 @@ def test_id_of_a_whole_body(body: bytes, expected: str | None) -> None:
 # --- answer rules ---------------------------------------------------------------------------
 
 
-class Answer:
-    def __init__(self, length: int | None) -> None:
-        self.length = length
-
-
 @pytest.mark.parametrize(
-    ("stream", "length", "whole"),
+    ("complete", "buffered", "length", "small"),
     [
-        (False, 100, True),
-        (False, 1024 * 1024, True),
-        (False, 1024 * 1024 + 1, False),  # a big image answer streams on
-        (False, None, False),  # unsized (chunked speech audio) streams on as it arrives
-        (True, 100, False),
+        (True, 100, b"100", True),  # it all came with the head
+        (True, 0, None, True),  # an empty body, delimited by the close
+        (False, 0, b"100", True),
+        (False, 0, b"%d" % WHOLE_LIMIT, True),
+        (False, 0, b"%d" % (WHOLE_LIMIT + 1), False),  # a big image answer streams on
+        (False, 10, None, False),  # unsized (chunked speech audio) streams on as it arrives
+        (False, 0, b"junk", False),
     ],
 )
-def test_whole_or_streamed(stream: bool, length: int | None, whole: bool) -> None:
-    request = parse_request(b"/v1/chat/completions", b'{"model":"m","messages":[]}')
-    request.stream = stream
-    assert _whole(Answer(length), request) is whole  # type: ignore[arg-type]
+def test_which_answers_go_out_whole(
+    complete: bool, buffered: int, length: bytes | None, small: bool
+) -> None:
+    conn = _Connection(UpstreamPool(), ("127.0.0.1", 1))
+    conn.complete, conn.buffered = complete, buffered
+    if length is not None:
+        conn.headers = [(b"content-type", b"application/json"), (b"content-length", length)]
+    assert UpstreamResponse(conn, None).small(WHOLE_LIMIT) is small
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,14 @@ from corral.frontend.headers import HeaderFilter
 from corral.frontend.http.exchange import Exchange, Headers, respond_error
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.probe import ProbeCache
-from corral.frontend.request import ParsedRequest, endpoint_for, parse_request, read_request
+from corral.frontend.request import (
+    ENDPOINTS,
+    JSON_TYPE,
+    ParsedRequest,
+    endpoint_for,
+    parse_request,
+    read_request,
+)
 from corral.frontend.responses_map import (
     Home,
     ResponseHomes,
@@ -105,6 +112,8 @@ class OpenAIProxy:
         self.capabilities = capabilities or _undeclared
         self.homes = homes or SharedHomes(ResponseHomes(10_000, 3600.0), None, "")
         self.spool_memory_bytes = spool_memory_bytes
+        #: per model: the spec its capabilities were read for, and them
+        self._served: dict[str, tuple[ModelSpec, Collection[str] | None]] = {}
         self._turn = 0
         self.used: dict[tuple[str, int], float] = {}  # last-used times not yet flushed
 
@@ -116,7 +125,7 @@ class OpenAIProxy:
         """Answer one request to an inference path."""
         request: ParsedRequest | None = None
         try:
-            endpoint = endpoint_for(exchange.path)
+            endpoint = ENDPOINTS.get(exchange.path) or endpoint_for(exchange.path)
             if endpoint is None:
                 raise NotFound("no such endpoint")
             if exchange.method not in endpoint.methods:
@@ -143,8 +152,13 @@ class OpenAIProxy:
             if isinstance(exc, CorralError):
                 await respond_error(exchange, exc)
             return
+        headers = self.forward_headers(exchange.headers)
+        if endpoint.body == "json":  # the usual case: nothing spooled to free
+            headers.append(JSON_TYPE)
+            await self._route(spec, request, headers, exchange, home)
+            return
+        request.headers(headers)
         try:
-            headers = request.headers(self.forward_headers(exchange.headers))
             await self._route(spec, request, headers, exchange, home)
         finally:
             request.close()
@@ -156,14 +170,18 @@ class OpenAIProxy:
             if request.response_id is not None:
                 raise _not_stored(request.response_id, "response_id")
             raise ModelNotFound(f"The model '{request.model}' does not exist", param="model")
+        served = self._served.get(spec.name)
+        if served is None or served[0] is not spec:  # a new or changed spec
+            if len(self._served) > 4 * len(self.view.models) + 64:
+                self._served.clear()  # names of removed models
+            served = self._served[spec.name] = (spec, self.capabilities(spec))
         endpoint = request.endpoint
         assert endpoint is not None
-        capabilities = self.capabilities(spec)
-        if not supports(capabilities, endpoint.capability):
-            served = ", ".join(capabilities or ())
+        if not supports(served[1], endpoint.capability):
+            names = ", ".join(served[1] or ())
             raise UnsupportedEndpoint(
                 f"model '{spec.name}' does not serve {request.path.decode('latin-1')}"
-                f" (its endpoints: {served or 'none'})",
+                f" (its endpoints: {names or 'none'})",
                 param="model",
             )
         return spec
@@ -264,7 +282,9 @@ class OpenAIProxy:
                     latency=self.view.latency[stream],
                 )
                 assert chosen is not None
-                self._used(chosen)
+                now = time.time()
+                self.view.last_used[chosen.key] = now
+                self.used[chosen.key] = now
                 return chosen
             await self.ensure_replica(spec)
         raise Unavailable(f"model '{spec.name}' has no replica ready", retry_after=2)
@@ -316,7 +336,11 @@ class OpenAIProxy:
         exchange: Exchange,
     ) -> None:
         assert replica.address is not None
-        if isinstance(response, _Buffered) or response.status != 200 or _whole(response, request):
+        if (
+            isinstance(response, _Buffered)
+            or response.status != 200
+            or (not request.stream and response.small(WHOLE_LIMIT))
+        ):
             body = response.body if isinstance(response, _Buffered) else await response.read()
             out_headers = [(k, v) for k, v in response.forward_headers() if k != b"content-length"]
             await exchange.respond(response.status, out_headers, body)
@@ -384,16 +408,6 @@ def _undeclared(_: ModelSpec) -> None:
 
 def _records_ids(request: ParsedRequest) -> bool:
     return request.endpoint is not None and request.endpoint.records_ids
-
-
-def _whole(response: UpstreamResponse, request: ParsedRequest) -> bool:
-    """Whether to read the answer whole and send it in one write: a non-streamed request whose
-    answer has a known, small length. Streams, unsized and large bodies (speech audio, big
-    images) go on as they arrive."""
-    if request.stream:
-        return False
-    length = response.length
-    return length is not None and length <= WHOLE_LIMIT
 
 
 def _lost_model(status: int, body: bytes) -> bool:

@@ -48,7 +48,7 @@ FORMS: Final = frozenset(
     }
 )
 
-_JSON: Final = (b"content-type", b"application/json")
+JSON_TYPE: Final = (b"content-type", b"application/json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +63,8 @@ class Endpoint:
     by_id: bool = False  # the path names a stored response: it goes where that response lives
     #: answers create stored responses whose replica must be remembered (POST /v1/responses)
     records_ids: bool = False
-
-    @property
-    def stateful(self) -> bool:
-        """Whether a 200 answer may create or delete a stored response."""
-        return self.records_ids or self.by_id
+    #: a 200 answer may create or delete a stored response (records_ids or by_id)
+    stateful: bool = False
 
 
 ENDPOINTS: Final[dict[bytes, Endpoint]] = {
@@ -77,6 +74,7 @@ ENDPOINTS: Final[dict[bytes, Endpoint]] = {
         body="multipart" if path in FORMS else "json",
         required=REQUIRED.get(path),
         records_ids=capability == "responses",
+        stateful=capability == "responses",
     )
     for path, capability in PATHS.items()
 }
@@ -84,7 +82,10 @@ ENDPOINTS: Final[dict[bytes, Endpoint]] = {
 #: Prefixes whose sub-paths name a stored response: GET/DELETE /v1/responses/{id}, and
 #: /v1/responses/{id}/cancel, /v1/responses/{id}/input_items.
 BY_ID: Final[tuple[tuple[bytes, Endpoint], ...]] = tuple(
-    (prefix.encode(), Endpoint(prefix, capability, "none", None, BY_ID_METHODS, by_id=True))
+    (
+        prefix.encode(),
+        Endpoint(prefix, capability, "none", None, BY_ID_METHODS, by_id=True, stateful=True),
+    )
     for prefix, capability in PREFIXES
 )
 
@@ -134,7 +135,7 @@ class ParsedRequest:
         self.target = path if target is None else target  # path and query, sent upstream
         self.previous_id = previous_id  # a Responses follow-up's previous_response_id
         self.method = b"POST"
-        self.content_type = _JSON[1]  # an upload's own multipart/form-data type
+        self.content_type = JSON_TYPE[1]  # an upload's own multipart/form-data type
         self.response_id: str | None = None  # the stored response a by-id path names
 
     def headers(self, forwarded: Headers) -> Headers:
@@ -142,7 +143,7 @@ class ParsedRequest:
         to), and the body's content type."""
         out = forwarded
         if self.endpoint is None or self.endpoint.body == "json":
-            out.append(_JSON)
+            out.append(JSON_TYPE)
         elif self.endpoint.body == "multipart":
             out.append((b"content-type", self.content_type))
         return out

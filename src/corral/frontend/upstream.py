@@ -197,6 +197,15 @@ class UpstreamResponse:
         self.timeout = timeout
         self._done = False
 
+    def small(self, limit: int) -> bool:
+        """Whether the whole body is known to be at most `limit` bytes: it all came with the
+        head, or its declared length says so (an unsized body is not known to be small)."""
+        conn = self._conn
+        if conn.complete and conn.error is None:
+            return conn.buffered <= limit
+        length = self.length
+        return length is not None and length <= limit
+
     @property
     def length(self) -> int | None:
         """The body's declared length; None when unsized (chunked or until the close)."""
@@ -329,14 +338,18 @@ class UpstreamPool:
         if target is None:
             target = self._targets[address] = _target(address)
         key, host_line = target
-        size = len(body) if isinstance(body, bytes) else body.size
+        source: BodySource | None = None  # a body streamed in pieces
+        if isinstance(body, bytes):
+            data, size = body, len(body)
+        else:
+            data, size, source = b"", body.size, body
         head = [method, b" ", path, host_line, str(size).encode(), b"\r\n"]
         for name, value in headers:
             head += [name, b": ", value, b"\r\n"]
         head.append(b"\r\n")
         payload = None
-        if isinstance(body, bytes) and size < 65536:
-            payload = b"".join(head) + body
+        if source is None and size < 65536:
+            payload = b"".join(head) + data
 
         for attempt in (0, 1):
             conn = self._idle_connection(key)  # no await when one is idle: the usual case
@@ -348,13 +361,13 @@ class UpstreamPool:
             assert conn.transport is not None
             if payload is not None:
                 conn.transport.write(payload)
-            elif isinstance(body, bytes):
-                conn.transport.writelines([b"".join(head), body])
+            elif source is None:
+                conn.transport.writelines([b"".join(head), data])
             else:
                 conn.transport.write(b"".join(head))
             try:
-                if not isinstance(body, bytes):
-                    await _send_body(conn, body, timeout)
+                if source is not None:
+                    await _send_body(conn, source, timeout)
                 while not conn.headers_done and conn.error is None:
                     await conn.wait(timeout)
             except TimeoutError:
