@@ -33,13 +33,19 @@ class Spool:
 
     async def write(self, data: bytes) -> None:
         self.size += len(data)
-        self._memory += data
         if self._file is None:
-            if len(self._memory) <= self.threshold:
+            if len(self._memory) + len(data) <= self.threshold:
+                self._memory += data
                 return
             self._file = await asyncio.to_thread(
                 tempfile.TemporaryFile, "w+b", buffering=0, dir=self.directory
             )
+            if self._memory:
+                await self._flush()
+        if not self._memory and len(data) >= PIECE:  # big enough to go as it is: no copy
+            await asyncio.to_thread(_write_all, self._file, data)
+            return
+        self._memory += data
         if len(self._memory) >= PIECE:
             await self._flush()
 
