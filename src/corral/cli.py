@@ -166,6 +166,24 @@ def serve(
     max_body_bytes: Annotated[
         int | None, typer.Option(help="Largest request body; 413 past it (CORRAL_MAX_BODY_BYTES)")
     ] = None,
+    spool_memory_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Bytes of an upload (audio, image edits) kept in memory; the rest is spooled"
+            " to a temporary file under $TMPDIR (default 1 MiB)"
+        ),
+    ] = None,
+    response_ttl: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a stored response's id keeps routing follow-ups and GET/DELETE to"
+            " the replica that created it (default 3600)"
+        ),
+    ] = None,
+    response_map_size: Annotated[
+        int | None,
+        typer.Option(help="Response ids remembered for routing home, newest kept (100000)"),
+    ] = None,
     header_timeout: Annotated[
         float | None,
         typer.Option(help="Seconds a client has to send request headers; then 408 (default 10)"),
@@ -223,6 +241,9 @@ def serve(
         revision_retry=revision_retry,
         processes=processes,
         max_body_bytes=max_body_bytes,
+        spool_memory_bytes=spool_memory_bytes,
+        response_ttl=response_ttl,
+        response_map_size=response_map_size,
         header_timeout=header_timeout,
         body_timeout=body_timeout,
         body_min_rate=body_min_rate,

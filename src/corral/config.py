@@ -58,6 +58,10 @@ class FrontendSettings(BaseSettings):
     health_ttl: float = 30.0  # seconds a successful backend probe stays valid
     request_timeout: float = 600.0  # seconds a backend may take to answer
     max_body_bytes: int = 32 * 1024 * 1024
+    spool_memory_bytes: int = Field(default=1024 * 1024, ge=0)  # an upload's bytes kept in
+    # memory for forwarding (and resending on a retry); beyond them it goes to a temporary file
+    response_ttl: float = Field(default=3600.0, gt=0)  # seconds a response id routes home
+    response_map_size: int = Field(default=100_000, ge=0)  # response ids remembered (newest)
     max_inflight: int = 0  # per frontend; 0 = unlimited, else 429 past it
     # request headers passed to backends besides x-*, openai-*, traceparent, accept, user-agent:
     # names, or prefixes ending in "*" (authorization and hop-by-hop headers never pass)

@@ -8,6 +8,7 @@ Every class says whether trying again can help (`retryable`); an instance may sa
     CorralError
     ├── InvalidInput            the caller sent something malformed
     │   ├── BadRequest
+    │   │   └── UnsupportedEndpoint  the model's backend does not serve this endpoint
     │   ├── PayloadTooLarge
     │   ├── MethodNotAllowed
     │   ├── RequestTimeout      headers or body arrived too slowly
@@ -17,7 +18,8 @@ Every class says whether trying again can help (`retryable`); an instance may sa
     │   ├── Unauthorized        missing or wrong credentials
     │   └── Forbidden           valid credentials acting outside what they allow
     ├── NotFound
-    │   └── ModelNotFound
+    │   ├── ModelNotFound
+    │   └── ResponseNotFound    no replica holds a stored response with this id
     ├── Conflict                the request conflicts with the current state
     ├── CapacityError           not enough room right now                       (retryable)
     │   ├── RateLimited
@@ -91,6 +93,10 @@ class BadRequest(InvalidInput):
     """The request body or parameters are malformed."""
 
 
+class UnsupportedEndpoint(BadRequest):
+    """The model's backend does not serve the requested endpoint (never a load)."""
+
+
 class PayloadTooLarge(InvalidInput):
     """The request body exceeds the configured limit."""
 
@@ -127,6 +133,11 @@ class NotFound(CorralError):
 
 class ModelNotFound(NotFound):
     """The requested model is not declared."""
+
+
+class ResponseNotFound(NotFound):
+    """No replica holds a stored response with this id: never stored, deleted, or its replica
+    is gone (engines keep response state in process)."""
 
 
 class Conflict(CorralError):

@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from corral.backends.capabilities import Capability, expand_aliases
 from corral.domain.autoscale import ScalingTarget, Signal
 from corral.domain.entities import ModelSpec, Rollout, RolloutStrategy, Scheduling
 from corral.domain.sizes import parse_size
@@ -121,11 +122,19 @@ class ModelDecl(BaseModel):
     memory: int | None = None
     scheduling: SchedulingDecl = Field(default_factory=SchedulingDecl)
     rollout: RolloutDecl = Field(default_factory=RolloutDecl)
+    #: narrows the backend's capabilities (`capabilities: [chat]`); None: all of them
+    capabilities: tuple[Capability, ...] | None = Field(default=None, min_length=1)
 
     @field_validator("rollout", mode="before")
     @classmethod
     def _strategy(cls, value: object) -> object:
         return {"strategy": value} if isinstance(value, str) else value
+
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _expand_aliases(cls, value: Any) -> Any:
+        """`audio` → transcription, speech (as in the catalog)."""
+        return tuple(expand_aliases(value)) if isinstance(value, list | tuple) else value
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -145,6 +154,7 @@ class ModelDecl(BaseModel):
             memory=self.memory,
             scheduling=self.scheduling.to_domain(),
             rollout=self.rollout.to_domain(),
+            capabilities=self.capabilities,
         )
 
 

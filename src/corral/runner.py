@@ -74,6 +74,7 @@ class FrontendProcess:
         self.server = HttpServer(
             app,
             native=app.native_routes(),
+            native_prefixes=app.native_prefixes(),
             limits=limits,
             ssl_context=tls,
             max_body_bytes=s.max_body_bytes,

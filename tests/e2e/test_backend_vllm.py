@@ -136,7 +136,11 @@ def test_vllm_serves_a_tiny_llama_through_corral(
     backend, python = vllm_backend
     model_dir = write_tiny_hf_llama(python, tmp_path / "tiny-llama")
     options = OPTIONS[backend]
-    cluster.write_model("tiny", backend=backend, artifact=str(model_dir), options=options)
+    # vLLM stores responses (previous_response_id, GET by id) only when asked to
+    store = {"env": {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}}
+    cluster.write_model(
+        "tiny", backend=backend, artifact=str(model_dir), options={**options, **store}
+    )
     cluster.write_model(
         "tiny-embed",
         backend=backend,
@@ -204,44 +208,60 @@ def test_vllm_serves_a_tiny_llama_through_corral(
             cosine = sum(a * b for a, b in zip(vector, reference, strict=True))
             assert cosine > 0.99, cosine  # bfloat16 in vLLM, float32 here
 
-    # responses, tokenize, score and rerank, on the replicas Corral started (the frontend
-    # routes only chat, completions and embeddings so far)
-    def address(model: str) -> str:
-        (replica,) = [r for r in cluster.replicas(model) if r["state"] == "loaded"]
-        return f"http://{replica['address']}"
+        # the Responses API, whole and streamed, through Corral (vLLM keeps the response
+        # in its own process: Corral routes by the id it relayed)
+        response = c.responses.create(
+            model="tiny", input="hello there", max_output_tokens=6, temperature=0
+        )
+        assert response.object == "response"
+        assert response.usage is not None and response.usage.output_tokens == 6
+        assert set(_words(response.output_text)) <= set(WORDS), response.output_text
+        events = list(
+            c.responses.create(
+                model="tiny", input="hello there", max_output_tokens=6, temperature=0, stream=True
+            )
+        )
+        assert events[0].type == "response.created"
+        deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert deltas == response.output_text  # greedy: the same text both ways
+        assert c.responses.retrieve(response.id).output_text == response.output_text
+        follow = c.responses.create(
+            model="tiny",
+            input="and again",
+            previous_response_id=response.id,
+            max_output_tokens=4,
+            temperature=0,
+        )
+        assert follow.previous_response_id == response.id
+        # the follow-up's prompt holds the first exchange: more input tokens than it alone
+        assert follow.usage is not None and response.usage is not None
+        assert follow.usage.input_tokens > response.usage.input_tokens
 
-    base = address("tiny")
-    response = httpx.post(
-        base + "/v1/responses",
-        json={"model": "tiny", "input": "hello there", "max_output_tokens": 6, "temperature": 0},
-        timeout=120,
-    )
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert body["object"] == "response" and body["usage"]["output_tokens"] == 6
-    text = body["output"][0]["content"][0]["text"]
-    assert set(_words(text)) <= set(WORDS)
+    base = cluster.url()
     tokens = httpx.post(
-        base + "/tokenize", json={"model": "tiny", "prompt": "hello world"}, timeout=60
+        base + "/tokenize", json={"model": "tiny", "prompt": "hello world"}, timeout=120
     ).json()
     assert tokens["tokens"] == [3, 4]  # <unk> <s> </s>, then the words in order
 
-    # the embedding model scores by the cosine of those same embeddings
-    embed = address("tiny-embed")
+    # the embedding model scores by the cosine of those same embeddings, through Corral
     scored = httpx.post(
-        embed + "/v1/score",
+        base + "/v1/score",
         json={"model": "tiny-embed", "text_1": texts[0], "text_2": texts[1:]},
-        timeout=60,
+        timeout=120,
     )
     assert scored.status_code == 200, scored.text
     cosines = [sum(a * b for a, b in zip(expected[0], e, strict=True)) for e in expected[1:]]
     got_scores = [d["score"] for d in scored.json()["data"]]
     assert got_scores == pytest.approx(cosines, abs=0.02)
     ranked = httpx.post(
-        embed + "/v1/rerank",
+        base + "/v1/rerank",
         json={"model": "tiny-embed", "query": texts[0], "documents": texts[1:]},
-        timeout=60,
-    ).json()
-    relevance = [r["relevance_score"] for r in ranked["results"]]
+        timeout=120,
+    )
+    assert ranked.status_code == 200, ranked.text
+    relevance = [r["relevance_score"] for r in ranked.json()["results"]]
     assert relevance == sorted(relevance, reverse=True)
-    assert sorted(r["index"] for r in ranked["results"]) == [0, 1]
+    assert sorted(r["index"] for r in ranked.json()["results"]) == [0, 1]
+    assert [r["relevance_score"] for r in ranked.json()["results"]] == pytest.approx(
+        sorted(cosines, reverse=True), abs=0.02
+    )

@@ -181,6 +181,73 @@ def test_embeddings_through_corral_equal_sentence_transformers(
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
 
 
+_SIMILARITIES = (
+    "import json, sys\n"
+    "from sentence_transformers import SentenceTransformer\n"
+    "m = SentenceTransformer(sys.argv[1], device='cpu')\n"
+    "q, docs = json.loads(sys.argv[2])\n"
+    "e = m.encode([q, *docs], normalize_embeddings=True)\n"
+    "print(json.dumps([float(e[0] @ d) for d in e[1:]]))\n"
+)
+
+
+@pytest.mark.timeout(INSTALL_TIMEOUT)  # the session fixture's install counts toward it
+def test_rerank_and_score_through_corral_follow_the_models_own_similarity(
+    cluster: Cluster, embeddings_python: str
+) -> None:
+    model_dir = minilm_dir()
+    cluster.write_model("minilm", backend="embeddings", artifact=str(model_dir))
+    cluster.start_frontend()
+    cluster.start_worker("w", CORRAL_WORKER_BACKENDS_ROOT=str(backends_root()), **OFFLINE)
+    query = "Where do the horses sleep at night?"
+    documents = [
+        "Quarterly revenue rose by four percent.",
+        "At night the horses rest in the stable next to the corral.",
+        "Horses are large animals.",
+        "The compiler rejected the program.",
+    ]
+    ranked = httpx.post(
+        cluster.url() + "/v1/rerank",
+        json={"model": "minilm", "query": query, "documents": documents},
+        timeout=300,
+    )
+    assert ranked.status_code == 200, ranked.text
+    results = ranked.json()["results"]
+    expected = json.loads(
+        subprocess.run(
+            [
+                embeddings_python,
+                "-c",
+                _SIMILARITIES,
+                str(model_dir),
+                json.dumps([query, documents]),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **OFFLINE},
+        ).stdout
+    )
+    order = sorted(range(len(documents)), key=lambda i: -expected[i])
+    assert [r["index"] for r in results] == order
+    assert order[0] == 1  # the stable sentence: the model's own judgement, not the test's
+    for r in results:
+        assert r["relevance_score"] == pytest.approx(expected[r["index"]], abs=1e-4)
+    scored = httpx.post(
+        cluster.url() + "/v1/score",
+        json={"model": "minilm", "text_1": query, "text_2": documents},
+        timeout=60,
+    )
+    assert [d["score"] for d in scored.json()["data"]] == pytest.approx(expected, abs=1e-4)
+    # the embeddings backend has no chat: refused before anything is routed
+    refused = httpx.post(
+        cluster.url() + "/v1/chat/completions",
+        json={"model": "minilm", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "unsupported_endpoint"
+
+
 @pytest.mark.timeout(INSTALL_TIMEOUT)  # the session fixture's install counts toward it
 def test_llama_cpp_streams_a_tiny_gguf_from_the_model_store(
     cluster: Cluster, tmp_path: Path, llama_cpp_python: str

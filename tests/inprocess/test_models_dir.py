@@ -117,3 +117,17 @@ async def test_a_models_directory_that_appears_later_is_watched(
     finally:
         watching.cancel()
         await asyncio.gather(watching, return_exceptions=True)
+
+
+async def test_capabilities_may_only_narrow_the_backends(
+    cluster: InProcessCluster, tmp_path: Path
+) -> None:
+    _declare(tmp_path, "narrow", capabilities=["chat", "audio"])
+    _declare(tmp_path, "wide", backend="embeddings", capabilities=["embeddings", "chat"])
+    fe = await cluster.frontend(models_dir=tmp_path)
+    assert fe.models_dir is not None
+    narrow = await fe.registry.models.get("narrow")
+    assert narrow is not None and narrow.capabilities == ("chat", "transcription", "speech")
+    assert await fe.registry.models.get("wide") is None  # refused, not silently narrowed
+    (error,) = fe.models_dir.errors_json()
+    assert error["field"] == "wide" and "does not serve chat" in error["message"]

@@ -215,3 +215,32 @@ def test_catalog_unknown_placeholder_is_config_error(tmp_path: Path) -> None:
     write_file(tmp_path, "typo.yaml", "- {name: x, command: ['{python}', '--model', '{modle}']}\n")
     with pytest.raises(ConfigError):
         Catalog().with_dir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("backend", "declared", "effective", "problem"),
+    [
+        ("sim", None, "all of sim's", None),
+        ("sim", ("chat", "speech"), ("chat", "speech"), None),
+        ("embeddings", None, ("embeddings", "rerank", "score"), None),
+        ("embeddings", ("rerank",), ("rerank",), None),
+        ("embeddings", ("chat", "rerank"), ("rerank",), "does not serve chat"),
+        ("elsewhere", None, None, "unknown backend"),  # a node's own catalog: allow everything
+        ("elsewhere", ("chat",), ("chat",), "unknown backend"),
+    ],
+)
+def test_model_capabilities_of(
+    backend: str,
+    declared: tuple[str, ...] | None,
+    effective: tuple[str, ...] | str | None,
+    problem: str | None,
+) -> None:
+    catalog = Catalog.builtin()
+    spec = ModelSpec(name="m", backend=backend, capabilities=declared)
+    if effective == "all of sim's":
+        entry = catalog.get("sim")
+        assert entry is not None
+        effective = entry.capabilities
+    assert catalog.capabilities_of(spec) == effective
+    found = catalog.check_model(spec)
+    assert (found is None) if problem is None else (found is not None and problem in found)

@@ -27,6 +27,8 @@ WIRE_CODES: list[tuple[type[CorralError], int, str, str | None]] = [
     (errors.Forbidden, 403, "permission_error", "forbidden"),
     (errors.NotFound, 404, "invalid_request_error", "not_found"),
     (errors.ModelNotFound, 404, "invalid_request_error", "model_not_found"),
+    (errors.ResponseNotFound, 404, "invalid_request_error", "response_not_found"),
+    (errors.UnsupportedEndpoint, 400, "invalid_request_error", "unsupported_endpoint"),
     (errors.Conflict, 409, "invalid_request_error", "conflict"),
     (errors.RateLimited, 429, "rate_limit_error", "rate_limited"),
     (errors.Unavailable, 503, "server_error", "unavailable"),

@@ -107,6 +107,9 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], str | None]] = [
     ("bad-backend", {"backend": "Sim!"}, "backend"),
     ("bad-name", {"name": "-leading-dash"}, "name"),
     ("missing-backend", {"backend": None}, "backend"),
+    ("unknown-capability", {"capabilities": ["chat", "telepathy"]}, "capabilities.1"),
+    ("no-capabilities", {"capabilities": []}, "capabilities"),
+    ("capabilities-text", {"capabilities": "chat"}, "capabilities"),
     ("rollout-unknown", {"rollout": "blue-green"}, "rollout.strategy"),
     ("rollout-unknown-key", {"rollout": {"surge": 2}}, "rollout.surge"),
     (
@@ -201,6 +204,24 @@ def test_models_dir_missing() -> None:
     specs, errors = load_models_dir(Path("/nonexistent/corral-models"))
     assert specs == []
     assert len(errors) == 1 and "does not exist" in errors[0].message
+
+
+@pytest.mark.parametrize(
+    ("declared", "expected"),
+    [
+        (None, None),
+        (["chat"], ("chat",)),
+        (["audio", "chat"], ("transcription", "chat", "speech")),  # the old alias expands
+        (["chat", "chat"], ("chat",)),
+    ],
+)
+def test_model_capabilities_narrow_the_backend(
+    declared: list[str] | None, expected: tuple[str, ...] | None
+) -> None:
+    data: dict[str, Any] = {"name": "m", "backend": "sim"}
+    if declared is not None:
+        data["capabilities"] = declared
+    assert parse_model(data).capabilities == expected
 
 
 def test_model_rollout_and_scaling() -> None:

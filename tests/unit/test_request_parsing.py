@@ -7,7 +7,7 @@ import pytest
 from corral.errors import (
     BadRequest,
 )
-from corral.frontend.proxy import parse_request
+from corral.frontend.request import parse_request
 
 CHAT = b"/v1/chat/completions"
 COMPLETIONS = b"/v1/completions"

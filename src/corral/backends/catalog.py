@@ -165,7 +165,30 @@ class Catalog:
         """A reason the model cannot run, or None."""
         if spec.backend not in self.entries:
             return f"unknown backend {spec.backend!r} (known: {', '.join(self.names())})"
-        return None
+        return self.check_capabilities(spec)
+
+    def check_capabilities(self, spec: ModelSpec) -> str | None:
+        """Why the model's `capabilities` are not a subset of its backend's, or None."""
+        entry = self.entries.get(spec.backend)
+        if entry is None or spec.capabilities is None:
+            return None
+        extra = [c for c in spec.capabilities if c not in entry.capabilities]
+        if not extra:
+            return None
+        return (
+            f"capabilities: backend {spec.backend!r} does not serve {', '.join(extra)}"
+            f" (it serves: {', '.join(entry.capabilities)})"
+        )
+
+    def capabilities_of(self, spec: ModelSpec) -> tuple[str, ...] | None:
+        """The endpoints `spec` may serve: its backend's, narrowed by its own `capabilities`;
+        None when neither is known here (a backend only a node's own catalog has: allow)."""
+        entry = self.entries.get(spec.backend)
+        if entry is None:
+            return spec.capabilities
+        if spec.capabilities is None:
+            return entry.capabilities
+        return tuple(c for c in spec.capabilities if c in entry.capabilities)
 
 
 def _parse(text: str, path: str) -> dict[str, BackendEntry]:

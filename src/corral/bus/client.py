@@ -162,12 +162,13 @@ class Bus:
         self,
         subject: str,
         request_type: type[M],
-        handler: Callable[[M], Awaitable[Message]],
+        handler: Callable[[M], Awaitable[Message | None]],
         *,
-        error_reply: Callable[[str], Message],
+        error_reply: Callable[[str], Message | None],
         concurrent: bool = True,
     ) -> Subscription:
-        """Answer requests on `subject` with `handler`'s reply.
+        """Answer requests on `subject` with `handler`'s reply (None: stay quiet, for requests
+        that many subscribers see and only one should answer).
 
         With `concurrent`, each request runs in its own task, so a slow request never delays
         the next one on the same subject. A handler exception becomes `error_reply(text)`.
@@ -180,7 +181,7 @@ class Bus:
             except Exception as exc:
                 log.exception("request on %s failed", msg.subject)
                 reply = error_reply(f"{type(exc).__name__}: {exc}")
-            if msg.reply:
+            if msg.reply and reply is not None:
                 try:
                     await msg.respond(reply.model_dump_json().encode())
                 except nats.errors.Error as exc:

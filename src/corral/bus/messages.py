@@ -171,6 +171,24 @@ class LoadReport(Message):
     models: list[ModelLoad] = Field(default_factory=list)  # per-model signals, when it has any
 
 
+class ResponseHomeEvent(Message):
+    """A stored response (Responses API) and the replica that holds it; shared by frontends so
+    a follow-up reaches that replica through any of them. Also the reply to a lookup."""
+
+    origin: str = ""  # the frontend that recorded it
+    id: str
+    model: str
+    index: int
+    address: str
+    at: float = 0.0  # when it was recorded (seconds since the epoch)
+
+
+class ResponseLookup(Message):
+    """Asks the frontends where the response `id` lives; only one that knows replies."""
+
+    id: str
+
+
 # --- resources as JSON (heartbeats and the registry) ----------------------------------
 
 

@@ -78,6 +78,17 @@ class Subjects:
     def load_reports(self) -> str:
         return f"{self.prefix}.frontend.load"
 
+    @property
+    def response_homes(self) -> str:
+        """Broadcast: a frontend relayed a new stored response (its id and replica)."""
+        return f"{self.prefix}.frontend.responses"
+
+    @property
+    def response_lookup(self) -> str:
+        """Request/reply among frontends: where does this response live (only a frontend
+        that knows answers)."""
+        return f"{self.prefix}.frontend.responses.lookup"
+
 
 def _token(name: str) -> str:
     """Make a model name safe as one subject token (no dots, spaces or wildcards)."""

@@ -147,6 +147,9 @@ class ModelSpec:
     # when the model was first declared (seconds since the epoch; 0 = not stored yet): a fact
     # about the row, not part of the spec, so two specs that differ only here are equal
     created_at: float = field(default=0.0, compare=False)
+    #: endpoints it may serve (corral.backends.capabilities names), a subset of its backend's;
+    #: None: every endpoint the backend serves
+    capabilities: tuple[str, ...] | None = None
 
     @property
     def config_revision(self) -> str:

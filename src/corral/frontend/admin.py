@@ -104,6 +104,9 @@ def admin_router() -> APIRouter:
     async def put_model(name: str, body: dict[str, Any], request: Request) -> dict[str, Any]:
         fe = frontend_of(request)
         spec = parse_model({**body, "name": name}, path="PUT /api/models")
+        narrowed = fe.catalog.check_capabilities(spec)
+        if narrowed:
+            raise BadRequest(narrowed, param="capabilities")
         problem = fe.catalog.check_model(spec)
         if problem and not any(spec.backend in n.backends for n in fe.view.nodes.values()):
             raise BadRequest(problem, param="backend")

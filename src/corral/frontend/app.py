@@ -24,12 +24,11 @@ from corral.frontend.http.protocol import Handler
 from corral.frontend.metrics import render_metrics
 from corral.frontend.model_cards import model_card, model_list
 from corral.frontend.nodes_api import node_router, require_node
+from corral.frontend.request import BY_ID, ENDPOINTS, endpoint_for
 from corral.frontend.service import Frontend
 from corral.frontend.ui import dashboard_router
 
 log = logging.getLogger(__name__)
-
-INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
 
 def error_response(exc: CorralError) -> JSONResponse:
@@ -93,7 +92,7 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
     @api.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         frontend.authorizer.check(request.scope)
-        return model_list(frontend.view)
+        return model_list(frontend.view, frontend.catalog.capabilities_of)
 
     @api.get("/v1/models/{name:path}")
     async def model(name: str, request: Request) -> dict[str, Any]:
@@ -101,7 +100,7 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
         spec = frontend.view.models.get(name)
         if spec is None:
             raise ModelNotFound(f"The model '{name}' does not exist", param="model")
-        return model_card(frontend.view, spec)
+        return model_card(frontend.view, spec, frontend.catalog.capabilities_of)
 
     @api.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -129,11 +128,17 @@ class CorralApp:
         self.api = api
 
     def native_routes(self) -> dict[bytes, Handler]:
+        """Every inference path (`corral.frontend.request.ENDPOINTS`), to the proxy."""
         handle = self.frontend.proxy.handle
-        return {path.encode(): handle for path in INFERENCE_PATHS}
+        return {path: handle for path in ENDPOINTS}
+
+    def native_prefixes(self) -> list[tuple[bytes, Handler]]:
+        """Inference paths under a prefix (a stored response by id), to the proxy."""
+        handle = self.frontend.proxy.handle
+        return [(prefix, handle) for prefix, _ in BY_ID]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in INFERENCE_PATHS:
+        if scope["type"] == "http" and endpoint_for(scope["path"].encode()) is not None:
             await self.frontend.proxy(scope, receive, send)
             return
         await self.api(scope, receive, send)

@@ -35,10 +35,12 @@ from corral.errors import (
     RateLimited,
     ReplicaGone,
     RequestTimeout,
+    ResponseNotFound,
     TimedOut,
     TransportError,
     Unauthorized,
     Unavailable,
+    UnsupportedEndpoint,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -60,6 +62,7 @@ WIRE: dict[type[CorralError], HttpError] = {
     CorralError: HttpError(500, _SERVER, None),
     # the caller's fault
     InvalidInput: HttpError(400, _INVALID, "invalid_request"),
+    UnsupportedEndpoint: HttpError(400, _INVALID, "unsupported_endpoint"),
     PayloadTooLarge: HttpError(413, _INVALID, "payload_too_large"),
     MethodNotAllowed: HttpError(405, _INVALID, "method_not_allowed"),
     RequestTimeout: HttpError(408, _INVALID, "request_timeout"),
@@ -70,6 +73,7 @@ WIRE: dict[type[CorralError], HttpError] = {
     Forbidden: HttpError(403, "permission_error", "forbidden"),
     NotFound: HttpError(404, _INVALID, "not_found"),
     ModelNotFound: HttpError(404, _INVALID, "model_not_found"),
+    ResponseNotFound: HttpError(404, _INVALID, "response_not_found"),
     Conflict: HttpError(409, _INVALID, "conflict"),
     # not enough room
     CapacityError: HttpError(503, _SERVER, "unavailable"),

@@ -31,6 +31,7 @@ def model_json(spec: ModelSpec) -> dict[str, Any]:
         "scheduling": scheduling_to_row(spec.scheduling),
         "node_selector": dict(spec.scheduling.node_selector),
         "rollout": rollout_to_row(spec.rollout),
+        "capabilities": None if spec.capabilities is None else list(spec.capabilities),
     }
 
 

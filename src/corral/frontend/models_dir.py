@@ -61,6 +61,11 @@ class ModelsDir:
         Returns (and keeps) the errors.
         """
         specs, errors = await asyncio.to_thread(load_models_dir, self.directory)
+        for spec in list(specs):
+            narrowed = self.catalog.check_capabilities(spec)
+            if narrowed:  # a model may only narrow its backend's endpoints
+                errors.append(ConfigError(narrowed, path=str(self.directory), field=spec.name))
+                specs.remove(spec)
         if [e.message for e in errors] != [e.message for e in self.errors]:
             for error in errors:
                 log.error("model file error: %s", error.message)

@@ -1,30 +1,35 @@
 """The OpenAI data plane: route each request to the best loaded replica and relay its bytes.
 
-The warm path reads only the in-memory view: parse the body once for `model` and `stream`,
-pick a replica, reserve an in-flight slot, forward the request bytes, and stream the
-response bytes back unchanged. The slot is released exactly once on every path.
+The warm path reads only the in-memory view: read the request once for what routing needs
+(`corral.frontend.request`: the model, `stream`, a multipart upload spooled), check that the
+model's backend serves the endpoint, pick a replica (or the replica holding a stored response:
+`corral.frontend.responses_map`), reserve an in-flight slot, forward the request bytes, and
+stream the response bytes back unchanged. The slot is released exactly once on every path.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import orjson
 
 from corral.domain.actions import DropReplica
-from corral.domain.entities import ModelSpec, Replica
+from corral.domain.entities import ModelSpec, Replica, ReplicaState
 from corral.domain.pick import pick_replica
+from corral.domain.routing.candidates import supports
 from corral.errors import (
-    BadRequest,
     CorralError,
     MethodNotAllowed,
     ModelNotFound,
+    NotFound,
     RateLimited,
     ReplicaGone,
+    ResponseNotFound,
     Unavailable,
+    UnsupportedEndpoint,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -34,19 +39,33 @@ from corral.frontend.headers import HeaderFilter
 from corral.frontend.http.exchange import Exchange, Headers, respond_error
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.probe import ProbeCache
+from corral.frontend.request import (
+    ENDPOINTS,
+    JSON_TYPE,
+    ParsedRequest,
+    endpoint_for,
+    parse_request,
+    read_request,
+)
+from corral.frontend.responses_map import (
+    Home,
+    ResponseHomes,
+    SharedHomes,
+    StreamIdScanner,
+    id_of_body,
+)
 from corral.frontend.upstream import UpstreamPool, UpstreamResponse
 from corral.frontend.view import ClusterView
 
 log = logging.getLogger(__name__)
 
-#: Required body fields per endpoint.
-REQUIRED = {
-    b"/v1/chat/completions": "messages",
-    b"/v1/completions": "prompt",
-    b"/v1/embeddings": "input",
-}
 MAX_ATTEMPTS = 3  # the first try and at most two retries after a replica turned out gone
 NOT_LOADED_MARKERS = (b"model_not_found", b"not loaded", b"does not exist", b"not found")
+#: A 404 about a stored response is the backend's answer, not a sign it lost its model.
+STORED_MARKERS = (b"response_not_found", b"response with id")
+#: Whole answers up to this size go out in one write; larger or unsized ones stream.
+WHOLE_LIMIT = 1024 * 1024
+SPOOL_MEMORY = 1024 * 1024
 
 
 Tried = tuple[str, int, str | None]
@@ -57,40 +76,9 @@ def _tried(replica: Replica) -> Tried:
     return (replica.model, replica.index, replica.address)
 
 
-class ParsedRequest:
-    """What routing needs from a request body."""
-
-    __slots__ = ("body", "model", "path", "stream")
-
-    def __init__(self, path: bytes, body: bytes, model: str, stream: bool) -> None:
-        self.path = path
-        self.body = body
-        self.model = model
-        self.stream = stream
-
-
-def parse_request(path: bytes, body: bytes) -> ParsedRequest:
-    """Validate the JSON body just enough to route it (model, stream, the required field)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required and must be a string", param="model")
-    required = REQUIRED.get(path)
-    if required is not None and required not in data:
-        raise BadRequest(f"'{required}' is required", param=required)
-    stream = data.get("stream") or False  # null means false, as in the OpenAI API
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be a boolean", param="stream")
-    return ParsedRequest(path, body, model, stream)
-
-
 class OpenAIProxy:
-    """Serves POST /v1/chat/completions, /v1/completions and /v1/embeddings."""
+    """Serves every inference endpoint of `corral.frontend.request` (POST, and GET/DELETE of a
+    stored response)."""
 
     def __init__(
         self,
@@ -106,6 +94,9 @@ class OpenAIProxy:
         request_timeout: float,
         max_inflight: int = 0,
         forward_headers: HeaderFilter | None = None,
+        capabilities: Callable[[ModelSpec], Collection[str] | None] | None = None,
+        homes: SharedHomes | None = None,
+        spool_memory_bytes: int = SPOOL_MEMORY,
     ) -> None:
         self.view = view
         self.inflight = inflight
@@ -118,6 +109,11 @@ class OpenAIProxy:
         self.request_timeout = request_timeout
         self.max_inflight = max_inflight
         self.forward_headers = forward_headers or HeaderFilter()
+        self.capabilities = capabilities or _undeclared
+        self.homes = homes or SharedHomes(ResponseHomes(10_000, 3600.0), None, "")
+        self.spool_memory_bytes = spool_memory_bytes
+        #: per model: the spec its capabilities were read for, and them
+        self._served: dict[str, tuple[ModelSpec, Collection[str] | None]] = {}
         self._turn = 0
         self.used: dict[tuple[str, int], float] = {}  # last-used times not yet flushed
 
@@ -126,36 +122,100 @@ class OpenAIProxy:
         await self.handle(AsgiExchange(scope, receive, send))
 
     async def handle(self, exchange: Exchange) -> None:
-        """Answer one POST to an inference path."""
+        """Answer one request to an inference path."""
+        request: ParsedRequest | None = None
         try:
-            if exchange.method != b"POST":
+            endpoint = ENDPOINTS.get(exchange.path) or endpoint_for(exchange.path)
+            if endpoint is None:
+                raise NotFound("no such endpoint")
+            if exchange.method not in endpoint.methods:
                 method = exchange.method.decode("latin-1")
-                raise MethodNotAllowed(f"{method} is not allowed here; use POST")
+                allowed = "/".join(m.decode() for m in sorted(endpoint.methods))
+                raise MethodNotAllowed(f"{method} is not allowed here; use {allowed}")
             self.authorizer.check_headers(exchange.headers)
             if self.max_inflight and self.inflight.local_total() >= self.max_inflight:
                 raise RateLimited("too many requests in flight on this frontend", retry_after=1)
-            body = await exchange.body(self.max_body_bytes)
-            request = parse_request(exchange.path, body)
-            spec = self.view.models.get(request.model)
-            if spec is None:
-                raise ModelNotFound(f"The model '{request.model}' does not exist", param="model")
-        except ClientGone:
-            return
-        except CorralError as exc:
-            await respond_error(exchange, exc)
+            if endpoint.body == "json":  # the usual case, without a coroutine more
+                body = await exchange.body(self.max_body_bytes)
+                request = parse_request(exchange.path, body, endpoint, exchange.query)
+            else:
+                request = await read_request(
+                    exchange, endpoint, self.max_body_bytes, self.spool_memory_bytes
+                )
+            if request.response_id is None and request.previous_id is None:
+                spec, home = self._spec(request), None
+            else:
+                spec, home = await self._stateful(request)
+        except (ClientGone, CorralError) as exc:
+            if request is not None:
+                request.close()
+            if isinstance(exc, CorralError):
+                await respond_error(exchange, exc)
             return
         headers = self.forward_headers(exchange.headers)
-        headers.append((b"content-type", b"application/json"))
-        await self._route(spec, request, headers, exchange)
+        if endpoint.body == "json":  # the usual case: nothing spooled to free
+            headers.append(JSON_TYPE)
+            await self._route(spec, request, headers, exchange, home)
+            return
+        request.headers(headers)
+        try:
+            await self._route(spec, request, headers, exchange, home)
+        finally:
+            request.close()
+
+    def _spec(self, request: ParsedRequest) -> ModelSpec:
+        """The model a request is for, checked against the endpoints it serves."""
+        spec = self.view.models.get(request.model)
+        if spec is None:
+            if request.response_id is not None:
+                raise _not_stored(request.response_id, "response_id")
+            raise ModelNotFound(f"The model '{request.model}' does not exist", param="model")
+        served = self._served.get(spec.name)
+        if served is None or served[0] is not spec:  # a new or changed spec
+            if len(self._served) > 4 * len(self.view.models) + 64:
+                self._served.clear()  # names of removed models
+            served = self._served[spec.name] = (spec, self.capabilities(spec))
+        endpoint = request.endpoint
+        assert endpoint is not None
+        if not supports(served[1], endpoint.capability):
+            names = ", ".join(served[1] or ())
+            raise UnsupportedEndpoint(
+                f"model '{spec.name}' does not serve {request.path.decode('latin-1')}"
+                f" (its endpoints: {names or 'none'})",
+                param="model",
+            )
+        return spec
+
+    async def _stateful(self, request: ParsedRequest) -> tuple[ModelSpec, Home | None]:
+        """The model of a request about a stored response, and the replica holding that
+        response (None: unknown here and to the other frontends; any replica may answer)."""
+        if request.response_id is not None:  # GET/DELETE /v1/responses/{id}: no model named
+            home = await self.homes.find(request.response_id)
+            if home is None:
+                raise _not_stored(request.response_id, "response_id")
+            request.model = home.model
+            return self._spec(request), home
+        spec = self._spec(request)  # an unsupported endpoint is refused before any lookup
+        assert request.previous_id is not None
+        found = await self.homes.find(request.previous_id)
+        return spec, found if found is not None and found.model == spec.name else None
 
     async def _route(
-        self, spec: ModelSpec, request: ParsedRequest, headers: Headers, exchange: Exchange
+        self,
+        spec: ModelSpec,
+        request: ParsedRequest,
+        headers: Headers,
+        exchange: Exchange,
+        home: Home | None = None,
     ) -> None:
         tried: set[Tried] = set()  # (model, index, address): a reload may reuse the index
         last_error: CorralError | None = None
-        for _ in range(MAX_ATTEMPTS):
+        for _ in range(MAX_ATTEMPTS if home is None else 1):
             try:
-                replica = await self._choose(spec, tried, request.stream)
+                if home is None:
+                    replica = await self._choose(spec, tried, request.stream)
+                else:
+                    replica = self._at_home(request, home)
             except CorralError as exc:
                 await respond_error(exchange, exc)
                 return
@@ -166,7 +226,7 @@ class OpenAIProxy:
                 if response is None:
                     tried.add(_tried(replica))
                     continue
-                await self._relay(replica, response, request.stream, exchange)
+                await self._relay(replica, response, request, exchange)
                 return
             except ReplicaGone as exc:
                 tried.add(_tried(replica))
@@ -177,6 +237,9 @@ class OpenAIProxy:
                 return
             finally:
                 slot.release()
+        if home is not None:  # the replica holding the response is gone, and its state with it
+            await respond_error(exchange, _home_gone(request))
+            return
         await respond_error(
             exchange,
             Unavailable(
@@ -185,6 +248,22 @@ class OpenAIProxy:
                 retry_after=1,
             ),
         )
+
+    def _at_home(self, request: ParsedRequest, home: Home) -> Replica:
+        """The replica holding a stored response, if it still serves; else the backend-style
+        404 (another replica would not know the response: a wrong answer)."""
+        for replica in self.view.candidates(home.model):
+            if replica.index == home.index:
+                if replica.address != home.address or replica.state != ReplicaState.LOADED:
+                    break  # the same index, but a new process: the state is gone
+                self._used(replica)
+                return replica
+        raise _home_gone(request)
+
+    def _used(self, replica: Replica) -> None:
+        now = time.time()
+        self.view.last_used[replica.key] = now
+        self.used[replica.key] = now
 
     async def _choose(self, spec: ModelSpec, tried: set[Tried], stream: bool = False) -> Replica:
         """The best replica not tried yet; waits for a cold load when there is none."""
@@ -221,7 +300,9 @@ class OpenAIProxy:
         """Send the request; None when the replica turned out gone (already dropped).
 
         When the replica had nothing else in flight, its time to first byte is its own speed
-        (no queueing behind other requests) and feeds the speed weights of `pick_replica`.
+        (no queueing behind other requests) and feeds the speed weights of `pick_replica`
+        (not for uploads, whose first byte waits for the upload, nor a stored response read
+        back by id).
         """
         assert replica.address is not None
         reason = await self.probes.check(replica.node_id, replica.address, spec.name)
@@ -231,21 +312,19 @@ class OpenAIProxy:
         started = time.monotonic()
         response = await self.pool.request(
             replica.address,
-            b"POST",
-            request.path,
+            request.method,
+            request.target,
             request.body,
             headers=headers,
             timeout=self.request_timeout,
         )
-        if idle:
+        if idle and isinstance(request.body, bytes) and request.response_id is None:
             self.view.observe_latency(replica.key, request.stream, time.monotonic() - started)
         if response.status in (404, 409, 400):
             body = await response.read()
-            if response.status != 400 or b"not loaded" in body:
-                lowered = body.lower()
-                if any(m in lowered for m in NOT_LOADED_MARKERS):
-                    await self.drop_replica(DropReplica.of(replica, _reason(body, response.status)))
-                    return None
+            if _lost_model(response.status, body):
+                await self.drop_replica(DropReplica.of(replica, _reason(body, response.status)))
+                return None
             return _Buffered(response, body)
         return response
 
@@ -253,25 +332,38 @@ class OpenAIProxy:
         self,
         replica: Replica,
         response: UpstreamResponse | _Buffered,
-        stream: bool,
+        request: ParsedRequest,
         exchange: Exchange,
     ) -> None:
         assert replica.address is not None
-        if isinstance(response, _Buffered) or not stream or response.status != 200:
+        if (
+            isinstance(response, _Buffered)
+            or response.status != 200
+            or (not request.stream and response.small(WHOLE_LIMIT))
+        ):
             body = response.body if isinstance(response, _Buffered) else await response.read()
             out_headers = [(k, v) for k, v in response.forward_headers() if k != b"content-length"]
             await exchange.respond(response.status, out_headers, body)
             if response.status < 500:
                 self.probes.mark_ok(replica.node_id, replica.address)
+            endpoint = request.endpoint
+            if response.status == 200 and endpoint is not None and endpoint.stateful:
+                await self._stored(request, replica, body)
             return
         # head and whatever body already arrived go out together
-        await exchange.start(response.status, response.forward_headers(), response.ready())
+        first = response.ready()
+        await exchange.start(response.status, response.forward_headers(), first)
         exchange.on_disconnect = response.abort
+        scanner = StreamIdScanner() if _records_ids(request) else None
         try:
             if exchange.gone:
                 response.abort()
+            if scanner is not None:
+                await self._scan(scanner, first, replica)
             async for chunk in response.iter_body():
                 await exchange.write(chunk)
+                if scanner is not None and not scanner.done:
+                    await self._scan(scanner, chunk, replica)
         except CorralError as exc:
             if exchange.gone:
                 return  # the client left; nothing to tell it
@@ -283,6 +375,21 @@ class OpenAIProxy:
         await exchange.end()
         self.probes.mark_ok(replica.node_id, replica.address)
 
+    async def _stored(self, request: ParsedRequest, replica: Replica, body: bytes) -> None:
+        """After a whole 200 answer went out: remember where a new stored response lives, or
+        forget a deleted one."""
+        if _records_ids(request):
+            response_id = id_of_body(body)
+            if response_id is not None:
+                await self.homes.record(response_id, replica)
+        elif request.response_id is not None and request.method == b"DELETE":
+            self.homes.forget(request.response_id)
+
+    async def _scan(self, scanner: StreamIdScanner, chunk: bytes, replica: Replica) -> None:
+        response_id = scanner.feed(chunk)
+        if response_id is not None:
+            await self.homes.record(response_id, replica)
+
 
 class _Buffered:
     """A response whose (small) body was already read while checking for self-heal cases."""
@@ -293,6 +400,39 @@ class _Buffered:
         self.status = response.status
         self.forward_headers = response.forward_headers
         self.body = body
+
+
+def _undeclared(_: ModelSpec) -> None:
+    return None  # capabilities unknown: every endpoint may be tried
+
+
+def _records_ids(request: ParsedRequest) -> bool:
+    return request.endpoint is not None and request.endpoint.records_ids
+
+
+def _lost_model(status: int, body: bytes) -> bool:
+    """Whether a 400/404/409 answer says the backend no longer serves the model (self-heal)."""
+    if status == 400 and b"not loaded" not in body:
+        return False
+    lowered = body.lower()
+    if any(m in lowered for m in STORED_MARKERS):
+        return False
+    return any(m in lowered for m in NOT_LOADED_MARKERS)
+
+
+def _not_stored(response_id: str, param: str) -> ResponseNotFound:
+    return ResponseNotFound(f"Response with id '{response_id}' not found.", param=param)
+
+
+def _home_gone(request: ParsedRequest) -> ResponseNotFound:
+    if request.response_id is not None:
+        response_id, param = request.response_id, "response_id"
+    else:
+        response_id, param = request.previous_id or "", "previous_response_id"
+    return ResponseNotFound(
+        f"Response with id '{response_id}' not found: the replica that stored it is gone.",
+        param=param,
+    )
 
 
 def _reason(body: bytes, status: int) -> str:

@@ -29,6 +29,7 @@ from corral.frontend.parts import Parts
 from corral.frontend.probe import ProbeCache
 from corral.frontend.proxy import OpenAIProxy
 from corral.frontend.reconciler import Reconciler
+from corral.frontend.responses_map import ResponseHomes, SharedHomes
 from corral.frontend.signals import LoadSignals
 from corral.frontend.upstream import UpstreamPool
 from corral.frontend.view import ClusterView
@@ -99,6 +100,9 @@ class Frontend:
             gpu_backends=self.catalog.gpu_backends(),
             artifacts=self.artifacts,
         )
+        self.response_homes = SharedHomes(
+            ResponseHomes(settings.response_map_size, settings.response_ttl), self.bus, self.id
+        )
         self.proxy = OpenAIProxy(
             view=self.view,
             inflight=self.inflight,
@@ -111,6 +115,9 @@ class Frontend:
             request_timeout=settings.request_timeout,
             max_inflight=settings.max_inflight,
             forward_headers=HeaderFilter(settings.forward_headers),
+            capabilities=self.catalog.capabilities_of,
+            homes=self.response_homes,
+            spool_memory_bytes=settings.spool_memory_bytes,
         )
         self.started = False
         self.extra_loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
@@ -139,6 +146,7 @@ class Frontend:
         await self.bus.subscribe(s.all_load_events, self._on_load_event)
         await self.bus.subscribe(s.load_reports, self._on_load_report)
         await self.bus.subscribe(s.install_events, self.installs.on_event)
+        await self.response_homes.open()
 
     def run_loops(self) -> None:
         """Start the background loops: in-flight reports, last-used flushes, resyncs, the

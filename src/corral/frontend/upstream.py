@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
+from typing import Protocol
 
 import httptools
 
@@ -36,6 +37,15 @@ HOP_BY_HOP = frozenset(
 _HIGH_WATER = 4 * 1024 * 1024
 
 
+class BodySource(Protocol):
+    """A request body sent in pieces (a spooled upload): its size first, then its bytes;
+    `chunks()` starts over on each call, so a retry can send it again."""
+
+    size: int
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection to a backend, parsing one response at a time."""
 
@@ -57,10 +67,19 @@ class _Connection(asyncio.Protocol):
         self.reading_paused = False
         self.received_any = False
         self.keep_alive = False
+        self.write_paused = False
+        self.partial = False  # the request body was not sent whole
 
     # --- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake()
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
@@ -153,6 +172,7 @@ class _Connection(asyncio.Protocol):
         self.error = None
         self.received_any = False
         self.keep_alive = False
+        self.partial = False
 
     def close(self) -> None:
         self.closed = True
@@ -176,6 +196,26 @@ class UpstreamResponse:
         self.headers = conn.headers
         self.timeout = timeout
         self._done = False
+
+    def small(self, limit: int) -> bool:
+        """Whether the whole body is known to be at most `limit` bytes: it all came with the
+        head, or its declared length says so (an unsized body is not known to be small)."""
+        conn = self._conn
+        if conn.complete and conn.error is None:
+            return conn.buffered <= limit
+        length = self.length
+        return length is not None and length <= limit
+
+    @property
+    def length(self) -> int | None:
+        """The body's declared length; None when unsized (chunked or until the close)."""
+        for name, value in self.headers:
+            if name == b"content-length":
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
+        return None
 
     def forward_headers(self) -> list[tuple[bytes, bytes]]:
         """Response headers a proxy may copy to its client (RFC 9110 7.6.1)."""
@@ -233,7 +273,7 @@ class UpstreamResponse:
         if not conn.busy:
             return
         conn.busy = False
-        if self._done and conn.complete and conn.keep_alive and not conn.closed:
+        if self._done and conn.complete and conn.keep_alive and not (conn.closed or conn.partial):
             conn.pool._give_back(conn)
         else:
             conn.close()
@@ -245,6 +285,19 @@ class UpstreamResponse:
             conn._fail(UpstreamError("request aborted"))
             conn.busy = False
             conn.close()
+
+
+async def _send_body(conn: _Connection, body: BodySource, timeout: float | None) -> None:
+    """Write `body` piece by piece, waiting while the transport's buffer is full; stops early
+    when the backend answered or closed (its answer, or the error, is what counts)."""
+    async for piece in body.chunks():
+        if conn.closed or conn.error is not None or conn.complete:
+            conn.partial = True  # the request was cut short: never reuse the connection
+            return
+        assert conn.transport is not None
+        conn.transport.write(piece)
+        while conn.write_paused and not (conn.closed or conn.error is not None or conn.complete):
+            await conn.wait(timeout)
 
 
 def _target(address: str) -> tuple[tuple[str, int], bytes]:
@@ -269,13 +322,15 @@ class UpstreamPool:
         address: str,
         method: bytes,
         path: bytes,
-        body: bytes = b"",
+        body: bytes | BodySource = b"",
         *,
         headers: Iterable[tuple[bytes, bytes]] = (),
         timeout: float | None = None,
     ) -> UpstreamResponse:
         """Send one request to `address` ("host:port"); return once the status line arrived.
 
+        `body` is bytes, or a `BodySource` streamed in pieces with the transport's flow
+        control (`timeout` applies to each wait for the backend to read on).
         Raises ReplicaGone when the backend refuses the connection or drops it before
         answering, UpstreamTimeout when it does not answer within `timeout`.
         """
@@ -283,11 +338,18 @@ class UpstreamPool:
         if target is None:
             target = self._targets[address] = _target(address)
         key, host_line = target
-        head = [method, b" ", path, host_line, str(len(body)).encode(), b"\r\n"]
+        source: BodySource | None = None  # a body streamed in pieces
+        if isinstance(body, bytes):
+            data, size = body, len(body)
+        else:
+            data, size, source = b"", body.size, body
+        head = [method, b" ", path, host_line, str(size).encode(), b"\r\n"]
         for name, value in headers:
             head += [name, b": ", value, b"\r\n"]
         head.append(b"\r\n")
-        payload = b"".join(head) + body if len(body) < 65536 else None
+        payload = None
+        if source is None and size < 65536:
+            payload = b"".join(head) + data
 
         for attempt in (0, 1):
             conn = self._idle_connection(key)  # no await when one is idle: the usual case
@@ -299,9 +361,13 @@ class UpstreamPool:
             assert conn.transport is not None
             if payload is not None:
                 conn.transport.write(payload)
+            elif source is None:
+                conn.transport.writelines([b"".join(head), data])
             else:
-                conn.transport.writelines([b"".join(head), body])
+                conn.transport.write(b"".join(head))
             try:
+                if source is not None:
+                    await _send_body(conn, source, timeout)
                 while not conn.headers_done and conn.error is None:
                     await conn.wait(timeout)
             except TimeoutError:

@@ -143,6 +143,7 @@ def spec_to_row(spec: ModelSpec) -> dict[str, Any]:
         "memory": spec.memory,
         "spec_hash": spec.config_revision,
         "rollout": rollout_to_row(spec.rollout),
+        "capabilities": None if spec.capabilities is None else list(spec.capabilities),
         **scheduling_to_row(spec.scheduling),
     }
 
@@ -179,4 +180,5 @@ def row_to_spec(row: Mapping[Any, Any]) -> ModelSpec:
             strategy=RolloutStrategy(rollout.get("strategy", "rolling")),
             newest_only=bool(rollout.get("newest_only", True)),
         ),
+        capabilities=None if row["capabilities"] is None else tuple(row["capabilities"]),
     )

@@ -69,6 +69,8 @@ models = Table(
     Column("spec_hash", String(64), nullable=False, server_default=""),
     Column("rollout", JSONB, nullable=False, server_default="{}"),
     Column("scaling", JSONB),
+    # the endpoints the model may serve, narrowing its backend's (a list); null: all of them
+    Column("capabilities", JSONB(none_as_null=True)),
     Column("source", Text, nullable=False, server_default="api"),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),

@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
     )
     parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
     parser.add_argument(
+        "--max-body",
+        type=int,
+        default=defaults.max_body,
+        help="largest request body in bytes (uploads included); 413 past it",
+    )
+    parser.add_argument(
         "--stored-responses",
         type=int,
         default=defaults.stored_responses,
@@ -100,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         cache_blocks=args.cache_blocks,
         block_tokens=args.block_tokens,
         max_model_len=args.max_model_len,
+        max_body=args.max_body,
         stored_responses=args.stored_responses,
         fingerprint=args.fingerprint,
     )

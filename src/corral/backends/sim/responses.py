@@ -15,13 +15,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from corral.backends.sim.engine import Generation, StreamEvents
-from corral.errors import BadRequest, NotFound
-
-
-class ResponseNotFound(NotFound):
-    """No stored response has this id (HTTP 404, like vLLM and OpenAI)."""
-
-    code = "response_not_found"
+from corral.errors import BadRequest, ResponseNotFound
 
 
 def not_found(response_id: str, param: str) -> ResponseNotFound:

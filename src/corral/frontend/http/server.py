@@ -9,7 +9,7 @@ import errno
 import logging
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,12 +87,14 @@ class HttpServer:
         app: AsgiApp,
         *,
         native: Mapping[bytes, Handler] | None = None,
+        native_prefixes: Sequence[tuple[bytes, Handler]] = (),
         limits: HttpLimits | None = None,
         ssl_context: ssl.SSLContext | None = None,
         max_body_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.app = app
         self.native = dict(native or {})
+        self.native_prefixes = tuple(native_prefixes)  # (prefix, handler): paths below prefix
         self.limits = limits or HttpLimits()
         self.ssl_context = ssl_context
         self.max_body_bytes = max_body_bytes
@@ -112,10 +114,14 @@ class HttpServer:
 
     def route(self, req: Request) -> Handler:
         handler = self.native.get(req.path)
-        if handler is None:
-            assert self._bridge is not None
-            return self._bridge
-        return handler
+        if handler is not None:
+            return handler
+        path = req.path
+        for prefix, below in self.native_prefixes:
+            if path.startswith(prefix) and len(path) > len(prefix):
+                return below
+        assert self._bridge is not None
+        return self._bridge
 
     @property
     def port(self) -> int:
