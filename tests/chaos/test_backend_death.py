@@ -8,9 +8,9 @@ import socket
 import threading
 
 import pytest
-from traffic import Traffic, chat, events, loaded
 
 from cluster import Cluster, wait_for
+from traffic import Traffic, chat, events, loaded
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ import time
 
 import psutil
 import pytest
-from traffic import Traffic, chat, events, loaded, node_id, start_workers
 
 from cluster import Cluster, wait_for
+from traffic import Traffic, chat, events, loaded, node_id, start_workers
 
 pytestmark = pytest.mark.slow
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import psutil
 import pytest
-from traffic import chat, loaded, start_workers
 
 from cluster import Cluster, wait_for
+from traffic import chat, loaded, start_workers
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import time
 
 import httpx
 import pytest
-from traffic import events
 
 from cluster import FAST_FRONTEND_ENV, Cluster, Proc, wait_for
+from traffic import events
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import signal
 
 import psutil
 import pytest
-from traffic import chat, loaded, node_id, start_workers
 
 from cluster import Cluster, wait_for
+from traffic import chat, loaded, node_id, start_workers
 
 pytestmark = pytest.mark.slow
 

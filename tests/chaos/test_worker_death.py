@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from traffic import Traffic, chat, loaded, node_id, start_workers
 
 from cluster import FAST_FRONTEND_ENV, Cluster, wait_for
+from traffic import Traffic, chat, loaded, node_id, start_workers
 
 pytestmark = pytest.mark.slow
 
