@@ -129,7 +129,8 @@ class Cluster:
         self.frontends: list[Proc] = []
         self.workers: list[Proc] = []
         self.ports: dict[Proc, int] = {}
-        self.api_key: str | None = None  # sent by api() when the frontends require keys
+        self.api_key: str | None = None  # sent by api(); default: the frontends' admin key
+        self.data_dir = root / "frontend"  # the frontends' data dir: their admin key
 
     # --- processes ------------------------------------------------------------------------
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
@@ -140,6 +141,7 @@ class Cluster:
                 "CORRAL_NATS_URL": self.nats_url,
                 "CORRAL_NATS_PREFIX": self.nats_prefix,
                 "CORRAL_TOKEN": TOKEN,
+                "CORRAL_DATA_DIR": str(self.data_dir),
                 "PYTHONUNBUFFERED": "1",
                 **FAST_FRONTEND_ENV,
                 **self.extra_env,
@@ -148,7 +150,9 @@ class Cluster:
         )
         return env
 
-    def start_frontend(self, *, wait: bool = True, **env: str) -> Proc:
+    def start_frontend(
+        self, *, wait: bool = True, args: list[str] | None = None, **env: str
+    ) -> Proc:
         port = free_port()
         n = len(self.frontends)
         proc = Proc(
@@ -166,6 +170,7 @@ class Cluster:
                 str(self.models_dir),
                 "--log-level",
                 "INFO",
+                *(args or []),
             ],
             self._env(env),
             self.root / "logs" / f"frontend{n}.log",
@@ -232,9 +237,17 @@ class Cluster:
             proc.stop(timeout=20)
 
     # --- admin helpers -------------------------------------------------------------------
+    @property
+    def admin_key(self) -> str:
+        """The admin key the first frontend created in the data dir."""
+        return (self.data_dir / "admin.key").read_text().strip()
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key or self.admin_key}"}
+
     def api(self, method: str, path: str, frontend: Proc | None = None, **kw: Any) -> Any:
-        if self.api_key:
-            kw.setdefault("headers", {})["authorization"] = f"Bearer {self.api_key}"
+        kw.setdefault("headers", {}).update(self.admin_headers)
         r = httpx.request(method, self.url(frontend) + path, timeout=kw.pop("timeout", 30), **kw)
         r.raise_for_status()
         return r.json()

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
+from corral.domain.access import Role
 from corral.domain.actions import (
     RemoveModel,
     SetNodeLabels,
@@ -29,11 +30,13 @@ from corral.store.models import scheduling_to_row
 
 
 def require_admin(request: Request) -> None:
-    frontend_of(request).authorizer.check(request.scope)
+    frontend_of(request).authorizer.admin(request.scope)
 
 
 class KeyBody(BaseModel):
     name: str = Field(min_length=1, max_length=255)
+    role: Role = Role.INFERENCE  # an admin key only when asked for
+    models: list[str] | None = Field(default=None, max_length=1000)  # None: every model
 
 
 class LabelsBody(BaseModel):
@@ -215,10 +218,20 @@ def admin_router() -> APIRouter:
     async def create_key(body: KeyBody, request: Request) -> dict[str, Any]:
         """Create an API key; the secret is shown once, only its digest is stored."""
         fe = frontend_of(request)
-        key_id, secret = await fe.registry.audit.create_api_key(body.name)
+        if body.role is Role.ADMIN and body.models is not None:
+            raise BadRequest("an admin key cannot be limited to models", param="models")
+        key_id, secret = await fe.registry.audit.create_api_key(body.name, body.role, body.models)
         await fe.refresh()
-        await fe.registry.audit.add("apikey.created", f"{key_id} ({body.name})")
-        return {"id": key_id, "name": body.name, "key": secret}
+        await fe.registry.audit.add(
+            "apikey.created", f"{key_id} ({body.name}, {body.role.value})", subject=key_id
+        )
+        return {
+            "id": key_id,
+            "name": body.name,
+            "role": body.role.value,
+            "models": body.models,
+            "key": secret,
+        }
 
     @router.delete("/keys/{key_id}")
     async def delete_key(key_id: str, request: Request) -> dict[str, Any]:

@@ -15,7 +15,14 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
-from corral.errors import BadRequest, CorralError, MethodNotAllowed, ModelNotFound, NotFound
+from corral.errors import (
+    BadRequest,
+    CorralError,
+    MethodNotAllowed,
+    ModelNotAllowed,
+    ModelNotFound,
+    NotFound,
+)
 from corral.frontend.admin import admin_router
 from corral.frontend.artifacts_api import artifact_router
 from corral.frontend.asgi import Receive, Scope, Send, error_headers, error_payload
@@ -29,6 +36,10 @@ from corral.frontend.service import Frontend
 from corral.frontend.ui import dashboard_router
 
 log = logging.getLogger(__name__)
+
+
+#: the admin API's description and its viewers: they follow the admin API's rule
+ADMIN_DOCS = frozenset({"/docs", "/docs/", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
 
 
 def error_response(exc: CorralError) -> JSONResponse:
@@ -91,19 +102,25 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
 
     @api.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        frontend.authorizer.check(request.scope)
-        return model_list(frontend.view, frontend.catalog.capabilities_of)
+        grant = frontend.authorizer.inference(request.scope["headers"])
+        listed = model_list(frontend.view, frontend.catalog.capabilities_of)
+        if grant is not None and grant.models is not None:
+            listed["data"] = [m for m in listed["data"] if grant.allows_model(m["id"])]
+        return listed
 
     @api.get("/v1/models/{name:path}")
     async def model(name: str, request: Request) -> dict[str, Any]:
-        frontend.authorizer.check(request.scope)
+        grant = frontend.authorizer.inference(request.scope["headers"])
         spec = frontend.view.models.get(name)
         if spec is None:
             raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+        if grant is not None and not grant.allows_model(name):
+            raise ModelNotAllowed(f"this API key may not use the model '{name}'", param="model")
         return model_card(frontend.view, spec, frontend.catalog.capabilities_of)
 
     @api.get("/metrics")
-    async def metrics() -> PlainTextResponse:
+    async def metrics(request: Request) -> PlainTextResponse:
+        frontend.authorizer.metrics(request.scope)
         return PlainTextResponse(render_metrics(frontend, time.time()))
 
     if frontend.artifacts is not None:  # workers fetch model-store files, with their credential
@@ -138,9 +155,17 @@ class CorralApp:
         return [(prefix, handle) for prefix, _ in BY_ID]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and endpoint_for(scope["path"].encode()) is not None:
-            await self.frontend.proxy(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if endpoint_for(path.encode()) is not None:
+                await self.frontend.proxy(scope, receive, send)
+                return
+            if path in ADMIN_DOCS:  # the API's description follows the admin API's rule
+                try:
+                    self.frontend.authorizer.admin(scope)
+                except CorralError as exc:
+                    await error_response(exc)(scope, receive, send)
+                    return
         await self.api(scope, receive, send)
 
 

@@ -33,6 +33,7 @@ from corral.frontend.responses_map import ResponseHomes, SharedHomes
 from corral.frontend.signals import LoadSignals
 from corral.frontend.upstream import UpstreamPool
 from corral.frontend.view import ClusterView
+from corral.keyfile import read_or_create_admin_key
 from corral.store.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,12 @@ class Frontend:
         )
         self.pool = UpstreamPool()
         self.probes = ProbeCache(self.pool, ttl=settings.health_ttl)
-        self.authorizer = Authorizer(digest(k.get_secret_value()) for k in settings.api_keys)
+        self.authorizer = Authorizer(
+            static=[digest(k.get_secret_value()) for k in settings.api_keys],
+            metrics=[digest(settings.metrics_key.get_secret_value())]
+            if settings.metrics_key is not None
+            else [],
+        )
         self.artifacts = ArtifactStore(settings.model_store) if settings.model_store else None
         self.nodes = NodeClient(
             self.bus, start_timeout=settings.start_timeout, artifacts=self.artifacts
@@ -122,7 +128,6 @@ class Frontend:
         self.started = False
         self.extra_loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._static_key_digests = set(self.authorizer.digests)
         self._reported_version = -1
         self._quiet_reports = 0
 
@@ -135,6 +140,10 @@ class Frontend:
         """Migrate, connect, declare the models directory, fill the view and follow the events:
         all of `start` but the background loops (in-process tests drive those by hand)."""
         await self.registry.migrate()
+        key_file = self.settings.admin_key_path
+        if key_file is not None:
+            self.authorizer.set_admin([digest(read_or_create_admin_key(key_file))])
+            log.info("admin key: %s", key_file)
         await self.bus.connect()
         if self.models_dir is not None:
             await self.models_dir.sync()
@@ -199,8 +208,7 @@ class Frontend:
     async def refresh(self) -> None:
         """Resync the view and API keys from PostgreSQL (repairs missed events)."""
         await self.view.resync(self.registry)
-        stored = await self.registry.audit.api_key_hashes()
-        self.authorizer.update(self._static_key_digests | stored)
+        self.authorizer.update(await self.registry.audit.api_key_grants())
         self.inflight.expire()
 
     # --- event handlers -------------------------------------------------------------------
