@@ -18,14 +18,9 @@ import typer
 from pydantic import ValidationError
 
 from corral import __version__
-from corral.config import (
-    ADMIN_KEY_FILE,
-    FrontendSettings,
-    WorkerSettings,
-    default_data_dir,
-    parse_labels,
-)
+from corral.config import FrontendSettings, WorkerSettings, default_data_dir, parse_labels
 from corral.errors import ConfigError, EmbeddedError, ListenError
+from corral.keyfile import default_admin_key
 
 app = typer.Typer(
     name="corral",
@@ -376,18 +371,8 @@ def sim(ctx: typer.Context) -> None:
 # --- operator commands ------------------------------------------------------------------
 
 
-def default_api_key() -> str | None:
-    """The admin key corral serve / corral up keep in the data dir, when it is readable."""
-    base = os.environ.get("CORRAL_DATA_DIR")
-    path = (Path(base) if base else default_data_dir()) / ADMIN_KEY_FILE
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
-
-
 def _admin(method: str, url: str, path: str, api_key: str | None, **kw: Any) -> Any:
-    api_key = api_key or default_api_key()
+    api_key = api_key or default_admin_key()
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = httpx.request(

@@ -7,7 +7,20 @@ import os
 import secrets
 from pathlib import Path
 
+from corral.config import ADMIN_KEY_FILE, default_data_dir
+
 log = logging.getLogger(__name__)
+
+
+def default_admin_key() -> str | None:
+    """The admin key corral serve / corral up keep in the data dir ($CORRAL_DATA_DIR or the
+    per-user one), when it is readable: what the CLI sends by default."""
+    base = os.environ.get("CORRAL_DATA_DIR")
+    path = (Path(base) if base else default_data_dir()) / ADMIN_KEY_FILE
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def read_or_create_admin_key(path: Path) -> str:

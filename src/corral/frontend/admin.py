@@ -6,10 +6,10 @@ actuator (API keys and backend installs are not cluster state: their stores writ
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Path, Request
+from pydantic import BaseModel, Field, StringConstraints
 
 from corral.domain.access import Role
 from corral.domain.actions import (
@@ -21,10 +21,12 @@ from corral.domain.actions import (
     UpsertModel,
 )
 from corral.domain.entities import ModelSpec, Node
+from corral.domain.sizes import INT32_MAX
 from corral.errors import BadRequest, NotFound
 from corral.frontend.model_view import model_detail, model_json, models_json, replica_json
 from corral.frontend.nodes_api import frontend_of
 from corral.frontend.service import Frontend
+from corral.frontend.storable import storable
 from corral.modelfile import SchedulingDecl, parse_model
 from corral.store.models import scheduling_to_row
 
@@ -36,11 +38,18 @@ def require_admin(request: Request) -> None:
 class KeyBody(BaseModel):
     name: str = Field(min_length=1, max_length=255)
     role: Role = Role.INFERENCE  # an admin key only when asked for
-    models: list[str] | None = Field(default=None, max_length=1000)  # None: every model
+    models: list[Annotated[str, StringConstraints(min_length=1, max_length=255)]] | None = Field(
+        default=None, max_length=1000
+    )  # None: every model
+
+
+Label = Annotated[str, StringConstraints(max_length=255)]
 
 
 class LabelsBody(BaseModel):
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[Annotated[Label, StringConstraints(min_length=1)], Label] = Field(
+        default_factory=dict, max_length=1000
+    )
 
 
 def node_json(node: Node) -> dict[str, Any]:
@@ -78,7 +87,9 @@ def scheduling_json(spec: ModelSpec) -> dict[str, Any]:
 
 
 def admin_router() -> APIRouter:
-    router = APIRouter(prefix="/api", tags=["admin"], dependencies=[Depends(require_admin)])
+    router = APIRouter(
+        prefix="/api", tags=["admin"], dependencies=[Depends(require_admin), Depends(storable)]
+    )
 
     # --- models -------------------------------------------------------------------------
     @router.get("/models")
@@ -192,7 +203,9 @@ def admin_router() -> APIRouter:
         return {"replicas": [replica_json(r, fe) for r in await fe.registry.replicas.all()]}
 
     @router.delete("/replicas/{model:path}/{index}")
-    async def stop_replica(model: str, index: int, request: Request) -> dict[str, Any]:
+    async def stop_replica(
+        model: str, index: Annotated[int, Path(ge=0, le=INT32_MAX)], request: Request
+    ) -> dict[str, Any]:
         fe = frontend_of(request)
         replica = await fe.registry.replicas.get(model, index)
         if replica is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ from corral.errors import (
 )
 from corral.frontend.admin import admin_router
 from corral.frontend.artifacts_api import artifact_router
-from corral.frontend.asgi import Receive, Scope, Send, error_headers, error_payload
+from corral.frontend.asgi import Message, Receive, Scope, Send, error_headers, error_payload
 from corral.frontend.errors_http import describe
 from corral.frontend.http.protocol import Handler
 from corral.frontend.metrics import render_metrics
@@ -34,6 +35,7 @@ from corral.frontend.nodes_api import node_router, require_node
 from corral.frontend.request import BY_ID, ENDPOINTS, endpoint_for
 from corral.frontend.service import Frontend
 from corral.frontend.ui import dashboard_router
+from corral.store.db import DB_ERRORS, input_error
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,33 @@ ADMIN_DOCS = frozenset({"/docs", "/docs/", "/redoc", "/openapi.json", "/docs/oau
 def error_response(exc: CorralError) -> JSONResponse:
     headers = {k.decode(): v.decode() for k, v in error_headers(exc) if k != b"content-type"}
     return JSONResponse(error_payload(exc), status_code=describe(exc).status, headers=headers)
+
+
+def request_id(scope: Scope) -> str:
+    """The client's `x-request-id` (when short and printable) or a new one, for a log line and
+    an error answer to name the same request."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id" and 0 < len(value) <= 128 and value.isascii():
+            text: str = value.decode("ascii")
+            if text.isprintable():
+                return text
+    return "req-" + secrets.token_hex(8)
+
+
+def unexpected_response(scope: Scope, exc: BaseException) -> JSONResponse:
+    """A JSON 500 naming a request id; the error is logged with its traceback under that id."""
+    rid = request_id(scope)
+    log.error(
+        "unexpected error in %s %s (request id %s)",
+        scope.get("method", ""),
+        scope.get("path", ""),
+        rid,
+        exc_info=exc,
+    )
+    failure = CorralError(f"internal server error (request id {rid})", request_id=rid)
+    response = error_response(failure)
+    response.headers["x-request-id"] = rid
+    return response
 
 
 def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
@@ -81,6 +110,20 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
         field = ".".join(str(p) for p in first["loc"] if p != "body")
         msg = str(first["msg"])
         return error_response(BadRequest(f"{field}: {msg}" if field else msg))
+
+    async def stored(request: Request, exc: Exception) -> JSONResponse:
+        """A value PostgreSQL cannot store is a 400; any other database error a JSON 500."""
+        bad = input_error(exc)
+        if bad is not None:
+            return error_response(bad)
+        return unexpected_response(request.scope, exc)
+
+    for cls in DB_ERRORS:
+        api.add_exception_handler(cls, stored)
+
+    @api.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return unexpected_response(request.scope, exc)
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -166,7 +209,23 @@ class CorralApp:
                 except CorralError as exc:
                     await error_response(exc)(scope, receive, send)
                     return
-        await self.api(scope, receive, send)
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)
+            return
+        state = {"started": False}
+
+        async def tracked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        try:
+            await self.api(scope, receive, tracked)
+        except Exception as exc:
+            # FastAPI answered it (a JSON 500 with a request id, logged) and raised it again:
+            # the answer is complete and the connection stays usable
+            if not state["started"]:
+                await unexpected_response(scope, exc)(scope, receive, send)
 
 
 def create_app(frontend: Frontend) -> CorralApp:
