@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -13,7 +12,6 @@ from corral.bus.client import Bus, decode
 from corral.bus.messages import LoadProgress, LoadReport, ModelEvent, NodeEvent, ReplicaEvent
 from corral.config import FrontendSettings
 from corral.domain.actions import RecordUse
-from corral.domain.entities import Replica, ReplicaState
 from corral.frontend.actuator import Actuator
 from corral.frontend.artifacts_api import ArtifactStore
 from corral.frontend.auth import Authorizer, digest
@@ -213,6 +211,9 @@ class Frontend:
 
     # --- event handlers -------------------------------------------------------------------
     async def _on_replica_event(self, payload: bytes) -> None:
+        """A replica changed: a hint, never authority. The view takes the replica's row from
+        PostgreSQL (read now, once per event, never per request): an address only the event
+        names, or that PostgreSQL gives another replica, routes nothing."""
         event = decode(payload, ReplicaEvent)
         if event is None:
             return
@@ -220,26 +221,24 @@ class Frontend:
             self.reconciler.poke()  # capacity freed
         if event.origin == self.id:
             return
-        if event.kind in ("removed", "failed"):
+        row = await self.registry.replicas.get(event.model, event.index)
+        if row is None:
             gone = self.view.drop_replica(event.model, event.index)
             if gone is not None and gone.address:
                 self.probes.forget(gone.node_id, gone.address)
             return
-        if event.node_id is None or event.state is None:
-            return
-        self.view.put_replica(
-            Replica(
-                model=event.model,
-                index=event.index,
-                node_id=event.node_id,
-                state=ReplicaState(event.state),
-                address=event.address,
-                memory=event.memory,
-                last_used=time.time(),
-                revision=event.revision,
-                replaces=event.replaces,
+        if event.address is not None and event.address != row.address:
+            log.warning(
+                "replica event for %s#%d names %s, PostgreSQL %s: the row is believed",
+                event.model,
+                event.index,
+                event.address,
+                row.address,
             )
-        )
+        old = self.view.replicas.get(row.key)
+        if old is not None and old.address and old.address != row.address:
+            self.probes.forget(old.node_id, old.address)
+        self.view.put_replica(row)
 
     async def _on_node_event(self, payload: bytes) -> None:
         event = decode(payload, NodeEvent)
