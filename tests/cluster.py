@@ -129,6 +129,7 @@ class Cluster:
         self.frontends: list[Proc] = []
         self.workers: list[Proc] = []
         self.ports: dict[Proc, int] = {}
+        self.https: set[Proc] = set()  # frontends serving HTTPS
         self.api_key: str | None = None  # sent by api(); default: the frontends' admin key
         self.data_dir = root / "frontend"  # the frontends' data dir: their admin key
 
@@ -177,13 +178,16 @@ class Cluster:
         ).start()
         self.frontends.append(proc)
         self.ports[proc] = port
+        if "CORRAL_TLS_CERT" in env:
+            self.https.add(proc)
         if wait:
             self.wait_healthy(proc)
         return proc
 
     def url(self, frontend: Proc | None = None) -> str:
         frontend = frontend or self.frontends[0]
-        return f"http://127.0.0.1:{self.ports[frontend]}"
+        scheme = "https" if frontend in self.https else "http"
+        return f"{scheme}://127.0.0.1:{self.ports[frontend]}"
 
     def wait_healthy(self, frontend: Proc, timeout: float = 60.0) -> None:
         def ok() -> bool:

@@ -315,6 +315,13 @@ def worker(
     advertise_host: Annotated[str | None, typer.Option(help="Host others reach us at")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Identity, backends, logs")] = None,
     nats_url: Annotated[str | None, typer.Option(help="Override the frontend's NATS URL")] = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="PEM CA an https:// frontend's certificate is checked against"
+            " (CORRAL_WORKER_CA_FILE; default: the system's trust store)"
+        ),
+    ] = None,
     memory_budget: Annotated[str | None, typer.Option(help='"80%" or "12GB"')] = None,
     max_replicas_per_model: Annotated[int | None, typer.Option()] = None,
     backends_dir: Annotated[Path | None, typer.Option(help="Extra backend entries")] = None,
@@ -338,6 +345,7 @@ def worker(
         advertise_host=advertise_host,
         data_dir=data_dir,
         nats_url=nats_url,
+        ca_file=ca_file,
         memory_budget=memory_budget,
         max_replicas_per_model=max_replicas_per_model,
         backends_dir=backends_dir,

@@ -130,6 +130,8 @@ class WorkerSettings(BaseSettings):
     bind_host: str | None = None
     data_dir: Path = Field(default_factory=lambda: default_data_dir() / "worker")
     nats_url: str | None = None  # overrides the URL the frontend tells us
+    ca_file: Path | None = None  # PEM CA bundle an https:// frontend's certificate is checked
+    # against (default: the system's trust store)
     memory_budget: str = "80%"
     max_replicas_per_model: int = 0
     backends_dir: Path | None = None  # extra backend catalog entries
