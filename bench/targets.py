@@ -247,9 +247,10 @@ class Corral:
 
     @property
     def admin_headers(self) -> dict[str, str]:
-        """The admin key the frontend created in its data dir, as a header."""
-        key = (self.root / "frontend" / "admin.key").read_text().strip()
-        return {"authorization": f"Bearer {key}"}
+        """The admin key the frontend created in its data dir, as a header (none: a frontend
+        from before admin keys)."""
+        path = self.root / "frontend" / "admin.key"
+        return {"authorization": f"Bearer {path.read_text().strip()}"} if path.exists() else {}
 
     def api(self, path: str) -> Any:
         r = httpx.get(self.url + path, timeout=10, headers=self.admin_headers)
