@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from corral.domain.sizes import MemoryBudget
 
+ADMIN_KEY_FILE = "admin.key"
+
 
 def default_data_dir() -> Path:
     """The per-user data directory Corral uses when --data-dir is not given."""
@@ -35,7 +37,12 @@ class FrontendSettings(BaseSettings):
     models_dir: Path | None = None
     model_store: Path | None = None  # artifacts with a relative path are served from here
     token: SecretStr | None = None  # registration token workers join with
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # empty: open
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # admin keys
+    # where the admin key file (admin.key) lives; `corral serve` defaults it to the per-user
+    # data directory, a frontend built in-process has none
+    data_dir: Path | None = None
+    admin_key: bool = True  # create an admin key in data_dir on first start and accept it
+    metrics_key: SecretStr | None = None  # /metrics then needs it (or an admin key)
     frontend_id: str = Field(default_factory=lambda: f"fe-{secrets.token_hex(4)}")
 
     # HTTP serving
@@ -95,6 +102,13 @@ class FrontendSettings(BaseSettings):
         return self
 
     @property
+    def admin_key_path(self) -> Path | None:
+        """The admin key file this frontend creates and accepts (None: none)."""
+        if not self.admin_key or self.data_dir is None:
+            return None
+        return self.data_dir / ADMIN_KEY_FILE
+
+    @property
     def scheme(self) -> str:
         return "https" if self.tls_cert is not None else "http"
 
@@ -116,6 +130,8 @@ class WorkerSettings(BaseSettings):
     bind_host: str | None = None
     data_dir: Path = Field(default_factory=lambda: default_data_dir() / "worker")
     nats_url: str | None = None  # overrides the URL the frontend tells us
+    ca_file: Path | None = None  # PEM CA bundle an https:// frontend's certificate is checked
+    # against (default: the system's trust store)
     memory_budget: str = "80%"
     max_replicas_per_model: int = 0
     backends_dir: Path | None = None  # extra backend catalog entries

@@ -23,6 +23,7 @@ from corral.domain.routing.candidates import supports
 from corral.errors import (
     CorralError,
     MethodNotAllowed,
+    ModelNotAllowed,
     ModelNotFound,
     NotFound,
     RateLimited,
@@ -132,7 +133,7 @@ class OpenAIProxy:
                 method = exchange.method.decode("latin-1")
                 allowed = "/".join(m.decode() for m in sorted(endpoint.methods))
                 raise MethodNotAllowed(f"{method} is not allowed here; use {allowed}")
-            self.authorizer.check_headers(exchange.headers)
+            grant = self.authorizer.inference(exchange.headers)
             if self.max_inflight and self.inflight.local_total() >= self.max_inflight:
                 raise RateLimited("too many requests in flight on this frontend", retry_after=1)
             if endpoint.body == "json":  # the usual case, without a coroutine more
@@ -146,6 +147,10 @@ class OpenAIProxy:
                 spec, home = self._spec(request), None
             else:
                 spec, home = await self._stateful(request)
+            if grant is not None and grant.models is not None and spec.name not in grant.models:
+                raise ModelNotAllowed(
+                    f"this API key may not use the model '{spec.name}'", param="model"
+                )
         except (ClientGone, CorralError) as exc:
             if request is not None:
                 request.close()

@@ -149,6 +149,8 @@ api_keys = Table(
     Column("name", String(255), nullable=False),
     Column("key_hash", String(128), nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("role", String(16), nullable=False, server_default="inference"),  # admin|inference
+    Column("models", JSONB),  # model names an inference key may use; null: every model
 )
 
 events = Table(
