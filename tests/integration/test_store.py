@@ -302,6 +302,10 @@ async def test_model_set_scheduling_and_delete(registry: Registry) -> None:
     assert stored.scheduling == Scheduling(max_replicas=4, spread_all=True)
     assert stored.revision == 2
     assert not await registry.models.set_scheduling("ghost", Scheduling())
+    limits = Scheduling(max_concurrency=3, deadline=12.5)
+    assert await registry.models.set_scheduling("m", limits)
+    stored = await registry.models.get("m")
+    assert stored is not None and stored.scheduling == limits
     assert await registry.models.delete("m")
     assert not await registry.models.delete("m")
     assert await registry.models.all() == []
