@@ -211,6 +211,37 @@ def serve(
     tls_key: Annotated[
         Path | None, typer.Option(help="PEM private key of --tls-cert (CORRAL_TLS_KEY)")
     ] = None,
+    queue_max_entries: Annotated[
+        int | None,
+        typer.Option(help="Requests that may wait per model; then 429 queue_full (1024)"),
+    ] = None,
+    queue_max_bytes: Annotated[
+        int | None, typer.Option(help="Bytes of request bodies that may wait per model (64 MiB)")
+    ] = None,
+    queue_deadline: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a request may wait for a slot unless its model or its"
+            " x-corral-deadline header says otherwise; then 504 deadline_exceeded (60)"
+        ),
+    ] = None,
+    max_deadline: Annotated[
+        float | None, typer.Option(help="The longest x-corral-deadline honoured, seconds (600)")
+    ] = None,
+    key_priorities: Annotated[
+        str | None,
+        typer.Option(
+            help="API keys' priority classes, KEY=high|normal|low,...: a key's default and"
+            " the most its x-corral-priority header may ask for (CORRAL_KEY_PRIORITIES)"
+        ),
+    ] = None,
+    load_backoff: Annotated[
+        float | None,
+        typer.Option(help="Seconds before a failed model load is tried again; doubles (5)"),
+    ] = None,
+    load_backoff_max: Annotated[
+        float | None, typer.Option(help="The most the load backoff grows to, seconds (300)")
+    ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run a frontend against an existing PostgreSQL and NATS.
@@ -251,6 +282,13 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        queue_max_entries=queue_max_entries,
+        queue_max_bytes=queue_max_bytes,
+        queue_deadline=queue_deadline,
+        max_deadline=max_deadline,
+        key_priorities=key_priorities,
+        load_backoff=load_backoff,
+        load_backoff_max=load_backoff_max,
     )
     for path in (settings.tls_cert, settings.tls_key):
         if path is not None and not path.is_file():
