@@ -123,6 +123,9 @@ async def test_an_idle_replica_is_evicted_to_make_room_and_a_busy_one_never(
         try:
             r = await chat(c, "c")
             assert r.status_code == 503  # the waiter's budget ran out
+            error = r.json()["error"]
+            assert error["code"] == "no_capacity", "nothing is loading: not model_loading"
+            assert "1 busy" in error["message"]
 
             async def gave_up() -> bool:
                 job = await fe.registry.jobs.get("c")
@@ -132,7 +135,8 @@ async def test_an_idle_replica_is_evicted_to_make_room_and_a_busy_one_never(
         finally:
             slot.release()
         job = await fe.registry.jobs.get("c")
-        assert job is not None and "every replica that could make room is busy" in (job.error or "")
+        assert job is not None and job.error_code == "no_capacity"
+        assert "no replica can be evicted to make room: 1 busy" in (job.error or "")
         assert [r.key for r in await fe.registry.replicas.all()] == [("b", 0)]
         assert ("b", 0) in worker.sims
 

@@ -507,6 +507,22 @@ async def test_failed_job_blocks_claims_until_it_expires(registry: Registry) -> 
     assert job is not None and (job.owner, job.state, job.error) == ("fe-b", "placing", None)
 
 
+async def test_failed_loads_in_a_row_back_off_longer_until_a_success(registry: Registry) -> None:
+    kept = []
+    now = time.time()
+    for attempt in range(5):
+        assert await registry.jobs.claim("m", "fe-a", ttl=30, now=now + 1000 * attempt)
+        kept.append(await registry.jobs.fail("m", "fe-a", "boom", code="x", backoff=(5, 30)))
+    assert kept == [5, 10, 20, 30, 30]
+    job = await registry.jobs.get("m")
+    assert job is not None and (job.failures, job.error_code) == (5, "x")
+    assert 29 < job.expires_at - time.time() <= 30
+    assert await registry.jobs.claim("m", "fe-a", ttl=30, now=now + 10_000)
+    await registry.jobs.finish("m", "fe-a")  # a success
+    assert await registry.jobs.claim("m", "fe-a", ttl=30)
+    assert await registry.jobs.fail("m", "fe-a", "boom", backoff=(5, 30)) == 5, "reset"
+
+
 async def test_job_update_and_finish_by_owner_only(registry: Registry) -> None:
     assert await registry.jobs.claim("m", "fe-a", ttl=30)
     assert not await registry.jobs.update("m", "fe-x", ttl=30, state="loading")

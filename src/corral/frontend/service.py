@@ -88,6 +88,7 @@ class Frontend:
             job_ttl=settings.load_job_ttl,
             strategy=settings.placement,
             gpu_backends=self.catalog.gpu_backends(),
+            backoff=(settings.load_backoff, settings.load_backoff_max),
         )
         self.drainer = Drainer(parts, cold=self.cold, timeout=settings.drain_timeout)
         self.signals = LoadSignals(self.view, self.inflight)

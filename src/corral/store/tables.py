@@ -129,6 +129,7 @@ load_jobs = Table(
     Column("updated_at", Double, nullable=False),
     Column("expires_at", Double, nullable=False),
     Column("failures", Integer, nullable=False, server_default="0"),  # failed loads in a row
+    Column("error_code", String(32)),  # the wire code of a failed load's error
 )
 
 backend_installs = Table(
