@@ -135,7 +135,13 @@ def serve(
     api_keys: Annotated[
         str | None, typer.Option(help="Comma-separated API keys (CORRAL_API_KEYS)")
     ] = None,
-    wait_budget: Annotated[float | None, typer.Option(help="Seconds to wait for a load")] = None,
+    wait_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a request may wait for a load or a slot unless its model's deadline"
+            " or its x-corral-deadline header says otherwise (60)"
+        ),
+    ] = None,
     placement: Annotated[str | None, typer.Option(help="binpack or spread")] = None,
     nats_prefix: Annotated[str | None, typer.Option(help="NATS subject prefix")] = None,
     reconcile_interval: Annotated[float | None, typer.Option(help="Seconds per tick")] = None,
@@ -218,13 +224,6 @@ def serve(
     queue_max_bytes: Annotated[
         int | None, typer.Option(help="Bytes of request bodies that may wait per model (64 MiB)")
     ] = None,
-    queue_deadline: Annotated[
-        float | None,
-        typer.Option(
-            help="Seconds a request may wait for a slot unless its model or its"
-            " x-corral-deadline header says otherwise; then 504 deadline_exceeded (60)"
-        ),
-    ] = None,
     max_deadline: Annotated[
         float | None, typer.Option(help="The longest x-corral-deadline honoured, seconds (600)")
     ] = None,
@@ -284,7 +283,6 @@ def serve(
         tls_key=tls_key,
         queue_max_entries=queue_max_entries,
         queue_max_bytes=queue_max_bytes,
-        queue_deadline=queue_deadline,
         max_deadline=max_deadline,
         key_priorities=key_priorities,
         load_backoff=load_backoff,

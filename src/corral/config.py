@@ -49,7 +49,9 @@ class FrontendSettings(BaseSettings):
     tls_key: Path | None = None  # PEM private key of tls_cert
 
     # cold path
-    wait_budget: float = 60.0  # seconds a request waits for a model load before 503
+    # seconds a request may wait (for a load, or a slot) unless its model's `deadline` or its
+    # x-corral-deadline header says otherwise: then 503 with the load's progress, or 504
+    wait_budget: float = 60.0
     placement: Literal["binpack", "spread"] = "binpack"
     start_timeout: float = 900.0  # seconds a replica start may take on its node
     load_job_ttl: float = 30.0  # seconds a load job's claim lives without renewal
@@ -69,7 +71,6 @@ class FrontendSettings(BaseSettings):
     # admission (corral.frontend.admission): the per-model wait queue in front of the replicas
     queue_max_entries: int = Field(default=1024, ge=0)  # requests waiting per model; then 429
     queue_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)  # their bodies, per model
-    queue_deadline: float = Field(default=60.0, gt=0)  # seconds a request may wait by default
     max_deadline: float = Field(default=600.0, gt=0)  # the most x-corral-deadline may ask for
     # API keys' priority classes: "KEY=high,KEY2=low"; a key's class is its default and the
     # most its x-corral-priority header may ask for (keys not named: normal, up to high)

@@ -78,7 +78,7 @@ class AdmissionGate:
         inflight: InflightTracker,
         *,
         limit_of: Callable[[ModelSpec], int],
-        ensure_replica: Callable[[ModelSpec], Awaitable[None]],
+        ensure_replica: Callable[[ModelSpec, float], Awaitable[None]],
         max_entries: int = 1024,
         max_bytes: int = 64 * 1024 * 1024,
         default_deadline: float = 60.0,
@@ -136,9 +136,10 @@ class AdmissionGate:
         now = self.clock()
         deadline = now + self._deadline(spec, headers)
         while not self.view.candidates(name):  # a cold model: the cold path waits for a load
-            await self.ensure_replica(spec)
-            if self.clock() >= deadline:
+            left = deadline - self.clock()
+            if left <= 0:
                 raise self._expired(name, deadline - now)
+            await self.ensure_replica(spec, left)  # its 503s carry the load's progress
         await self._wait(spec, limit, headers, size, now, deadline)
 
     def exclude(self, spec: ModelSpec, tried: Tried) -> Tried:

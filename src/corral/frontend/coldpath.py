@@ -88,9 +88,11 @@ class ColdLoader:
         self.starts = 0  # loads this frontend performed itself (tests, metrics)
 
     # --- waiting side -------------------------------------------------------------------
-    async def ensure_replica(self, spec: ModelSpec) -> None:
-        """Return once `spec` has a candidate replica; raise a 503-type error otherwise."""
-        deadline = self.clock() + self.wait_budget
+    async def ensure_replica(self, spec: ModelSpec, budget: float | None = None) -> None:
+        """Return once `spec` has a candidate replica; raise a 503-type error after `budget`
+        seconds (the request's deadline; default: the wait budget)."""
+        budget = self.wait_budget if budget is None else budget
+        deadline = self.clock() + budget
         while not self.view.candidates(spec.name):
             task = self._loads.get(spec.name)
             if task is None:
@@ -99,10 +101,10 @@ class ColdLoader:
                 task.add_done_callback(functools.partial(self._finished, spec.name))
             remaining = deadline - self.clock()
             if remaining <= 0:
-                raise self._timeout(spec)
+                raise self._timeout(spec, budget)
             done, _ = await asyncio.wait({task}, timeout=remaining)
             if not done:
-                raise self._timeout(spec)
+                raise self._timeout(spec, budget)
             exc = task.exception()
             if exc is not None:
                 raise exc
@@ -114,7 +116,7 @@ class ColdLoader:
             exc = task.exception()
             log.warning("load of %s failed: %s", name, exc)
 
-    def _timeout(self, spec: ModelSpec) -> Unavailable:
+    def _timeout(self, spec: ModelSpec, budget: float) -> Unavailable:
         """The wait budget passed: `model_loading` with the progress while a load runs,
         else `no_capacity` naming why nothing is loading."""
         progress = self.view.progress.get(spec.name)
@@ -126,7 +128,7 @@ class ColdLoader:
                 f"no node has room for it yet ({progress.state})" if progress else "not placed yet"
             )
             return NoCapacity(
-                f"model '{spec.name}' is not loading after {self.wait_budget:g}s: {why}",
+                f"model '{spec.name}' is not loading after {budget:g}s: {why}",
                 retry_after=5,
             )
         load = (
@@ -140,7 +142,7 @@ class ColdLoader:
             else {"state": "starting"}
         )
         return LoadTimeout(
-            f"model '{spec.name}' is still loading after {self.wait_budget:g}s; retry later",
+            f"model '{spec.name}' is still loading after {budget:g}s; retry later",
             retry_after=5,
             load=load,
         )

@@ -118,7 +118,7 @@ class OpenAIProxy:
         self.spool_memory_bytes = spool_memory_bytes
         #: whether and when a request may go (WHICH replica is `_choose`'s)
         self.admission = admission or AdmissionGate(
-            view, inflight, limit_of=_unlimited, ensure_replica=ensure_replica
+            view, inflight, limit_of=_unlimited, ensure_replica=_within(ensure_replica)
         )
         #: per model: the spec its capabilities were read for, and them
         self._served: dict[str, tuple[ModelSpec, Collection[str] | None]] = {}
@@ -430,6 +430,15 @@ class _Buffered:
 
 def _unlimited(_: ModelSpec) -> int:
     return 0  # no catalog here: every replica takes any number of requests
+
+
+def _within(
+    ensure: Callable[[ModelSpec], Awaitable[None]],
+) -> Callable[[ModelSpec, float], Awaitable[None]]:
+    async def within(spec: ModelSpec, budget: float) -> None:
+        await ensure(spec)  # a cold loader without deadlines: its own budget
+
+    return within
 
 
 def _size(request: ParsedRequest) -> int:

@@ -112,7 +112,7 @@ class Frontend:
             ensure_replica=self.cold.ensure_replica,
             max_entries=settings.queue_max_entries,
             max_bytes=settings.queue_max_bytes,
-            default_deadline=settings.queue_deadline,
+            default_deadline=settings.wait_budget,
             max_deadline=settings.max_deadline,
             key_priorities=settings.key_priorities,
         )
