@@ -17,7 +17,9 @@ selector or runs the backend: 503 without Retry-After, since retrying cannot hel
 Backoff: a model whose loads fail in a row is not loaded again for 5, 10, 20 ... seconds
 (`backoff`, capped); meanwhile every request gets the last error at once, with Retry-After the
 time left. A success (the job row is deleted) or a change of the model's spec or of the nodes
-(`forget_failed`) resets it. Capacity failures keep their verdict 5 s and do not count.
+(`forget_failed`) resets it. Capacity and transport failures keep their verdict 5 s and do not
+count; a node with no responder on its command subject has not re-joined yet (a restart): the
+load places again within the budget instead of failing every waiter.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from corral.errors import (
     LoadTimeout,
     NoCapacity,
     NoEligibleNode,
+    TransportError,
     Unavailable,
 )
 from corral.frontend.artifacts_api import ArtifactStore
@@ -188,10 +191,7 @@ class ColdLoader:
         try:
             self.starts += 1
             await self.actuator.apply(ReportLoad(spec.name, "placing"))
-            node_id, estimate = await self.choose_node(spec)
-            await self.actuator.apply(
-                StartReplica(spec.name, node_id, None, spec.backend, estimate, "cold start")
-            )
+            await self._start(spec)
         except CorralError as exc:
             await self._failed(spec, exc)
             raise
@@ -204,10 +204,28 @@ class ColdLoader:
         finally:
             renew.cancel()
 
+    async def _start(self, spec: ModelSpec) -> None:
+        """Place and start one replica. A node without a responder on its command subject has
+        not re-joined yet (after a restart): place again, within the wait budget."""
+        deadline = self.clock() + self.wait_budget
+        while True:
+            node_id, estimate = await self.choose_node(spec)
+            try:
+                await self.actuator.apply(
+                    StartReplica(spec.name, node_id, None, spec.backend, estimate, "cold start")
+                )
+                return
+            except LoadFailed as exc:
+                if not exc.extra.get("no_responders") or self.clock() >= deadline:
+                    raise
+                log.info("node %s is not back yet; placing %s again", node_id, spec.name)
+                await asyncio.sleep(CAPACITY_POLL)
+
     async def _failed(self, spec: ModelSpec, exc: CorralError) -> None:
         """Record the failed load for every frontend: a real failure backs off longer each time
         in a row; a capacity verdict holds 5 s. The error says when to retry."""
-        counts = not isinstance(exc, CapacityError)
+        counts = not isinstance(exc, CapacityError | TransportError)
+        counts = counts and not exc.extra.get("no_responders")
         keep = await self.registry.jobs.fail(
             spec.name,
             self.frontend_id,
