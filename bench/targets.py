@@ -245,7 +245,9 @@ class Corral:
         return proc
 
     def api(self, path: str) -> Any:
-        r = httpx.get(self.url + path, timeout=10)
+        keys = self.extra_env.get("CORRAL_API_KEYS", "")
+        auth = {"authorization": f"Bearer {keys.split(',')[0]}"} if keys else {}
+        r = httpx.get(self.url + path, timeout=10, headers=auth)
         r.raise_for_status()
         return r.json()
 
