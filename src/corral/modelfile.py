@@ -76,6 +76,8 @@ class SchedulingDecl(BaseModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
     scale_down_delay: float = Field(default=300.0, ge=0, allow_inf_nan=False)
     scaling: ScalingDecl | None = None
+    max_concurrency: int | None = Field(default=None, ge=0)  # per replica; 0 = unlimited
+    deadline: float | None = Field(default=None, gt=0)  # seconds a request may wait in line
 
     @model_validator(mode="after")
     def _bounds(self) -> SchedulingDecl:
@@ -95,6 +97,8 @@ class SchedulingDecl(BaseModel):
             node_selector=dict(self.node_selector),
             scale_down_delay=self.scale_down_delay,
             scaling=self.scaling.to_domain() if self.scaling else None,
+            max_concurrency=self.max_concurrency,
+            deadline=self.deadline,
         )
 
 

@@ -13,6 +13,7 @@ from corral.bus.messages import LoadProgress, LoadReport, ModelEvent, NodeEvent,
 from corral.config import FrontendSettings
 from corral.domain.actions import RecordUse
 from corral.frontend.actuator import Actuator
+from corral.frontend.admission import AdmissionGate
 from corral.frontend.artifacts_api import ArtifactStore
 from corral.frontend.auth import Authorizer, digest
 from corral.frontend.coldpath import ColdLoader
@@ -91,6 +92,7 @@ class Frontend:
             job_ttl=settings.load_job_ttl,
             strategy=settings.placement,
             gpu_backends=self.catalog.gpu_backends(),
+            backoff=(settings.load_backoff, settings.load_backoff_max),
         )
         self.drainer = Drainer(parts, cold=self.cold, timeout=settings.drain_timeout)
         self.signals = LoadSignals(self.view, self.inflight)
@@ -107,6 +109,17 @@ class Frontend:
         self.response_homes = SharedHomes(
             ResponseHomes(settings.response_map_size, settings.response_ttl), self.bus, self.id
         )
+        self.admission = AdmissionGate(
+            self.view,
+            self.inflight,
+            limit_of=self.catalog.max_concurrency_of,
+            ensure_replica=self.cold.ensure_replica,
+            max_entries=settings.queue_max_entries,
+            max_bytes=settings.queue_max_bytes,
+            default_deadline=settings.wait_budget,
+            max_deadline=settings.max_deadline,
+            key_priorities=settings.key_priorities,
+        )
         self.proxy = OpenAIProxy(
             view=self.view,
             inflight=self.inflight,
@@ -122,6 +135,7 @@ class Frontend:
             capabilities=self.catalog.capabilities_of,
             homes=self.response_homes,
             spool_memory_bytes=settings.spool_memory_bytes,
+            admission=self.admission,
         )
         self.started = False
         self.extra_loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
@@ -180,6 +194,7 @@ class Frontend:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.drainer.close()
+        await self.admission.close()
         await self.cold.close()
         await self.reconciler.close()
         await self.installs.close()
