@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from corral.frontend.routing_metrics import routing_metrics
+
 if TYPE_CHECKING:
     from corral.frontend.service import Frontend
 
@@ -51,4 +53,4 @@ def render_metrics(fe: Frontend, now: float) -> str:
         "# TYPE corral_view_age_seconds gauge",
         f"corral_view_age_seconds {max(0.0, now - view.synced_at):.3f}",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + routing_metrics(fe.router, fe.prefixes)
