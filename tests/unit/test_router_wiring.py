@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from corral.domain.entities import ReplicaKey
+from corral.domain.routing import SpeedTracker
 from corral.domain.routing_weights import RoutingWeights
 from corral.frontend.request import ParsedRequest, parse_request
 from corral.frontend.router import Router, prompt_bytes, replica_headers
@@ -175,3 +176,27 @@ def test_replica_headers() -> None:
         (b"x-corral-replica", b"m#1"),
         (b"x-corral-node", b"gpu-box"),
     ]
+
+
+def test_speed_noise_does_not_flag_an_equal_replica_but_real_slowness_does() -> None:
+    def tracker() -> SpeedTracker:
+        return SpeedTracker(floor=0.02, alpha=0.5, alpha_up=0.1, min_samples=3)
+
+    a, b, c = ("m", 0), ("m", 1), ("m", 2)
+    t = tracker()
+    for key in (a, b, c):
+        t.observe(key, 0.001, 1.0)
+    t.observe(b, 0.001, 1.0)
+    assert t.ratios(1.0) == {}  # b has two samples; a and c one: nothing to compare yet
+    t = tracker()
+    for s in (0.080, 0.001, 0.001):  # an unlucky first sample
+        t.observe(a, s, 1.0)
+        t.observe(b, 0.001, 1.0)
+    assert t.ratios(1.0) == {}
+    t.observe(a, 0.050, 1.0)  # a spike after warm-up moves the estimate a tenth of the way
+    assert t.ratios(1.0) == {}
+    t = tracker()
+    for _ in range(3):
+        t.observe(a, 0.020, 1.0)
+        t.observe(b, 0.060, 1.0)
+    assert t.ratios(1.0) == {b: pytest.approx(1.75)}

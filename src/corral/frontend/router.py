@@ -42,6 +42,8 @@ SCORES_HEADER: Final = b"x-corral-scores"
 REPLICA_HEADER: Final = b"x-corral-replica"
 NODE_HEADER: Final = b"x-corral-node"
 
+#: Seconds of time to first byte within which replicas count as equally fast (`SpeedTracker`).
+SPEED_FLOOR: Final = 0.02
 Identity = tuple[str, int, str | None]  # (model, index, address)
 
 
@@ -105,6 +107,7 @@ class Router:
         self._cands: dict[str, tuple[list[Replica], Candidates, set[Identity]]] = {}
         self._speed: dict[tuple[str, bool], SpeedTracker] = {}
         self._turns: dict[str, int] = {}
+        self._warm: set[ReplicaKey] = set()  # replicas whose first (cold) sample was dropped
 
     # --- per request ----------------------------------------------------------------------
     def choose(
@@ -198,14 +201,20 @@ class Router:
         return Features(hashes, session_key(request.model, header, request.user), debug)
 
     def observe(self, key: ReplicaKey, stream: bool, seconds: float) -> None:
-        """A time to first byte `key` answered in while it served nothing else."""
+        """A time to first byte `key` answered in while it served nothing else; a replica's
+        first is dropped (it pays for opening the connection, not for the replica's speed)."""
+        if key not in self._warm:
+            self._warm.add(key)
+            return
         self._tracker(key[0], stream).observe(key, seconds, self.clock())
 
     # --- internals ------------------------------------------------------------------------
     def _tracker(self, model: str, stream: bool) -> SpeedTracker:
         tracker = self._speed.get((model, stream))
         if tracker is None:
-            tracker = self._speed[(model, stream)] = SpeedTracker()
+            tracker = self._speed[(model, stream)] = SpeedTracker(
+                floor=SPEED_FLOOR, alpha=0.5, alpha_up=0.1, min_samples=3
+            )
         return tracker
 
     def _refresh(
@@ -220,6 +229,7 @@ class Router:
                 key = (gone[0], gone[1])
                 self.index.forget(key, now)
                 self.sessions.forget(key)
+                self._warm.discard(key)
                 for stream in (False, True):
                     tracker = self._speed.get((model, stream))
                     if tracker is not None:
