@@ -7,15 +7,22 @@ no two policies share a cache:
 
 - `corral`: the default routing weights (load 1, prefix 1, session 1);
 - `least-loaded`: `routing: {prefix: 0, session: 0}` (load and speed only);
-- `round-robin`: every weight 0, so every candidate ties and ties rotate.
+- `round-robin`: every weight 0, so every candidate ties and ties rotate;
+- `vllm-router`: vllm-router's `cache_aware` policy (the Rust router) straight in front of a
+  fourth set of four sims Corral started (when a `vllm-router` binary is found: bench/.venv,
+  PATH, or `--vllm-router PATH`).
 
 Workloads, open-loop Poisson arrivals of streamed chat requests through the frontend:
 `shared-prefix` (many users over 20 system prompts of 2-8 k characters, Zipf-popular, a short
-user line each) and `uniform` (every prompt unique, same sizes). Per policy and workload: a
-warm-up, then the measured window: TTFT (first body byte) p50/p99, completed requests/s, and
-the sims' prefix-cache hit rate (cached prompt tokens / prompt tokens, from /admin/stats).
+user line each) and `uniform` (every prompt unique, same sizes), at `--rate` (22/s: about 80 %
+of what the 16 slots serve with no cache hit, 45 % with every system prompt cached). Per
+workload: a warm-up per policy, then `--rounds` measured windows, the policies in a rotated
+order each round (a busy machine hurts each alike); pooled: TTFT (first body byte) p50/p99,
+completed requests/s, and the sims' prefix-cache hit rate (cached prompt tokens / prompt
+tokens, from /admin/stats).
 
-    .venv/bin/python bench/prefix_bench.py [--seconds 20] [--rate 45] [--json out.json]
+    .venv/bin/python bench/prefix_bench.py [--seconds 8] [--rounds 3] [--rate 22] [--json F]
+        [--vllm-router PATH]
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -37,14 +45,14 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from procs import stop_all  # noqa: E402
-from targets import Corral, Infra  # noqa: E402
+from targets import Corral, Infra, bench_bin, start_vllm_router  # noqa: E402
 
 #: The engine model of every replica (the sim's flags).
 ENGINE = {
     "slots": 4,
-    "prefill_per_token": 0.0001,  # 1250 tokens (5 k chars) uncached: 125 ms
-    "decode_base": 0.012,
-    "decode_slope": 0.002,
+    "prefill_per_token": 0.0002,  # 1250 tokens (5 k chars) uncached: 250 ms
+    "decode_base": 0.025,
+    "decode_slope": 0.004,
     "tokens": 8,
     "block_tokens": 16,
     "cache_blocks": 400,  # 6,400 tokens: about five of the 20 system prompts
@@ -156,24 +164,31 @@ def pct(values: list[float], q: float) -> float:
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=20.0, help="measured window per run")
-    p.add_argument("--warmup", type=float, default=6.0, help="unmeasured arrivals first")
-    p.add_argument("--rate", type=float, default=45.0, help="arrivals per second")
+    p.add_argument("--seconds", type=float, default=8.0, help="measured window per round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, policies in rotated order")
+    p.add_argument("--warmup", type=float, default=5.0, help="unmeasured arrivals first")
+    p.add_argument("--rate", type=float, default=22.0, help="arrivals per second")
     p.add_argument("--workloads", default="shared-prefix,uniform")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--vllm-router", default=bench_bin("vllm-router"), help="its binary")
     args = p.parse_args()
+    policies = list(POLICIES)
+    if Path(args.vllm_router).is_file():
+        policies.append("vllm-router")
+        os.environ["PATH"] = f"{Path(args.vllm_router).parent}{os.pathsep}{os.environ['PATH']}"
     root = Path(tempfile.mkdtemp(prefix="corral-prefix-bench-"))
     infra = Infra(root)
     infra.start(None)
     corral = Corral(infra, root, "pfx", env={"CORRAL_RECONCILE_INTERVAL": "0.5"})
     workloads = args.workloads.split(",")
+    own = []
     try:
         for wl in workloads:
-            for policy, weights in POLICIES.items():
+            for policy in policies:
                 corral.write_model(
                     f"{wl}-{policy}",
                     options=ENGINE,
-                    routing=weights,
+                    routing=POLICIES.get(policy, {}),
                     scheduling={
                         "min_replicas": REPLICAS,
                         "max_replicas": REPLICAS,
@@ -183,42 +198,86 @@ async def main() -> None:
         await corral.start()
         for i in range(REPLICAS):
             corral.start_worker(f"w{i}", labels="role=pfx", max_replicas_per_model=1)
+        routers: dict[str, str] = {}
+
+        def urls_of(policy: str, wl: str) -> str:
+            return routers[wl] if policy == "vllm-router" else corral.url
+
         for wl in workloads:
-            for policy in POLICIES:
-                corral.wait_replicas(f"{wl}-{policy}", REPLICAS, 180)
+            for policy in policies:
+                found = corral.wait_replicas(f"{wl}-{policy}", REPLICAS, 180)
+                if policy == "vllm-router":
+                    urls = [f"http://{r['address']}" for r in found]
+                    proc, url = start_vllm_router(
+                        root, urls, cpus=None, policy="cache_aware", name=f"vr-{wl}"
+                    )
+                    own.append(proc)
+                    routers[wl] = url
         results: dict[str, dict[str, Any]] = {}
         for wl in workloads:
+            pooled: dict[str, list[float]] = {p: [] for p in policies}
+            totals: dict[str, list[float]] = {p: [0, 0, 0, 0.0, 0, 0] for p in policies}
+            served: dict[str, list[int]] = {p: [0] * REPLICAS for p in policies}
             warm = arrivals(wl, args.warmup, args.rate, seed=1)
-            plan = arrivals(wl, args.seconds, args.rate, seed=2)
-            for policy in POLICIES:
-                model = f"{wl}-{policy}"
-                await run_open_loop(corral.url, model, warm)
-                h0, q0, s0 = cache_counters(corral, model)
-                ttfts, errors, wall = await run_open_loop(corral.url, model, plan)
-                h1, q1, s1 = cache_counters(corral, model)
-                served = [b - a for a, b in zip(s0, s1, strict=True)]
+            for policy in policies:
+                await run_open_loop(urls_of(policy, wl), f"{wl}-{policy}", warm)
+            for r in range(args.rounds):
+                plan = arrivals(wl, args.seconds, args.rate, seed=2 + r)
+                order = policies[r % len(policies) :] + policies[: r % len(policies)]
+                for policy in order:  # each policy in a different slot each round
+                    model = f"{wl}-{policy}"
+                    h0, q0, s0 = cache_counters(corral, model)
+                    ttfts, errors, wall = await run_open_loop(urls_of(policy, wl), model, plan)
+                    h1, q1, s1 = cache_counters(corral, model)
+                    pooled[policy] += ttfts
+                    t = totals[policy]
+                    t[0] += len(plan)
+                    t[1] += errors
+                    t[2] += len(ttfts)
+                    t[3] += wall
+                    t[4] += h1 - h0
+                    t[5] += q1 - q0
+                    served[policy] = [
+                        x + b - a for x, a, b in zip(served[policy], s0, s1, strict=True)
+                    ]
+                    print(
+                        f"  round {r + 1} {wl:<14} {policy:<13} TTFT p50"
+                        f" {pct(ttfts, 0.5) * 1e3:7.1f} ms  p99 {pct(ttfts, 0.99) * 1e3:7.1f} ms"
+                        f"  hit {(h1 - h0) / max(1, q1 - q0) * 100:5.1f} %",
+                        flush=True,
+                    )
+            for policy in policies:
+                ttfts, t = pooled[policy], totals[policy]
                 row = {
-                    "requests": len(plan),
-                    "errors": errors,
+                    "requests": t[0],
+                    "errors": t[1],
                     "ttft_p50_ms": pct(ttfts, 0.5) * 1e3,
                     "ttft_p99_ms": pct(ttfts, 0.99) * 1e3,
                     "ttft_mean_ms": statistics.fmean(ttfts) * 1e3 if ttfts else float("nan"),
-                    "throughput_rps": len(ttfts) / wall,
-                    "cache_hit_rate": (h1 - h0) / (q1 - q0) if q1 > q0 else 0.0,
-                    "served": served,
+                    "throughput_rps": t[2] / t[3] if t[3] else 0.0,
+                    "cache_hit_rate": t[4] / t[5] if t[5] else 0.0,
+                    "served": served[policy],
                 }
                 results.setdefault(wl, {})[policy] = row
                 print(
                     f"{wl:<14} {policy:<13} TTFT p50 {row['ttft_p50_ms']:7.1f} ms"
                     f"  p99 {row['ttft_p99_ms']:7.1f} ms  {row['throughput_rps']:5.1f} req/s"
-                    f"  hit {row['cache_hit_rate'] * 100:5.1f} %  served {served}"
-                    f"  errors {errors}",
+                    f"  hit {row['cache_hit_rate'] * 100:5.1f} %  served {row['served']}"
+                    f"  errors {t[1]}",
                     flush=True,
                 )
-        out = {"engine": ENGINE, "rate": args.rate, "seconds": args.seconds, "results": results}
+        out = {
+            "engine": ENGINE,
+            "rate": args.rate,
+            "seconds": args.seconds,
+            "rounds": args.rounds,
+            "results": results,
+        }
         if args.json:
             args.json.write_text(json.dumps(out, indent=2))
     finally:
+        for proc in own:
+            proc.stop()
         corral.stop()
         infra.stop()
         stop_all()
