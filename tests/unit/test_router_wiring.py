@@ -17,7 +17,7 @@ from corral.frontend.router import Router, prompt_bytes, replica_headers
 from factories import model, replica
 
 CHAT = b"/v1/chat/completions"
-SYSTEM = [f"You are assistant number {i}. " * 40 for i in range(8)]  # ~1.2 KB each
+SYSTEM = [f"You are assistant number {i}. " * 80 for i in range(8)]  # ~2.4 KB each
 
 
 class Clock:

@@ -42,6 +42,10 @@ SCORES_HEADER: Final = b"x-corral-scores"
 REPLICA_HEADER: Final = b"x-corral-replica"
 NODE_HEADER: Final = b"x-corral-node"
 
+#: Bytes per prefix block (about 128 tokens): half the hashing, matching and recording per
+#: request of the domain's 256 for the same prompt; a shared prefix under 512 bytes (whose
+#: prefill is cheap anyway) gets no affinity.
+ROUTING_BLOCK_BYTES: Final = 512
 #: Seconds of time to first byte within which replicas count as equally fast (`SpeedTracker`).
 SPEED_FLOOR: Final = 0.02
 Identity = tuple[str, int, str | None]  # (model, index, address)
@@ -197,7 +201,7 @@ class Router:
         if prefix and isinstance(body, bytes):
             key = PREFIX_KEYS.get(request.path)
             if key is not None:
-                hashes = block_hashes(prompt_bytes(body, key))
+                hashes = block_hashes(prompt_bytes(body, key), ROUTING_BLOCK_BYTES)
         return Features(hashes, session_key(request.model, header, request.user), debug)
 
     def observe(self, key: ReplicaKey, stream: bool, seconds: float) -> None:
