@@ -6,6 +6,9 @@ uncached token, a block-hashed LRU prefix cache holding about five of the system
 no two policies share a cache:
 
 - `corral`: the default routing weights (load 1, prefix 1, session 1);
+- `corral-c4`: the same with `routing: {concurrency: 4}`, the replicas' real batch size (the
+  default load scale is 8 requests, so the affinity guard lets a replica run 4 more than the
+  least loaded one: a whole batch);
 - `least-loaded`: `routing: {prefix: 0, session: 0}` (load and speed only);
 - `round-robin`: every weight 0, so every candidate ties and ties rotate;
 - `vllm-router`: vllm-router's `cache_aware` policy (the Rust router) straight in front of a
@@ -59,6 +62,7 @@ ENGINE = {
 }
 POLICIES: dict[str, dict[str, float]] = {
     "corral": {},
+    "corral-c4": {"concurrency": 4},  # the default weights, load scaled to the 4 slots
     "least-loaded": {"prefix": 0.0, "session": 0.0},
     "round-robin": {"load": 0.0, "prefix": 0.0, "session": 0.0, "speed": 0.0},
 }

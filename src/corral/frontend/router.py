@@ -134,10 +134,10 @@ class Router:
         n = len(cands)
         if n == 0:
             return None, None
+        if n == 1 and not _wants_scores(headers):
+            return cands.replicas[0], None  # nothing to weigh: no hashing, no records
         weights = spec.routing
         feats = self.features(request, headers, weights.prefix > 0)
-        if n == 1 and not feats.debug:
-            return cands.replicas[0], None
         now = self.clock()
         hashes = feats.hashes
         matched = self.index.match(hashes, now) if hashes else None
@@ -271,6 +271,10 @@ def replica_headers(replica: Replica, node_name: str) -> list[tuple[bytes, bytes
         (REPLICA_HEADER, f"{replica.model}#{replica.index}".encode("latin-1", "replace")),
         (NODE_HEADER, node_name.encode("latin-1", "replace")),
     ]
+
+
+def _wants_scores(headers: Collection[tuple[bytes, bytes]]) -> bool:
+    return any(k == DEBUG_HEADER and b"scores" in v for k, v in headers)
 
 
 def _identity(r: Replica) -> Identity:
