@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from corral.frontend.routing_metrics import routing_metrics
+
 if TYPE_CHECKING:
     from corral.frontend.service import Frontend
 
@@ -69,4 +71,4 @@ def render_metrics(fe: Frontend, now: float) -> str:
     for model, queue in fe.admission.queues().items():
         lines.append(f'corral_queue_depth{{model="{model}"}} {queue["depth"]:g}')
         lines.append(f'corral_queue_wait_seconds{{model="{model}"}} {queue["longest_wait"]:.3f}')
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + routing_metrics(fe.router, fe.prefixes)
