@@ -69,6 +69,9 @@ class FrontendSettings(BaseSettings):
     load_report_interval: float = 0.2  # seconds between in-flight reports to other frontends
     resync_interval: float = 10.0  # seconds between full snapshot refreshes from PostgreSQL
     last_used_flush_interval: float = 2.0
+    # seconds between usage flushes to PostgreSQL; per-key limits hold across frontends
+    # within one interval of the other frontends' traffic
+    usage_flush_interval: float = Field(default=2.0, gt=0)
 
     # control loops
     heartbeat_interval: float = 5.0  # told to workers at registration

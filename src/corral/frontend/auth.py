@@ -33,10 +33,16 @@ def bearer_of(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
 
 def matches_any(secret: str, digests: Iterable[str]) -> bool:
     """True when `secret`'s digest equals one of `digests`; every digest is compared."""
+    return match(secret, digests) is not None
+
+
+def match(secret: str, digests: Iterable[str]) -> str | None:
+    """The one of `digests` that is `secret`'s digest (None: none); every one is compared."""
     candidate = digest(secret).encode()
-    found = False
+    found = None
     for d in digests:
-        found |= hmac.compare_digest(candidate, d.encode())
+        if hmac.compare_digest(candidate, d.encode()):
+            found = d
     return found
 
 
@@ -57,11 +63,14 @@ class Authorizer:
         if self.digests:
             self.check_headers(scope["headers"])
 
-    def check_headers(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+    def check_headers(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+        """The digest of the request's valid key (None: the API is open); Unauthorized."""
         if not self.digests:
-            return
+            return None
         token = bearer_of(headers)
         if token is None:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        if not matches_any(token, self.digests):
+        found = match(token, self.digests)
+        if found is None:
             raise Unauthorized("invalid API key")
+        return found

@@ -20,6 +20,7 @@ from corral.domain.actions import DropReplica
 from corral.domain.entities import ModelSpec, Replica, ReplicaState
 from corral.domain.pick import pick_replica
 from corral.domain.routing.candidates import supports
+from corral.domain.usage import StreamTail, usage_of
 from corral.errors import (
     CorralError,
     MethodNotAllowed,
@@ -38,6 +39,8 @@ from corral.frontend.auth import Authorizer
 from corral.frontend.headers import HeaderFilter
 from corral.frontend.http.exchange import Exchange, Headers, respond_error
 from corral.frontend.inflight import InflightTracker
+from corral.frontend.metering import Metering
+from corral.frontend.metrics import FrontendMetrics
 from corral.frontend.probe import ProbeCache
 from corral.frontend.request import (
     ENDPOINTS,
@@ -54,6 +57,7 @@ from corral.frontend.responses_map import (
     StreamIdScanner,
     id_of_body,
 )
+from corral.frontend.tally import Tally
 from corral.frontend.upstream import UpstreamPool, UpstreamResponse
 from corral.frontend.view import ClusterView
 
@@ -66,6 +70,8 @@ STORED_MARKERS = (b"response_not_found", b"response with id")
 #: Whole answers up to this size go out in one write; larger or unsized ones stream.
 WHOLE_LIMIT = 1024 * 1024
 SPOOL_MEMORY = 1024 * 1024
+#: Endpoints whose answers carry the backend's token `usage`.
+TOKEN_CAPABILITIES = frozenset({"chat", "completions", "embeddings", "responses"})
 
 
 Tried = tuple[str, int, str | None]
@@ -97,6 +103,7 @@ class OpenAIProxy:
         capabilities: Callable[[ModelSpec], Collection[str] | None] | None = None,
         homes: SharedHomes | None = None,
         spool_memory_bytes: int = SPOOL_MEMORY,
+        metering: Metering | None = None,
     ) -> None:
         self.view = view
         self.inflight = inflight
@@ -112,6 +119,7 @@ class OpenAIProxy:
         self.capabilities = capabilities or _undeclared
         self.homes = homes or SharedHomes(ResponseHomes(10_000, 3600.0), None, "")
         self.spool_memory_bytes = spool_memory_bytes
+        self.metering = metering or Metering(FrontendMetrics(), inflight)
         #: per model: the spec its capabilities were read for, and them
         self._served: dict[str, tuple[ModelSpec, Collection[str] | None]] = {}
         self._turn = 0
@@ -122,17 +130,25 @@ class OpenAIProxy:
         await self.handle(AsgiExchange(scope, receive, send))
 
     async def handle(self, exchange: Exchange) -> None:
-        """Answer one request to an inference path."""
+        """Answer one request to an inference path; the metering learns how it went."""
+        tally = Tally(exchange, time.perf_counter())
+        try:
+            await self._handle(tally)
+        finally:
+            self.metering.done(tally)
+
+    async def _handle(self, exchange: Tally) -> None:
         request: ParsedRequest | None = None
         try:
             endpoint = ENDPOINTS.get(exchange.path) or endpoint_for(exchange.path)
             if endpoint is None:
                 raise NotFound("no such endpoint")
+            exchange.endpoint = endpoint.path
             if exchange.method not in endpoint.methods:
                 method = exchange.method.decode("latin-1")
                 allowed = "/".join(m.decode() for m in sorted(endpoint.methods))
                 raise MethodNotAllowed(f"{method} is not allowed here; use {allowed}")
-            self.authorizer.check_headers(exchange.headers)
+            exchange.key = self.authorizer.check_headers(exchange.headers)
             if self.max_inflight and self.inflight.local_total() >= self.max_inflight:
                 raise RateLimited("too many requests in flight on this frontend", retry_after=1)
             if endpoint.body == "json":  # the usual case, without a coroutine more
@@ -146,6 +162,8 @@ class OpenAIProxy:
                 spec, home = self._spec(request), None
             else:
                 spec, home = await self._stateful(request)
+            exchange.model = spec.name
+            self.metering.admit(exchange)
         except (ClientGone, CorralError) as exc:
             if request is not None:
                 request.close()
@@ -205,7 +223,7 @@ class OpenAIProxy:
         spec: ModelSpec,
         request: ParsedRequest,
         headers: Headers,
-        exchange: Exchange,
+        exchange: Tally,
         home: Home | None = None,
     ) -> None:
         tried: set[Tried] = set()  # (model, index, address): a reload may reuse the index
@@ -333,7 +351,7 @@ class OpenAIProxy:
         replica: Replica,
         response: UpstreamResponse | _Buffered,
         request: ParsedRequest,
-        exchange: Exchange,
+        exchange: Tally,
     ) -> None:
         assert replica.address is not None
         if (
@@ -346,6 +364,8 @@ class OpenAIProxy:
             await exchange.respond(response.status, out_headers, body)
             if response.status < 500:
                 self.probes.mark_ok(replica.node_id, replica.address)
+            if response.status == 200 and _counts_tokens(request):
+                exchange.usage = usage_of(body)
             endpoint = request.endpoint
             if response.status == 200 and endpoint is not None and endpoint.stateful:
                 await self._stored(request, replica, body)
@@ -355,13 +375,18 @@ class OpenAIProxy:
         await exchange.start(response.status, response.forward_headers(), first)
         exchange.on_disconnect = response.abort
         scanner = StreamIdScanner() if _records_ids(request) else None
+        tail = StreamTail() if response.status == 200 and _counts_tokens(request) else None
         try:
             if exchange.gone:
                 response.abort()
             if scanner is not None:
                 await self._scan(scanner, first, replica)
+            if tail is not None:
+                tail.feed(first)
             async for chunk in response.iter_body():
                 await exchange.write(chunk)
+                if tail is not None:
+                    tail.feed(chunk)
                 if scanner is not None and not scanner.done:
                     await self._scan(scanner, chunk, replica)
         except CorralError as exc:
@@ -372,6 +397,8 @@ class OpenAIProxy:
                 await self.drop_replica(DropReplica.of(replica, f"stream broke: {exc.message}"))
         finally:
             exchange.on_disconnect = None
+            if tail is not None:
+                exchange.usage = tail.usage()
         await exchange.end()
         self.probes.mark_ok(replica.node_id, replica.address)
 
@@ -404,6 +431,10 @@ class _Buffered:
 
 def _undeclared(_: ModelSpec) -> None:
     return None  # capabilities unknown: every endpoint may be tried
+
+
+def _counts_tokens(request: ParsedRequest) -> bool:
+    return request.endpoint is not None and request.endpoint.capability in TOKEN_CAPABILITIES
 
 
 def _records_ids(request: ParsedRequest) -> bool:

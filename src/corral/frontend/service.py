@@ -23,6 +23,8 @@ from corral.frontend.headers import HeaderFilter
 from corral.frontend.health import ReplicaHealth
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.installs import InstallController
+from corral.frontend.metering import Metering
+from corral.frontend.metrics import FrontendMetrics, metrics_registry
 from corral.frontend.models_dir import ModelsDir
 from corral.frontend.node_client import NodeClient
 from corral.frontend.parts import Parts
@@ -32,6 +34,7 @@ from corral.frontend.reconciler import Reconciler
 from corral.frontend.responses_map import ResponseHomes, SharedHomes
 from corral.frontend.signals import LoadSignals
 from corral.frontend.upstream import UpstreamPool
+from corral.frontend.usage import UsageMeter
 from corral.frontend.view import ClusterView
 from corral.store.registry import Registry
 
@@ -52,6 +55,8 @@ class Frontend:
             self.id, stale_after=max(2.0, settings.load_report_interval * 10)
         )
         self.pool = UpstreamPool()
+        self.metrics = FrontendMetrics()
+        self.usage = UsageMeter(self.registry.usage)
         self.probes = ProbeCache(self.pool, ttl=settings.health_ttl)
         self.authorizer = Authorizer(digest(k.get_secret_value()) for k in settings.api_keys)
         self.artifacts = ArtifactStore(settings.model_store) if settings.model_store else None
@@ -64,6 +69,7 @@ class Frontend:
             view=self.view,
             nodes=self.nodes,
             frontend_id=self.id,
+            on_load=self.metrics.observe_load,
         )
         self.installs = InstallController(
             registry=self.registry, bus=self.bus, catalog=self.catalog
@@ -118,7 +124,9 @@ class Frontend:
             capabilities=self.catalog.capabilities_of,
             homes=self.response_homes,
             spool_memory_bytes=settings.spool_memory_bytes,
+            metering=Metering(self.metrics, self.inflight, self.usage),
         )
+        self.metrics_registry = metrics_registry(self)
         self.started = False
         self.extra_loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -155,6 +163,7 @@ class Frontend:
             ("report-load", self._report_load, self.settings.load_report_interval),
             ("flush-last-used", self._flush_last_used, self.settings.last_used_flush_interval),
             ("resync", self.refresh, self.settings.resync_interval),
+            ("flush-usage", self.usage.flush, self.settings.usage_flush_interval),
         ]
         for name, step, interval in loops:
             self._tasks.append(asyncio.create_task(self._every(name, step, interval), name=name))
@@ -180,6 +189,10 @@ class Frontend:
             await self._flush_last_used()
         except Exception:
             log.exception("final last-used flush failed")
+        try:
+            await self.usage.flush()
+        except Exception:
+            log.exception("final usage flush failed")
         await self.actuator.close()
         await self.bus.close()
         await self.pool.close()
@@ -201,6 +214,7 @@ class Frontend:
         await self.view.resync(self.registry)
         stored = await self.registry.audit.api_key_hashes()
         self.authorizer.update(self._static_key_digests | stored)
+        await self.usage.load_keys()
         self.inflight.expire()
 
     # --- event handlers -------------------------------------------------------------------
