@@ -91,6 +91,7 @@ class UsageMeter:
             refused = limit_decision(info.limits, requests, tokens, now)
             if refused is not None:
                 row[0] += 1
+                row[1] += 1  # answered 429
                 row[2] += 1
                 why, wait = refused
                 raise RateLimited(f"API key '{info.name}' is over its {why}", retry_after=wait)
