@@ -102,6 +102,7 @@ async def whole(n: int, m: Metering | None) -> float:
         m.admit(tally)
         await tally.respond(200, [], CHAT)
         tally.usage = usage_of(CHAT)
+        tally.close()
         m.done(tally)
     return (time.perf_counter() - started) / n * 1e6
 
@@ -131,6 +132,7 @@ async def stream(n: int, chunks: int, m: Metering | None) -> float:
         tail.feed(USAGE_CHUNK)
         tally.usage = tail.usage()
         await tally.end()
+        tally.close()
         m.done(tally)
     return (time.perf_counter() - started) / n * 1e6
 

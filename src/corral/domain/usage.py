@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 
@@ -19,8 +20,7 @@ _MARK = b'"usage"'
 _SPACE = b" \t\r\n"
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     """Tokens one answer used (Chat/Completions names; the Responses API's input/output)."""
 
     prompt_tokens: int = 0
@@ -49,32 +49,29 @@ def usage_of(data: bytes) -> Usage | None:
 
 
 def _object_start(data: bytes, i: int) -> int:
-    n = len(data)
-    while i < n and data[i] in _SPACE:
-        i += 1
-    if i >= n or data[i] != 0x3A:  # ':'
+    """The index of the `{` after `"usage"` ending at `i` (past `:` and spaces), else -1."""
+    if data.startswith(b":{", i):  # compact JSON, the usual case
+        return i + 1
+    window = data[i : i + 32]
+    head = window.lstrip(_SPACE)
+    if not head.startswith(b":"):
         return -1
-    i += 1
-    while i < n and data[i] in _SPACE:
-        i += 1
-    return i if i < n and data[i] == 0x7B else -1  # '{'
+    rest = head[1:].lstrip(_SPACE)
+    if not rest.startswith(b"{"):
+        return -1
+    return i + len(window) - len(rest)  # `rest` is the window's end
 
 
 def _object_end(data: bytes, start: int) -> int:
     """The index after the `}` closing the object at `start` (usage holds no strings with
-    braces: only numbers and nested detail objects)."""
-    depth = 0
-    i = start
-    n = min(len(data), start + 4096)
-    while i < n:
-        c = data[i]
-        if c == 0x7B:
-            depth += 1
-        elif c == 0x7D:
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
+    braces: only numbers and nested detail objects); -1 when it is cut off."""
+    close = data.find(b"}", start, start + 4096)
+    if close >= 0 and data.find(b"{", start + 1, close) < 0:  # flat: the usual case
+        return close + 1
+    while close >= 0:
+        if data.count(b"{", start, close) == data.count(b"}", start, close + 1):
+            return close + 1
+        close = data.find(b"}", close + 1, start + 4096)
     return -1
 
 
@@ -85,11 +82,15 @@ def _parse(raw: bytes) -> Usage | None:
         return None
     if not isinstance(obj, dict):
         return None
-    prompt = obj.get("prompt_tokens", obj.get("input_tokens", 0))
-    completion = obj.get("completion_tokens", obj.get("output_tokens", 0))
-    if not isinstance(prompt, int) or not isinstance(completion, int):
+    prompt = obj.get("prompt_tokens")
+    if prompt is None:
+        prompt = obj.get("input_tokens", 0)
+    completion = obj.get("completion_tokens")
+    if completion is None:
+        completion = obj.get("output_tokens", 0)
+    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
         return None
-    return Usage(max(0, prompt), max(0, completion))
+    return Usage(prompt, completion)
 
 
 class StreamTail:

@@ -135,6 +135,7 @@ class OpenAIProxy:
         try:
             await self._handle(tally)
         finally:
+            tally.close()
             self.metering.done(tally)
 
     async def _handle(self, exchange: Tally) -> None:
