@@ -180,6 +180,11 @@ async def test_limits_answer_429_at_the_limit_on_every_frontend(
     async with app_client(fe1, secret) as c1, app_client(fe2, secret) as c2:
         put = await c1.put(f"/api/keys/{key_id}/limits", json={"requests_per_minute": 3})
         assert put.status_code == 200, put.text
+        limits = (await c2.get(f"/api/keys/{key_id}/limits")).json()
+        assert (limits["requests_per_minute"], limits["tokens_per_day"]) == (3, None)
+        assert (await c2.get("/api/keys/key-none/limits")).status_code == 404
+        bad = await c2.put(f"/api/keys/{key_id}/limits", json={"requests_per_minute": 0})
+        assert bad.status_code == 400
         await fe2.refresh()  # the other frontend learns the limit at its resync
         assert (await c1.post(CHAT, json=chat_body())).status_code == 200
         assert (await c2.post(CHAT, json=chat_body())).status_code == 200

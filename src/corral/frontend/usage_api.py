@@ -1,5 +1,5 @@
 """Operator API for usage: GET /api/usage (summed per key, model and time bucket) and the
-per-key limits, PUT /api/keys/{id}/limits. Behind the admin credential."""
+per-key limits, GET and PUT /api/keys/{id}/limits. Behind the admin credential."""
 
 from __future__ import annotations
 
@@ -60,6 +60,18 @@ def usage_router() -> APIRouter:
             key=key, model=model, since=since, until=until, group_by=groups
         )
         return {"usage": rows, "group_by": groups, "since": since, "until": until}
+
+    @router.get("/keys/{key_id}/limits")
+    async def get_limits(key_id: str, request: Request) -> dict[str, Any]:
+        """An API key's limits (null: none)."""
+        limits = await frontend_of(request).registry.usage.limits(key_id)
+        if limits is None:
+            raise NotFound(f"API key {key_id} not found")
+        return {
+            "id": key_id,
+            "requests_per_minute": limits.requests_per_minute,
+            "tokens_per_day": limits.tokens_per_day,
+        }
 
     @router.put("/keys/{key_id}/limits")
     async def put_limits(key_id: str, body: LimitsBody, request: Request) -> dict[str, Any]:

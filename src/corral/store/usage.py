@@ -50,6 +50,15 @@ class UsageStore:
             rows = (await conn.execute(query)).all()
         return {r[0]: KeyInfo(r[1], r[2], Limits(r[3], r[4])) for r in rows}
 
+    async def limits(self, key_id: str) -> Limits | None:
+        """A key's limits; None when there is no such key."""
+        query = select(api_keys.c.requests_per_minute, api_keys.c.tokens_per_day).where(
+            api_keys.c.id == key_id
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return None if row is None else Limits(row[0], row[1])
+
     async def set_limits(self, key_id: str, limits: Limits) -> bool:
         """Set a key's limits; False when there is no such key."""
         async with self.engine.begin() as conn:
