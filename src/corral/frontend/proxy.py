@@ -398,9 +398,9 @@ class OpenAIProxy:
                 await self.drop_replica(DropReplica.of(replica, f"stream broke: {exc.message}"))
         finally:
             exchange.on_disconnect = None
-            if tail is not None:
-                exchange.usage = tail.usage()
         await exchange.end()
+        if tail is not None:  # after the last bytes went out: they wait for nothing
+            exchange.usage = tail.usage()
         self.probes.mark_ok(replica.node_id, replica.address)
 
     async def _stored(self, request: ParsedRequest, replica: Replica, body: bytes) -> None:
