@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -82,10 +82,6 @@ class FrontendMetrics:
         self.queue_wait: dict[str, Histogram] = {}
         self.loads: dict[tuple[str, str], Histogram] = {}  # (model, outcome)
 
-    def model_label(self, model: str | None, known: Iterable[str]) -> str:
-        """`model` while it is declared (`known`), else "other"."""
-        return model if model is not None and model in known else OTHER
-
     def observe_request(
         self,
         model: str,
@@ -94,8 +90,8 @@ class FrontendMetrics:
         seconds: float,
         first_byte: float | None,
     ) -> None:
-        """One answered request: `model` already a label (`model_label`), `first_byte` the
-        seconds until its first body byte went out (None: it sent none)."""
+        """One answered request: `model` a declared model (else "other"), `first_byte` the
+        seconds until its first body byte went out (None: it sent none or failed)."""
         cls = STATUS_CLASSES[min(4, max(0, status // 100 - 1))]
         key = (model, endpoint, cls)
         series = self.requests.get(key)
