@@ -1,6 +1,6 @@
-"""/metrics scraped and parsed with prometheus_client's parser, usage per API key summed across
-two frontends, and per-key limits answering 429 (real frontends on real PostgreSQL and NATS,
-in-loop sims)."""
+"""/metrics scraped and parsed with prometheus_client's parser (histograms, database and NATS
+errors), usage per API key summed across two frontends, and per-key limits answering 429 (real
+frontends on real PostgreSQL and NATS, in-loop sims)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from harness import InProcessCluster, declare
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
+from corral.bus.messages import ListReplicasCommand, ListReplicasReply
 from corral.domain.actions import StartReplica
+from corral.errors import NodeUnreachable
 from corral.frontend.app import CorralApp, build_api
 from corral.frontend.service import Frontend
 from factories import MB, model
@@ -211,3 +216,20 @@ async def test_limits_answer_429_at_the_limit_on_every_frontend(
         await fe2.usage.flush()
         usage = (await c1.get("/api/usage", params={"group_by": "key"})).json()["usage"]
         assert [(u["requests"], u["limited"], u["errors"]) for u in usage] == [(7, 3, 3)]
+
+
+async def test_database_and_nats_errors_are_counted(cluster: InProcessCluster) -> None:
+    fe = await cluster.frontend()
+    async with app_client(fe) as c:
+        before = await scrape(c)
+        with pytest.raises(DBAPIError):
+            async with fe.registry.engine.connect() as conn:
+                await conn.execute(text("SELECT * FROM no_such_table"))
+        with pytest.raises(NodeUnreachable):
+            await fe.bus.request(
+                "corral-test.nobody.listens", ListReplicasCommand(), ListReplicasReply, timeout=1
+            )
+        after = await scrape(c)
+    for family in ("corral_db_errors", "corral_nats_errors"):
+        name = family + "_total"
+        assert value(after, family, name) == value(before, family, name) + 1, family
