@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import orjson
 
+from corral.domain.access import Grant, Role
 from corral.domain.usage import Limits, StreamTail, usage_of
 from corral.frontend.http.exchange import Headers
 from corral.frontend.inflight import InflightTracker
@@ -53,6 +54,7 @@ EMBEDDINGS = orjson.dumps(
 CHUNK = (
     b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"delta":{"content":" w"}}]}\n\n'
 )
+GRANT = Grant(Role.INFERENCE, key_id="key-1")
 USAGE_CHUNK = b'data: {"choices":[],"usage":{"prompt_tokens":25,"completion_tokens":100}}\n\n'
 
 
@@ -85,7 +87,7 @@ class NullExchange:
 def metering(limited: bool) -> Metering:
     usage = UsageMeter(cast(Any, None))
     limits = Limits(requests_per_minute=10**9, tokens_per_day=10**15) if limited else Limits()
-    usage.keys["digest"] = KeyInfo("key-1", "bench", limits)
+    usage.keys["key-1"] = KeyInfo("key-1", "bench", limits)
     return Metering(FrontendMetrics(), InflightTracker("fe"), usage)
 
 
@@ -98,7 +100,7 @@ async def whole(n: int, m: Metering | None) -> float:
             continue
         tally = Tally(cast(Any, ex), time.perf_counter())
         tally.endpoint = "/v1/chat/completions"
-        tally.key = "digest"
+        tally.grant = GRANT
         tally.model = "m"
         m.admit(tally)
         await tally.respond(200, [], CHAT)
@@ -121,7 +123,7 @@ async def stream(n: int, chunks: int, m: Metering | None) -> float:
             continue
         tally = Tally(cast(Any, ex), time.perf_counter())
         tally.endpoint = "/v1/chat/completions"
-        tally.key = "digest"
+        tally.grant = GRANT
         tally.model = "m"
         m.admit(tally)
         tail = StreamTail()

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from corral.bus.messages import ListReplicasCommand, ListReplicasReply
+from corral.domain.access import Role
 from corral.domain.actions import StartReplica
 from corral.errors import NodeUnreachable
 from corral.frontend.app import CorralApp, build_api
@@ -129,6 +130,7 @@ async def test_request_histograms_move_after_requests(cluster: InProcessCluster)
     assert value(after, "corral_nodes", "corral_nodes", status="healthy") == 1
     assert "corral_inflight" in after and "corral_reconcile_ticks" in after
     assert "corral_nats_errors" in after and "corral_db_errors" in after
+    assert "corral_admission_rejected" in after and "corral_queue_depth" in after
 
 
 async def test_usage_totals_equal_what_clients_saw_across_two_frontends(
@@ -137,12 +139,18 @@ async def test_usage_totals_equal_what_clients_saw_across_two_frontends(
     fe1 = await cluster.frontend()
     await loaded(cluster, fe1)
     key_id, secret = await fe1.registry.audit.create_api_key("team-a")
+    _, admin_key = await fe1.registry.audit.create_api_key("ops", Role.ADMIN)
     fe2 = await cluster.frontend()
     for fe in (fe1, fe2):
         await fe.refresh()  # the new key
     await apoll_until(lambda: len(fe2.view.candidates("m")) == 1, what="fe2 sees the replica")
     seen = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
-    async with app_client(fe1, secret) as c1, app_client(fe2, secret) as c2:
+    async with (
+        app_client(fe1, secret) as c1,
+        app_client(fe2, secret) as c2,
+        app_client(fe1, admin_key) as a1,
+        app_client(fe2, admin_key) as a2,
+    ):
         for i, c in enumerate((c1, c2, c1, c2)):
             whole = await c.post(CHAT, json=chat_body(text=f"question {i} " * (i + 1)))
             assert whole.status_code == 200
@@ -153,7 +161,7 @@ async def test_usage_totals_equal_what_clients_saw_across_two_frontends(
                 seen["completion_tokens"] += usage["completion_tokens"]
         assert seen["completion_tokens"] > 0 and seen["prompt_tokens"] > 0
         await fe2.usage.flush()  # fe1's own counts are flushed by the API call
-        answer = await c1.get("/api/usage", params={"group_by": "key,model"})
+        answer = await a1.get("/api/usage", params={"group_by": "key,model"})
         assert answer.status_code == 200, answer.text
         rows = answer.json()["usage"]
         assert len(rows) == 1, rows
@@ -163,11 +171,11 @@ async def test_usage_totals_equal_what_clients_saw_across_two_frontends(
         assert row["total_tokens"] == seen["prompt_tokens"] + seen["completion_tokens"]
         assert row["errors"] == 0
         # filters and time groups
-        by_name = (await c2.get("/api/usage", params={"key": "team-a", "group_by": "day"})).json()
+        by_name = (await a2.get("/api/usage", params={"key": "team-a", "group_by": "day"})).json()
         assert [r["requests"] for r in by_name["usage"]] == [8]
-        none = await c2.get("/api/usage", params={"model": "other-model"})
+        none = await a2.get("/api/usage", params={"model": "other-model"})
         assert none.json()["usage"] == []
-        bad = await c2.get("/api/usage", params={"group_by": "key,colour"})
+        bad = await a2.get("/api/usage", params={"group_by": "key,colour"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "group_by"
 
 
@@ -177,18 +185,24 @@ async def test_limits_answer_429_at_the_limit_on_every_frontend(
     fe1 = await cluster.frontend()
     await loaded(cluster, fe1)
     key_id, secret = await fe1.registry.audit.create_api_key("limited")
+    _, admin_key = await fe1.registry.audit.create_api_key("ops", Role.ADMIN)
     fe2 = await cluster.frontend()
     for fe in (fe1, fe2):
         fe.usage.clock = lambda: MINUTE
         await fe.refresh()
     await apoll_until(lambda: len(fe2.view.candidates("m")) == 1, what="fe2 sees the replica")
-    async with app_client(fe1, secret) as c1, app_client(fe2, secret) as c2:
-        put = await c1.put(f"/api/keys/{key_id}/limits", json={"requests_per_minute": 3})
+    async with (
+        app_client(fe1, secret) as c1,
+        app_client(fe2, secret) as c2,
+        app_client(fe1, admin_key) as a1,
+        app_client(fe2, admin_key) as a2,
+    ):
+        put = await a1.put(f"/api/keys/{key_id}/limits", json={"requests_per_minute": 3})
         assert put.status_code == 200, put.text
-        limits = (await c2.get(f"/api/keys/{key_id}/limits")).json()
+        limits = (await a2.get(f"/api/keys/{key_id}/limits")).json()
         assert (limits["requests_per_minute"], limits["tokens_per_day"]) == (3, None)
-        assert (await c2.get("/api/keys/key-none/limits")).status_code == 404
-        bad = await c2.put(f"/api/keys/{key_id}/limits", json={"requests_per_minute": 0})
+        assert (await a2.get("/api/keys/key-none/limits")).status_code == 404
+        bad = await a2.put(f"/api/keys/{key_id}/limits", json={"requests_per_minute": 0})
         assert bad.status_code == 400
         await fe2.refresh()  # the other frontend learns the limit at its resync
         assert (await c1.post(CHAT, json=chat_body())).status_code == 200
@@ -205,7 +219,7 @@ async def test_limits_answer_429_at_the_limit_on_every_frontend(
         also = await c2.post(CHAT, json=chat_body())
         assert also.status_code == 429 and also.json()["error"]["code"] == "rate_limited"
         # tokens per day: one answer past the limit, then refused until the day ends
-        put = await c1.put(f"/api/keys/{key_id}/limits", json={"tokens_per_day": 5})
+        put = await a1.put(f"/api/keys/{key_id}/limits", json={"tokens_per_day": 5})
         assert put.status_code == 200
         fe1.usage.clock = lambda: MINUTE + 86400  # the next day: no tokens counted yet
         first = await c1.post(CHAT, json=chat_body())
@@ -214,7 +228,7 @@ async def test_limits_answer_429_at_the_limit_on_every_frontend(
         assert over.status_code == 429
         assert int(over.headers["retry-after"]) == 86400 - int(MINUTE % 86400)
         await fe2.usage.flush()
-        usage = (await c1.get("/api/usage", params={"group_by": "key"})).json()["usage"]
+        usage = (await a1.get("/api/usage", params={"group_by": "key"})).json()["usage"]
         assert [(u["requests"], u["limited"], u["errors"]) for u in usage] == [(7, 3, 3)]
 
 

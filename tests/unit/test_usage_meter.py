@@ -8,12 +8,14 @@ from typing import Any, cast
 
 import pytest
 
+from corral.domain.access import Grant, Role
 from corral.domain.usage import Limits, Usage
 from corral.errors import RateLimited
 from corral.frontend.usage import UsageMeter
 from corral.store.usage import NO_LIMITS, Counts, KeyInfo
 
 NOW = 1_800_000_000.0 + 10  # 10 s into a minute
+KEY = Grant(Role.INFERENCE, key_id="key-1")
 
 
 class TableInMemory:
@@ -46,7 +48,7 @@ class TableInMemory:
 
 def meter(table: TableInMemory, limits: Limits = NO_LIMITS) -> UsageMeter:
     m = UsageMeter(cast(Any, table), clock=lambda: NOW)
-    m.keys["d1"] = KeyInfo("key-1", "team", limits)
+    m.keys["key-1"] = KeyInfo("key-1", "team", limits)
     return m
 
 
@@ -54,8 +56,8 @@ async def test_requests_and_tokens_are_counted_per_key_model_and_minute() -> Non
     table = TableInMemory()
     m = meter(table)
     for status, usage in ((200, Usage(10, 5)), (200, None), (500, None)):
-        m.admit("d1", "chat")
-        m.done("d1", "chat", status, usage)
+        m.admit(KEY, "chat")
+        m.done(KEY, "chat", status, usage)
     m.admit(None, "chat")  # the API open: no key
     await m.flush()
     minute = NOW - 10
@@ -70,14 +72,14 @@ async def test_requests_and_tokens_are_counted_per_key_model_and_minute() -> Non
 async def test_a_failed_flush_keeps_its_counts_for_the_next_one() -> None:
     table = TableInMemory()
     m = meter(table, Limits(requests_per_minute=3))
-    m.admit("d1", "chat")
-    m.admit("d1", "chat")
+    m.admit(KEY, "chat")
+    m.admit(KEY, "chat")
     table.fail = True
     with pytest.raises(ConnectionError):
         await m.flush()
-    m.admit("d1", "chat")  # the two before still count for the limit
+    m.admit(KEY, "chat")  # the two before still count for the limit
     with pytest.raises(RateLimited):
-        m.admit("d1", "chat")
+        m.admit(KEY, "chat")
     await m.flush()
     assert table.rows[("key-1", "chat", NOW - 10)] == [4, 1, 1, 0, 0]
 
@@ -85,11 +87,11 @@ async def test_a_failed_flush_keeps_its_counts_for_the_next_one() -> None:
 async def test_other_frontends_count_once_they_flushed() -> None:
     table = TableInMemory()
     here, there = meter(table, Limits(tokens_per_day=100)), meter(table, Limits(tokens_per_day=100))
-    there.admit("d1", "chat")
-    there.done("d1", "chat", 200, Usage(60, 40))
-    here.admit("d1", "chat")  # not flushed there yet: within the tolerance
+    there.admit(KEY, "chat")
+    there.done(KEY, "chat", 200, Usage(60, 40))
+    here.admit(KEY, "chat")  # not flushed there yet: within the tolerance
     await there.flush()
     await here.flush()
     with pytest.raises(RateLimited) as refused:
-        here.admit("d1", "chat")
+        here.admit(KEY, "chat")
     assert refused.value.retry_after == pytest.approx(86400 - NOW % 86400)

@@ -30,7 +30,7 @@ class Metering:
     def admit(self, tally: Tally) -> None:
         """Count the request for its key and model; RateLimited when the key is over a limit."""
         if self.usage is not None and tally.model is not None:
-            self.usage.admit(tally.key, tally.model)
+            self.usage.admit(tally.grant, tally.model)
             tally.admitted = True
 
     def done(self, tally: Tally) -> None:
@@ -47,4 +47,4 @@ class Metering:
         if first is not None and model is not None and self.inflight is not None:
             self.inflight.observe_ttft(model, first)
         if tally.admitted and self.usage is not None and model is not None:
-            self.usage.done(tally.key, model, status, tally.usage)
+            self.usage.done(tally.grant, model, status, tally.usage)

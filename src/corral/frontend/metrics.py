@@ -134,6 +134,7 @@ class FrontendCollector(Collector):
         yield from _request_families(fe.metrics)
         yield from _state_families(fe, time.time())
         yield from _counter_families(fe)
+        yield from _admission_families(fe)
 
 
 def _histogram(name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
@@ -244,6 +245,34 @@ def _counter_families(fe: Frontend) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "corral_db_errors", "PostgreSQL errors raised to this frontend.", value=fe.registry.errors
     )
+
+
+def _admission_families(fe: Frontend) -> Iterator[Metric]:
+    gate = fe.admission
+    for name, doc, value in (
+        ("corral_admission_rejected", "Requests answered 429 queue_full.", gate.rejected),
+        ("corral_admission_expired", "Requests answered 504 deadline_exceeded.", gate.expired),
+        (
+            "corral_admission_abandoned",
+            "Clients that left while waiting in a queue.",
+            gate.abandoned,
+        ),
+    ):
+        yield CounterMetricFamily(name, doc, value=value)
+    depth = GaugeMetricFamily(
+        "corral_queue_depth",
+        "Requests waiting for a slot on this frontend, per model.",
+        labels=["model"],
+    )
+    longest = GaugeMetricFamily(
+        "corral_queue_longest_wait_seconds",
+        "The longest wait of a request queued now on this frontend, per model.",
+        labels=["model"],
+    )
+    for model, queue in sorted(gate.queues().items()):
+        depth.add_metric([model], queue["depth"])
+        longest.add_metric([model], queue["longest_wait"])
+    yield from (depth, longest)
 
 
 def metrics_registry(frontend: Frontend) -> CollectorRegistry:

@@ -1,8 +1,8 @@
 """`Tally`: one inference request's `Exchange`, noting on the way what metrics and usage need.
 
 It passes every call through unchanged and notes the status, when the first body byte went
-out, and (set by the proxy) the model, the API key and the backend's usage. After the first
-body byte, `write` is the wrapped exchange's own method: no cost per streamed chunk.
+out, and (set by the proxy) the model, the API key's grant and the backend's usage. After the
+first body byte, `write` is the wrapped exchange's own method: no cost per streamed chunk.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+from corral.domain.access import Grant
 from corral.domain.usage import Usage
 from corral.frontend.http.exchange import Exchange, Headers
 
@@ -22,9 +23,9 @@ class Tally:
         "admitted",
         "endpoint",
         "first_byte",
+        "grant",
         "headers",
         "inner",
-        "key",
         "method",
         "model",
         "path",
@@ -46,7 +47,7 @@ class Tally:
         self.first_byte: float | None = None  # perf_counter() when the first body byte went
         self.endpoint: str | None = None  # the endpoint's path (bounded), once known
         self.model: str | None = None  # the declared model it was routed for
-        self.key: str | None = None  # the API key's digest (None: the API is open)
+        self.grant: Grant | None = None  # what the API key allows (None: /v1 is open)
         self.usage: Usage | None = None  # the backend's usage of a 200 answer
         self.admitted = False  # counted for its key (usage, limits)
         self.write: Callable[[bytes], Coroutine[Any, Any, None]] = self._first_write

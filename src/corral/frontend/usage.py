@@ -13,13 +13,15 @@ import logging
 import time
 from collections.abc import Callable
 
+from corral.domain.access import Grant
 from corral.domain.usage import Limits, Usage, day_of, limit_decision, minute_of
 from corral.errors import RateLimited
 from corral.store.usage import KeyInfo, UsageStore
 
 log = logging.getLogger(__name__)
 
-NO_KEY = KeyInfo("", "")  # the API is open: usage of nobody in particular
+NO_KEY = KeyInfo("", "")  # /v1 is open: usage of nobody in particular
+STATIC_KEY = KeyInfo("static", "--api-keys")  # a key from the settings (not stored: no id)
 
 
 class KeyCount:
@@ -60,7 +62,7 @@ class UsageMeter:
     ) -> None:
         self.store = store
         self.clock = clock
-        self.keys: dict[str, KeyInfo] = {}  # by digest
+        self.keys: dict[str, KeyInfo] = {}  # stored keys, by id
         #: (key id, model, minute) -> [requests, errors, limited, prompt, completion]
         self.pending: dict[tuple[str, str, float], list[int]] = {}
         self.names: dict[str, str] = {}  # key id -> name, of the pending rows
@@ -70,18 +72,21 @@ class UsageMeter:
         self._flush_lock = asyncio.Lock()  # the loop's and the usage API's flushes, in turn
 
     # --- the request path ---------------------------------------------------------------
-    def key(self, digest: str | None) -> KeyInfo:
-        """Who a request's key is (`digest`: None when the API is open)."""
-        if digest is None:
+    def key(self, grant: Grant | None) -> KeyInfo:
+        """Who a request's key is (`grant`: None while /v1 is open)."""
+        if grant is None:
             return NO_KEY
-        info = self.keys.get(digest)
-        if info is None:
-            info = self.keys[digest] = KeyInfo(f"static-{digest[:12]}", "static key")
+        key_id = grant.key_id
+        if key_id is None:
+            return STATIC_KEY
+        info = self.keys.get(key_id)
+        if info is None:  # stored since the last load: its name and limits come with the next
+            info = self.keys[key_id] = KeyInfo(key_id, "")
         return info
 
-    def admit(self, digest: str | None, model: str) -> None:
+    def admit(self, grant: Grant | None, model: str) -> None:
         """Count one request; RateLimited (counted as refused) when its key is over a limit."""
-        info = self.key(digest)
+        info = self.key(grant)
         now = self.clock()
         minute = minute_of(now)
         row = self._row(info, model, minute)
@@ -98,11 +103,11 @@ class UsageMeter:
             self._since(info.id, minute, day).add(minute, day, 1, 0)
         row[0] += 1
 
-    def done(self, digest: str | None, model: str, status: int, usage: Usage | None) -> None:
+    def done(self, grant: Grant | None, model: str, status: int, usage: Usage | None) -> None:
         """An admitted request ended with `status` and the backend's `usage` (if any)."""
         if status < 400 and usage is None:
             return
-        info = self.key(digest)
+        info = self.key(grant)
         now = self.clock()
         minute = minute_of(now)
         row = self._row(info, model, minute)
@@ -147,9 +152,9 @@ class UsageMeter:
 
     def set_limits(self, key_id: str, limits: Limits) -> None:
         """A key's limits changed on this frontend: use them at once."""
-        for digest, info in self.keys.items():
-            if info.id == key_id:
-                self.keys[digest] = KeyInfo(info.id, info.name, limits)
+        info = self.keys.get(key_id)
+        if info is not None:
+            self.keys[key_id] = KeyInfo(info.id, info.name, limits)
 
     async def flush(self) -> None:
         """Add the counts so far to PostgreSQL (one statement), then read the totals of the

@@ -38,9 +38,8 @@ class UsageStore:
         self.engine = engine
 
     async def keys(self) -> dict[str, KeyInfo]:
-        """Every stored key by its secret's digest."""
+        """Every stored key by its id."""
         query = select(
-            api_keys.c.key_hash,
             api_keys.c.id,
             api_keys.c.name,
             api_keys.c.requests_per_minute,
@@ -48,7 +47,7 @@ class UsageStore:
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return {r[0]: KeyInfo(r[1], r[2], Limits(r[3], r[4])) for r in rows}
+        return {r[0]: KeyInfo(r[0], r[1], Limits(r[2], r[3])) for r in rows}
 
     async def limits(self, key_id: str) -> Limits | None:
         """A key's limits; None when there is no such key."""
