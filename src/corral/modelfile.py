@@ -171,32 +171,16 @@ def parse_model(data: Any, *, path: str = "<api>") -> ModelSpec:
         raise ConfigError(first["msg"], path=path, field=field) from None
 
 
-def patch_scheduling(current: Scheduling, changes: Mapping[str, Any]) -> Scheduling:
-    """`current` with only the fields in `changes` replaced (`scaling: null` removes the
-    scaling target), validated as a whole; ConfigError names the first bad field."""
+def patch_scheduling(current: Mapping[str, Any], changes: Mapping[str, Any]) -> Scheduling:
+    """The scheduling block `current` (as the store writes it) with only the fields in
+    `changes` replaced (`scaling: null` removes the scaling target), validated as a whole;
+    ConfigError names the first bad field."""
     path = "PATCH scheduling"
     unknown = sorted(set(changes) - set(SchedulingDecl.model_fields))
     if unknown:
         raise ConfigError("unknown field", path=path, field=unknown[0])
-    t = current.scaling
-    base: dict[str, Any] = {
-        "min_replicas": current.min_replicas,
-        "max_replicas": current.max_replicas,
-        "spread_all": current.spread_all,
-        "node_selector": dict(current.node_selector),
-        "scale_down_delay": current.scale_down_delay,
-        "scaling": None
-        if t is None
-        else {
-            "metric": t.metric.value,
-            "target": t.target,
-            "window": t.window,
-            "idle_timeout": t.idle_timeout,
-            "max_step": t.max_step,
-        },
-    }
     try:
-        return SchedulingDecl.model_validate({**base, **changes}).to_domain()
+        return SchedulingDecl.model_validate({**current, **changes}).to_domain()
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or None

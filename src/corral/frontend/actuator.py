@@ -236,7 +236,8 @@ class Actuator:
     async def _patch_scheduling(self, action: PatchScheduling) -> Scheduling:
         """The model's scheduling with only `changes` applied (atomic with other patches)."""
         after = await self.registry.models.update_scheduling(
-            action.model, lambda current: patch_scheduling(current, action.changes)
+            action.model,
+            lambda current: patch_scheduling(scheduling_to_row(current), action.changes),
         )
         if after is None:
             raise NotFound(f"model {action.model!r} not found", param="name")
