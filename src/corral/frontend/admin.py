@@ -261,9 +261,15 @@ def admin_router() -> APIRouter:
         return {"deleted": key_id}
 
     @router.get("/events")
-    async def list_events(request: Request, limit: int = 100) -> dict[str, Any]:
+    async def list_events(
+        request: Request, limit: int = 100, after: int | None = None
+    ) -> dict[str, Any]:
+        """The newest events first; with `after` (an event id), those after it, oldest first."""
         fe = frontend_of(request)
-        return {"events": await fe.registry.audit.recent(min(max(limit, 1), 1000))}
+        limit = min(max(limit, 1), 1000)
+        if after is not None:
+            return {"events": await fe.registry.audit.after(after, limit)}
+        return {"events": await fe.registry.audit.recent(limit)}
 
     return router
 
