@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +18,7 @@ from corral.ctl import cluster as ctl_cluster
 from corral.ctl import ops as ctl_ops
 from corral.ctl.flags import settings_flags
 from corral.errors import ConfigError, EmbeddedError, ListenError
+from corral.logs import setup_logging
 
 app = typer.Typer(
     name="corral",
@@ -29,15 +28,22 @@ app = typer.Typer(
 )
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")]
+LogFormatOption = Annotated[
+    str,
+    typer.Option(
+        "--log-format",
+        envvar="CORRAL_LOG_FORMAT",
+        help="text, or json: one JSON object per line with a request_id on the lines of a"
+        " request (CORRAL_LOG_FORMAT)",
+    ),
+]
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def _logging(level: str, fmt: str) -> None:
+    if fmt not in ("text", "json"):
+        typer.echo(f"error: --log-format {fmt!r}: give text or json", err=True)
+        raise typer.Exit(2)
+    setup_logging(level, "json" if fmt == "json" else "text")
 
 
 @contextlib.contextmanager
@@ -86,12 +92,13 @@ def up(
         ),
     ] = True,
     log_level: LogLevel = "WARNING",
+    log_format: LogFormatOption = "text",
 ) -> None:
     """Run a whole cluster on this machine: PostgreSQL, NATS, a frontend and a worker."""
     from corral.runner import run_async
     from corral.up import up as run_up
 
-    _logging(log_level)
+    _logging(log_level, log_format)
     directory = data_dir or default_data_dir()
     directory.mkdir(parents=True, exist_ok=True)
     with _one_line_errors():
@@ -204,6 +211,7 @@ def serve(
         Path | None, typer.Option(help="PEM private key of --tls-cert (CORRAL_TLS_KEY)")
     ] = None,
     log_level: LogLevel = "INFO",
+    log_format: LogFormatOption = "text",
 ) -> None:
     """Run a frontend against an existing PostgreSQL and NATS.
 
@@ -212,7 +220,7 @@ def serve(
     """
     from corral.runner import install_stop_handler, run_async, serve_frontend
 
-    _logging(log_level)
+    _logging(log_level, log_format)
     settings: FrontendSettings = _settings(
         FrontendSettings,
         database_url=database_url,
@@ -274,11 +282,12 @@ def worker(
     max_replicas_per_model: Annotated[int | None, typer.Option()] = None,
     backends_dir: Annotated[Path | None, typer.Option(help="Extra backend entries")] = None,
     log_level: LogLevel = "INFO",
+    log_format: LogFormatOption = "text",
 ) -> None:
     """Join a cluster and run backends for it."""
     from corral.runner import install_stop_handler, make_agent, run_async, serve_worker
 
-    _logging(log_level)
+    _logging(log_level, log_format)
     try:
         parsed_labels = parse_labels(labels) if labels else None
     except ValueError as exc:

@@ -3,6 +3,7 @@ shared by the tests of this module: tables with headers, node names or ids, one-
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def shared(
             options={"embedding_dim": 8},
             scheduling={"node_selector": {"zone": "a"}, "max_replicas": 1},
         )
-        c.start_frontend()
+        c.start_frontend(CORRAL_LOG_FORMAT="json")
         c.start_worker("w1", labels="zone=a")
         c.start_worker("w2")
         wait_for(
@@ -219,3 +220,37 @@ def test_keys_create_list_revoke(shared: Cluster) -> None:
 
     assert ok(shared, "keys", "revoke", key_id, key=secret) == [f"revoked {key_id}"]
     assert httpx.get(shared.url() + "/api/keys", timeout=10).json()["keys"] == []
+
+
+def test_request_ids_are_echoed_and_on_the_json_log_lines(shared: Cluster) -> None:
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    served = httpx.post(
+        shared.url() + "/v1/chat/completions",
+        json=chat,
+        headers={"x-request-id": "cli-e2e-ok"},
+        timeout=30,
+    )
+    assert served.status_code == 200, served.text
+    assert served.headers.get_list("x-request-id") == ["cli-e2e-ok"]
+    missing = httpx.post(
+        shared.url() + "/v1/chat/completions",
+        json={**chat, "model": "ghost"},
+        headers={"x-request-id": "cli-e2e-404"},
+        timeout=30,
+    )
+    assert missing.status_code == 404
+    assert missing.headers["x-request-id"] == "cli-e2e-404"
+    made = httpx.get(shared.url() + "/api/nodes", timeout=30).headers["x-request-id"]
+    assert made and made != "cli-e2e-404"
+
+    def logged() -> dict[str, str] | None:
+        for line in shared.frontends[0].output().splitlines():
+            if line.startswith("{") and '"cli-e2e-404"' in line:
+                record: dict[str, str] = json.loads(line)
+                return record
+        return None
+
+    record = wait_for(logged, timeout=10, what="the 404's JSON log line")
+    assert record["request_id"] == "cli-e2e-404"
+    assert record["level"] == "INFO"
+    assert "404 model_not_found" in record["message"]

@@ -17,6 +17,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Coroutine
+from contextvars import copy_context
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -24,6 +25,7 @@ import httptools
 from corral.errors import BadRequest, CorralError, HeadersTooLarge, RequestTimeout
 from corral.frontend.http.request import Request
 from corral.frontend.http.wire import CLOSE, CRLF, Headers, error_response, status_line
+from corral.logs import REQUEST_ID
 
 if TYPE_CHECKING:
     from corral.frontend.http.server import HttpServer
@@ -204,7 +206,11 @@ class HttpConnection(asyncio.Protocol):
     def _begin(self, req: Request) -> None:
         self.active = req
         handler = self.server.route(req)
-        task = self.loop.create_task(handler(req))
+        rid, req.request_id_origin = self.server.request_ids(req.headers)
+        req.request_id = rid
+        context = copy_context()  # the handler's task (and what it spawns) logs with the id
+        context.run(REQUEST_ID.set, rid.decode("latin-1"))
+        task = self.loop.create_task(handler(req), context=context)
         req.task = task
         task.add_done_callback(req.handler_done)
 
