@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from corral.cli import app
 from corral.config import FrontendSettings, WorkerSettings
 from corral.ctl.flags import HELP, env_name, settings_flags
-from corral.ctl.tables import ago, render
+from corral.ctl.tables import ago, last_line, render
 
 
 def _options(command: str) -> dict[str, Any]:
@@ -85,3 +85,9 @@ def test_ages() -> None:
     assert ago(None) == "never"
     assert ago(100.0, now=105.0) == "5s ago"
     assert ago(0.5, now=7300.0) == "2h ago"
+
+
+def test_last_line_of_an_error() -> None:
+    assert last_line("Traceback:\n  x\nValueError: bad\n\n") == "ValueError: bad"
+    assert last_line("  \n ") == ""
+    assert last_line(None) == ""

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from corral.ctl.client import Admin, fail, model_path, seg
-from corral.ctl.tables import ago, gib, pairs, show
+from corral.ctl.tables import ago, gib, last_line, pairs, show
 
 AdminUrl = Annotated[
     str, typer.Option("--url", envvar="CORRAL_URL", help="A frontend's URL (CORRAL_URL)")
@@ -99,7 +99,7 @@ def models(url: AdminUrl = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson 
         if phase == "rolling":
             phase = f"rolling ({rollout.get('old')} old, {rollout.get('current')} new)"
         if phase == "halted" and rollout.get("last_error"):
-            halted.append((m["name"], rollout["last_error"].strip().splitlines()[-1]))
+            halted.append((m["name"], last_line(rollout["last_error"])))
         starting = sum(counts[k] for k in ("scheduled", "staging", "loading"))
         rows.append(
             (
@@ -160,7 +160,7 @@ def ps(
             r.get("inflight", ""),
             ago(r.get("last_used")),
             r.get("address") or "",
-            (r.get("load_error") or "").strip().splitlines()[-1:][0] if r.get("load_error") else "",
+            last_line(r.get("load_error")),
         )
         for r in replicas
     ]

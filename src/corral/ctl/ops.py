@@ -11,7 +11,7 @@ import typer
 
 from corral.ctl.client import Admin, fail, seg
 from corral.ctl.cluster import DEFAULT_URL, AdminUrl, ApiKey, NodeRef
-from corral.ctl.tables import ago, clock, show
+from corral.ctl.tables import ago, clock, last_line, show
 
 keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
 backends_app = typer.Typer(help="Backend installs on worker nodes.", no_args_is_help=True)
@@ -172,7 +172,7 @@ def backends_list(node: NodeRef, url: AdminUrl = DEFAULT_URL, api_key: ApiKey = 
     rows = []
     for name, b in data["backends"].items():
         pct = f"{b['percent']:.0f}%" if b.get("percent") is not None else ""
-        error = b["error"].strip().splitlines()[-1] if b.get("error") else ""
+        error = last_line(b.get("error"))
         rows.append((name, b["state"], pct, error))
     show(("backend", "state", "progress", "error"), rows)
 

@@ -43,3 +43,9 @@ def pairs(labels: Mapping[str, str]) -> str:
 def clock(at: float) -> str:
     """An event's time, local, to the second."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def last_line(text: str | None) -> str:
+    """The last non-empty line of an error text (a traceback's ends with the error)."""
+    lines = (text or "").strip().splitlines()
+    return lines[-1].strip() if lines else ""
