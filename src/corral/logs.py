@@ -12,8 +12,9 @@ from typing import Literal
 
 LogFormat = Literal["text", "json"]
 
-#: The id of the request the running code serves (None outside of requests).
-REQUEST_ID: ContextVar[str | None] = ContextVar("corral_request_id", default=None)
+#: The id of the request the running code serves (None outside of requests), as the
+#: x-request-id header's bytes: decoded only when a line is logged.
+REQUEST_ID: ContextVar[bytes | None] = ContextVar("corral_request_id", default=None)
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
 
@@ -24,8 +25,9 @@ class RequestIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         rid = REQUEST_ID.get()
-        record.request_id = rid
-        record.request_tag = f" [{rid}]" if rid else ""
+        text = rid.decode("latin-1") if rid else None
+        record.request_id = text
+        record.request_tag = f" [{text}]" if text else ""
         return True
 
 

@@ -50,7 +50,7 @@ def test_json_lines_carry_the_request_id_of_their_context() -> None:
     fmt = JsonFormatter()
     outside = json.loads(fmt.format(_record("idle")))
     assert outside["message"] == "idle" and "request_id" not in outside
-    token = REQUEST_ID.set("abc-1")
+    token = REQUEST_ID.set(b"abc-1")
     try:
         line = fmt.format(_record("served", exc=True))
     finally:

@@ -59,6 +59,7 @@ class Request:
         "raw_path",
         "request_id",
         "request_id_origin",
+        "sent_request_id",
         "started",
         "task",
         "version",
@@ -100,6 +101,7 @@ class Request:
         self.task: asyncio.Task[None] | None = None
         self.request_id = b""  # set when its handler starts; sent back as x-request-id
         self.request_id_origin = Origin.CLIENT
+        self.sent_request_id: bytes | None = None  # the client's x-request-id header
 
     # --- reading the body -----------------------------------------------------------------
     async def body(self, limit: int) -> bytes:

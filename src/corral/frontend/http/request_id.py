@@ -23,6 +23,9 @@ class Origin(IntEnum):
     REPLACED = 2  # the client's was too long or had unsafe characters
 
 
+_CLIENT, _GENERATED, _REPLACED = Origin.CLIENT, Origin.GENERATED, Origin.REPLACED
+
+
 class RequestIds:
     """Picks the id of each request."""
 
@@ -30,13 +33,17 @@ class RequestIds:
         self.prefix = (prefix or secrets.token_hex(4)).encode()
         self._counter = itertools.count(1)
 
+    def pick(self, sent: bytes | None) -> tuple[bytes, Origin]:
+        """The client's id (`sent`: its x-request-id header, None without one) if valid, else
+        a new one; and where it came from."""
+        if sent is not None and SAFE.fullmatch(sent):
+            return sent, _CLIENT
+        made = b"%s-%x" % (self.prefix, next(self._counter))
+        return made, _GENERATED if sent is None else _REPLACED
+
     def __call__(self, headers: Headers) -> tuple[bytes, Origin]:
-        """The client's id if it sent a valid one, else a new one; and where it came from."""
-        origin = Origin.GENERATED
+        """`pick` for a request's headers (the first x-request-id counts)."""
         for name, value in headers:
             if name == HEADER:
-                if SAFE.fullmatch(value):
-                    return value, Origin.CLIENT
-                origin = Origin.REPLACED
-                break
-        return b"%s-%x" % (self.prefix, next(self._counter)), origin
+                return self.pick(value)
+        return self.pick(None)
