@@ -151,6 +151,9 @@ def test_events_name_nodes_and_follow_prints_new_ones(shared: Cluster) -> None:
     w2 = shared.node("w2")
     assert w2 is not None
     assert any("node.draining" in line and f"w2 ({w2['id']})" in line for line in lines)
+    names = {f"{n['name']} ({n['id']})" for n in shared.nodes()}
+    loads = [line for line in lines if "replica.loaded" in line and "chat#" in line]
+    assert loads and all(any(f"on {name} at" in line for name in names) for line in loads)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "corral", "events", "-f", "--limit", "1", "--interval", "0.2"]
