@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -337,6 +338,25 @@ ctl_cluster.register(app)
 ctl_ops.register(app)
 
 
+#: click's usage-error base class, whichever click typer uses (its own copy or the package)
+_CLICK_ERROR: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+)
+
+
 def main() -> None:
+    """Run the command line; a usage error is one line (`error: ...`, exit 2), like the rest."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except _CLICK_ERROR as exc:
+        message = exc.format_message()  # type: ignore[attr-defined]
+        if message:
+            typer.echo(f"error: {message}", err=True)
+        else:  # no command given: the help
+            exc.show()  # type: ignore[attr-defined]
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -4,6 +4,8 @@ the operator commands print have a header."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Annotated, Any
 
 import pytest
@@ -91,3 +93,20 @@ def test_last_line_of_an_error() -> None:
     assert last_line("Traceback:\n  x\nValueError: bad\n\n") == "ValueError: bad"
     assert last_line("  \n ") == ""
     assert last_line(None) == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["drain"], "error: Missing argument 'node'."),
+        (["nodez"], "error: No such command 'nodez'. Did you mean 'nodes'?"),
+        (["scale", "m", "--min", "x"], "error: Invalid value for '--min'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args: list[str], line: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "corral", *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(line), done.stderr
