@@ -28,7 +28,10 @@ def test_drain_under_load_moves_replicas_without_a_failed_request(cluster: Clust
         traffic.wait_for_successes(5)
         began = time.monotonic()
         out = subprocess.run(
-            [sys.executable, "-m", "corral", "drain", drained, "--url", cluster.url(), "--json"],
+            [
+                *(sys.executable, "-m", "corral", "drain", drained, "--json"),
+                *("--url", cluster.url(), "--api-key", cluster.admin_key),
+            ],
             capture_output=True,
             text=True,
             timeout=120,

@@ -55,8 +55,9 @@ def shared(
 
 
 def corral(c: Cluster, *args: str, key: str | None = None) -> tuple[int, str, str]:
-    """Run `corral ARGS --url <frontend>` in this process; (exit code, stdout, stderr)."""
-    env = {"CORRAL_API_KEY": key} if key else {}
+    """Run `corral ARGS --url <frontend>` in this process with the frontends' data dir (so the
+    CLI finds their admin key file), or with `key`; (exit code, stdout, stderr)."""
+    env = {"CORRAL_DATA_DIR": str(c.data_dir), "CORRAL_API_KEY": key}
     result = CliRunner().invoke(app, [*args, "--url", c.url()], env=env)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
@@ -155,7 +156,7 @@ def test_events_name_nodes_and_follow_prints_new_ones(shared: Cluster) -> None:
     loads = [line for line in lines if "replica.loaded" in line and "chat#" in line]
     assert loads and all(any(f"on {name} at" in line for name in names) for line in loads)
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CORRAL_API_KEY": shared.admin_key}
     argv = [sys.executable, "-m", "corral", "events", "-f", "--limit", "1", "--interval", "0.2"]
     follow = subprocess.Popen(
         [*argv, "--url", shared.url()], stdout=subprocess.PIPE, text=True, env=env
@@ -207,22 +208,29 @@ def test_errors_are_one_line_and_exit_non_zero(shared: Cluster, tmp_path: Path) 
     assert closed.stderr.startswith("error: cannot reach http://127.0.0.1:9")
 
 
-def test_keys_create_list_revoke(shared: Cluster) -> None:
-    """Last: a stored key closes the admin API to callers without one until it is revoked."""
-    lines = ok(shared, "keys", "create", "ops", "--role", "admin", "--models", "chat,emb")
-    assert lines[0].split()[:2] == ["ID", "NAME"]
-    key_id, secret = rows(lines)[0][0], rows(lines)[0][-1]
-    assert secret.startswith("sk-corral-")
+def test_keys_create_list_revoke(shared: Cluster, tmp_path: Path) -> None:
+    lines = ok(shared, "keys", "create", "app", "--role", "inference", "--models", "chat,emb")
+    assert lines[0].split() == ["ID", "NAME", "ROLE", "KEY"]
+    key_id, _, role, secret = rows(lines)[0]
+    assert (role, secret[:10]) == ("inference", "sk-corral-")
 
-    code, _, err = corral(shared, "keys", "list")
-    assert code == 1 and "(HTTP 401)" in err and "--api-key" in err
+    listed = ok(shared, "keys", "list")
+    assert listed[0].split() == ["ID", "NAME", "ROLE", "MODELS", "CREATED"]
+    assert [key_id, "app", "inference", "chat,emb"] in [r[:4] for r in rows(listed)]
 
-    listed = ok(shared, "keys", "list", key=secret)
-    assert listed[0].split()[:2] == ["ID", "NAME"]
-    assert [key_id, "ops"] in [r[:2] for r in rows(listed)]
+    code, _, err = corral(shared, "keys", "list", key=secret)  # an inference key
+    assert code == 1 and "(HTTP 403)" in err and "admin API needs an admin key" in err
+    nokey = CliRunner().invoke(
+        app, ["nodes", "--url", shared.url()], env={"CORRAL_DATA_DIR": str(tmp_path)}
+    )
+    assert nokey.exit_code == 1
+    assert "(HTTP 401)" in nokey.stderr and "--api-key" in nokey.stderr
 
-    assert ok(shared, "keys", "revoke", key_id, key=secret) == [f"revoked {key_id}"]
-    assert httpx.get(shared.url() + "/api/keys", timeout=10).json()["keys"] == []
+    code, _, err = corral(shared, "keys", "create", "ops", "--role", "admin", "--models", "chat")
+    assert code == 1 and "an admin key cannot be limited to models" in err
+
+    assert ok(shared, "keys", "revoke", key_id) == [f"revoked {key_id}"]
+    assert key_id not in "\n".join(ok(shared, "keys", "list"))
 
 
 def test_request_ids_are_echoed_and_on_the_json_log_lines(shared: Cluster) -> None:
@@ -243,7 +251,9 @@ def test_request_ids_are_echoed_and_on_the_json_log_lines(shared: Cluster) -> No
     )
     assert missing.status_code == 404
     assert missing.headers["x-request-id"] == "cli-e2e-404"
-    made = httpx.get(shared.url() + "/api/nodes", timeout=30).headers["x-request-id"]
+    made = httpx.get(shared.url() + "/api/nodes", headers=shared.admin_headers, timeout=30).headers[
+        "x-request-id"
+    ]
     assert made and made != "cli-e2e-404"
 
     def logged() -> dict[str, str] | None:

@@ -9,6 +9,8 @@ from urllib.parse import quote
 import httpx
 import typer
 
+from corral.keyfile import default_admin_key
+
 
 def fail(message: str, status: int = 1) -> NoReturn:
     """Print `error: message` on stderr and exit with `status`."""
@@ -28,7 +30,8 @@ def model_path(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Admin:
-    """A frontend's admin API, with the admin key when there is one."""
+    """A frontend's admin API, with the admin key when there is one (given, else the admin.key
+    file `corral serve` and `corral up` create)."""
 
     url: str
     api_key: str | None
@@ -45,7 +48,8 @@ class Admin:
     ) -> Any:
         """Send one request; exit with one line on any failure. `missing`: the line to print
         when this frontend has no such endpoint (an older version)."""
-        headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        key = self.api_key or default_admin_key()
+        headers = {"authorization": f"Bearer {key}"} if key else {}
         query = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             response = httpx.request(
@@ -72,5 +76,5 @@ class Admin:
         if missing and response.status_code == 404 and message == "no such endpoint":
             fail(missing)
         if response.status_code == 401:
-            message += " (give the admin key: --api-key or CORRAL_API_KEY)"
+            message += " (give an admin key: --api-key or CORRAL_API_KEY)"
         fail(f"{message} (HTTP {response.status_code})")

@@ -17,7 +17,12 @@ AdminUrl = Annotated[
 ]
 ApiKey = Annotated[
     str | None,
-    typer.Option("--api-key", envvar="CORRAL_API_KEY", help="Admin API key (CORRAL_API_KEY)"),
+    typer.Option(
+        "--api-key",
+        envvar="CORRAL_API_KEY",
+        help="Admin API key (CORRAL_API_KEY; default: the admin.key file in $CORRAL_DATA_DIR or"
+        " the per-user data directory, which corral serve and corral up create)",
+    ),
 ]
 NodeRef = Annotated[str, typer.Argument(help="Node name or id")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table")]
