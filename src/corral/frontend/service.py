@@ -143,6 +143,14 @@ class Frontend:
             self.authorizer.set_admin([digest(read_or_create_admin_key(key_file))])
             log.info("admin key: %s", key_file)
         await self.bus.connect()
+        if not self.bus.auth_required:
+            log.warning(
+                "NATS at %s requires no authentication: whoever reaches it may publish and "
+                "subscribe on the cluster's subjects (replica events are still checked against "
+                "PostgreSQL before they route anything); put NATS where only the cluster "
+                "reaches it (docs/architecture.md, Security)",
+                self.settings.nats_url.rpartition("@")[2],
+            )
         if self.models_dir is not None:
             await self.models_dir.sync()
         await self.refresh()
