@@ -79,6 +79,11 @@ class Subjects:
         return f"{self.prefix}.frontend.load"
 
     @property
+    def key_events(self) -> str:
+        """Broadcast: a frontend stored or deleted an API key (a hint: read them again)."""
+        return f"{self.prefix}.frontend.keys"
+
+    @property
     def response_homes(self) -> str:
         """Broadcast: a frontend relayed a new stored response (its id and replica)."""
         return f"{self.prefix}.frontend.responses"

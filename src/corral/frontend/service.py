@@ -9,7 +9,14 @@ from typing import Any
 
 from corral.backends.catalog import Catalog
 from corral.bus.client import Bus, decode
-from corral.bus.messages import LoadProgress, LoadReport, ModelEvent, NodeEvent, ReplicaEvent
+from corral.bus.messages import (
+    KeysChanged,
+    LoadProgress,
+    LoadReport,
+    ModelEvent,
+    NodeEvent,
+    ReplicaEvent,
+)
 from corral.config import FrontendSettings
 from corral.domain.actions import RecordUse
 from corral.frontend.actuator import Actuator
@@ -158,6 +165,7 @@ class Frontend:
         await self.bus.subscribe(s.replica_events, self._on_replica_event)
         await self.bus.subscribe(s.node_events, self._on_node_event)
         await self.bus.subscribe(s.model_events, self._on_model_event)
+        await self.bus.subscribe(s.key_events, self._on_key_event)
         await self.bus.subscribe(s.all_load_events, self._on_load_event)
         await self.bus.subscribe(s.load_reports, self._on_load_report)
         await self.bus.subscribe(s.install_events, self.installs.on_event)
@@ -217,7 +225,19 @@ class Frontend:
         self.authorizer.update(await self.registry.audit.api_key_grants())
         self.inflight.expire()
 
+    async def keys_changed(self) -> None:
+        """This frontend stored or deleted an API key: take the keys now, and tell the other
+        frontends to, so every frontend's open/closed mode changes within moments (their
+        resync would take up to `resync_interval`)."""
+        self.authorizer.update(await self.registry.audit.api_key_grants())
+        await self.bus.publish(self.bus.subjects.key_events, KeysChanged(origin=self.id))
+
     # --- event handlers -------------------------------------------------------------------
+    async def _on_key_event(self, payload: bytes) -> None:
+        event = decode(payload, KeysChanged)
+        if event is not None and event.origin != self.id:  # a hint: PostgreSQL has the keys
+            self.authorizer.update(await self.registry.audit.api_key_grants())
+
     async def _on_replica_event(self, payload: bytes) -> None:
         """A replica changed: a hint, never authority. The view takes the replica's row from
         PostgreSQL (read now, once per event, never per request): an address only the event
