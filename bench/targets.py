@@ -253,7 +253,11 @@ class Corral:
         return {"authorization": f"Bearer {path.read_text().strip()}"} if path.exists() else {}
 
     def api(self, path: str) -> Any:
-        r = httpx.get(self.url + path, timeout=10, headers=self.admin_headers)
+        auth = self.admin_headers
+        keys = self.extra_env.get("CORRAL_API_KEYS", "")
+        if not auth and keys:
+            auth = {"authorization": f"Bearer {keys.split(',')[0]}"}
+        r = httpx.get(self.url + path, timeout=10, headers=auth)
         r.raise_for_status()
         return r.json()
 

@@ -168,7 +168,13 @@ def serve(
             " (CORRAL_METRICS_KEY; default: /metrics is open)"
         ),
     ] = None,
-    wait_budget: Annotated[float | None, typer.Option(help="Seconds to wait for a load")] = None,
+    wait_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a request may wait for a load or a slot unless its model's deadline"
+            " or its x-corral-deadline header says otherwise (60)"
+        ),
+    ] = None,
     placement: Annotated[str | None, typer.Option(help="binpack or spread")] = None,
     nats_prefix: Annotated[str | None, typer.Option(help="NATS subject prefix")] = None,
     reconcile_interval: Annotated[float | None, typer.Option(help="Seconds per tick")] = None,
@@ -217,6 +223,21 @@ def serve(
         int | None,
         typer.Option(help="Response ids remembered for routing home, newest kept (100000)"),
     ] = None,
+    prefix_share_interval: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds between two batches of routed prompt-prefix hashes sent to the other"
+            " frontends (default 0.2)"
+        ),
+    ] = None,
+    prefix_index_size: Annotated[
+        int | None,
+        typer.Option(help="Prompt-prefix hashes the routing index remembers (default 65536)"),
+    ] = None,
+    prefix_ttl: Annotated[
+        float | None,
+        typer.Option(help="Seconds a routed prompt prefix counts as cached on its replica (300)"),
+    ] = None,
     header_timeout: Annotated[
         float | None,
         typer.Option(help="Seconds a client has to send request headers; then 408 (default 10)"),
@@ -243,6 +264,30 @@ def serve(
     ] = None,
     tls_key: Annotated[
         Path | None, typer.Option(help="PEM private key of --tls-cert (CORRAL_TLS_KEY)")
+    ] = None,
+    queue_max_entries: Annotated[
+        int | None,
+        typer.Option(help="Requests that may wait per model; then 429 queue_full (1024)"),
+    ] = None,
+    queue_max_bytes: Annotated[
+        int | None, typer.Option(help="Bytes of request bodies that may wait per model (64 MiB)")
+    ] = None,
+    max_deadline: Annotated[
+        float | None, typer.Option(help="The longest x-corral-deadline honoured, seconds (600)")
+    ] = None,
+    key_priorities: Annotated[
+        str | None,
+        typer.Option(
+            help="API keys' priority classes, KEY=high|normal|low,...: a key's default and"
+            " the most its x-corral-priority header may ask for (CORRAL_KEY_PRIORITIES)"
+        ),
+    ] = None,
+    load_backoff: Annotated[
+        float | None,
+        typer.Option(help="Seconds before a failed model load is tried again; doubles (5)"),
+    ] = None,
+    load_backoff_max: Annotated[
+        float | None, typer.Option(help="The most the load backoff grows to, seconds (300)")
     ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
@@ -280,6 +325,9 @@ def serve(
         spool_memory_bytes=spool_memory_bytes,
         response_ttl=response_ttl,
         response_map_size=response_map_size,
+        prefix_share_interval=prefix_share_interval,
+        prefix_index_size=prefix_index_size,
+        prefix_ttl=prefix_ttl,
         header_timeout=header_timeout,
         body_timeout=body_timeout,
         body_min_rate=body_min_rate,
@@ -287,6 +335,12 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        queue_max_entries=queue_max_entries,
+        queue_max_bytes=queue_max_bytes,
+        max_deadline=max_deadline,
+        key_priorities=key_priorities,
+        load_backoff=load_backoff,
+        load_backoff_max=load_backoff_max,
     )
     for path in (settings.tls_cert, settings.tls_key):
         if path is not None and not path.is_file():

@@ -56,7 +56,9 @@ class FrontendSettings(BaseSettings):
     tls_key: Path | None = None  # PEM private key of tls_cert
 
     # cold path
-    wait_budget: float = 60.0  # seconds a request waits for a model load before 503
+    # seconds a request may wait (for a load, or a slot) unless its model's `deadline` or its
+    # x-corral-deadline header says otherwise: then 503 with the load's progress, or 504
+    wait_budget: float = 60.0
     placement: Literal["binpack", "spread"] = "binpack"
     start_timeout: float = 900.0  # seconds a replica start may take on its node
     load_job_ttl: float = 30.0  # seconds a load job's claim lives without renewal
@@ -73,7 +75,20 @@ class FrontendSettings(BaseSettings):
     # request headers passed to backends besides x-*, openai-*, traceparent, accept, user-agent:
     # names, or prefixes ending in "*" (authorization and hop-by-hop headers never pass)
     forward_headers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # admission (corral.frontend.admission): the per-model wait queue in front of the replicas
+    queue_max_entries: int = Field(default=1024, ge=0)  # requests waiting per model; then 429
+    queue_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)  # their bodies, per model
+    max_deadline: float = Field(default=600.0, gt=0)  # the most x-corral-deadline may ask for
+    # API keys' priority classes: "KEY=high,KEY2=low"; a key's class is its default and the
+    # most its x-corral-priority header may ask for (keys not named: normal, up to high)
+    key_priorities: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    load_backoff: float = Field(default=5.0, gt=0)  # seconds after a failed load; doubles
+    load_backoff_max: float = Field(default=300.0, gt=0)  # the most it grows to
     load_report_interval: float = 0.2  # seconds between in-flight reports to other frontends
+    # routing's prompt-prefix index, shared by the frontends over NATS
+    prefix_share_interval: float = Field(default=0.2, gt=0)  # seconds between two batches
+    prefix_index_size: int = Field(default=65_536, ge=1)  # prefix hashes remembered
+    prefix_ttl: float = Field(default=300.0, gt=0)  # seconds a routed prefix counts as cached
     resync_interval: float = 10.0  # seconds between full snapshot refreshes from PostgreSQL
     last_used_flush_interval: float = 2.0
 
@@ -93,6 +108,17 @@ class FrontendSettings(BaseSettings):
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [k for k in (s.strip() for s in value.split(",")) if k]
+        return value
+
+    @field_validator("key_priorities", mode="before")
+    @classmethod
+    def _parse_priorities(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = parse_labels(value)
+        if isinstance(value, dict):
+            for key, tier in value.items():
+                if tier not in ("high", "normal", "low"):
+                    raise ValueError(f"key priority {tier!r} of {key[:4]}… is not high/normal/low")
         return value
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ from corral.domain.entities import (
     RolloutStrategy,
     Scheduling,
 )
+from corral.domain.routing_weights import RoutingWeights, weights_from_row, weights_to_row
 from corral.errors import (
     ConfigError,
 )
@@ -38,6 +39,8 @@ scheduling:
   spread_all: false
   node_selector: {zone: eu}
   scale_down_delay: 60
+  max_concurrency: 4
+  deadline: 30
 """,
     )
     (spec,) = parse_model_file(path)
@@ -48,7 +51,12 @@ scheduling:
         options={"n_ctx": 4096, "fast": True},
         memory=8 * 1024**3,
         scheduling=Scheduling(
-            min_replicas=1, max_replicas=3, node_selector={"zone": "eu"}, scale_down_delay=60.0
+            min_replicas=1,
+            max_replicas=3,
+            node_selector={"zone": "eu"},
+            scale_down_delay=60.0,
+            max_concurrency=4,
+            deadline=30.0,
         ),
     )
 
@@ -99,6 +107,8 @@ def test_model_file_unreadable_names_path(tmp_path: Path) -> None:
 BAD_FIELDS: list[tuple[str, dict[str, Any], str | None]] = [
     ("min-replicas-negative", {"scheduling": {"min_replicas": -1}}, "scheduling.min_replicas"),
     ("max-replicas-text", {"scheduling": {"max_replicas": "many"}}, "scheduling.max_replicas"),
+    ("concurrency-negative", {"scheduling": {"max_concurrency": -1}}, "scheduling.max_concurrency"),
+    ("deadline-zero", {"scheduling": {"deadline": 0}}, "scheduling.deadline"),
     ("scheduling-unknown-key", {"scheduling": {"replicas": 2}}, "scheduling.replicas"),
     ("selector-not-mapping", {"scheduling": {"node_selector": ["a"]}}, "scheduling.node_selector"),
     ("unknown-field", {"bogus": 1}, "bogus"),
@@ -138,6 +148,10 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], str | None]] = [
         "scheduling",
     ),
     ("min-above-max", {"scheduling": {"min_replicas": 3, "max_replicas": 2}}, "scheduling"),
+    ("routing-negative-weight", {"routing": {"prefix": -1}}, "routing.prefix"),
+    ("routing-nan-weight", {"routing": {"load": float("nan")}}, "routing.load"),
+    ("routing-zero-concurrency", {"routing": {"concurrency": 0}}, "routing.concurrency"),
+    ("routing-unknown-scorer", {"routing": {"latency": 1}}, "routing.latency"),
 ]
 
 
@@ -253,3 +267,16 @@ def test_model_rollout_and_scaling() -> None:
         600.0,
     )
     assert parse_model({"name": "m", "backend": "sim"}).scheduling.scaling is None
+
+
+def test_model_routing_weights_default_and_declared() -> None:
+    assert parse_model({"name": "m", "backend": "sim"}).routing == RoutingWeights()
+    spec = parse_model(
+        {"name": "m", "backend": "sim", "routing": {"prefix": 2, "session": 0, "concurrency": 4}}
+    )
+    assert spec.routing == RoutingWeights(prefix=2.0, session=0.0, concurrency=4)
+    # routing is not part of the revision: changing it moves no replica
+    plain = parse_model({"name": "m", "backend": "sim"})
+    assert spec.config_revision == plain.config_revision
+    assert weights_from_row(weights_to_row(spec.routing)) == spec.routing
+    assert weights_from_row(None) == RoutingWeights()

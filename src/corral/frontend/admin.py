@@ -134,6 +134,25 @@ def admin_router() -> APIRouter:
         await fe.actuator.apply(RemoveModel(name))
         return {"deleted": name}
 
+    # --- admission ----------------------------------------------------------------------
+    @router.get("/queues")
+    async def list_queues(request: Request) -> dict[str, Any]:
+        """Per model: its replica limit, in-flight counts, and the wait queues (this
+        frontend's, and the depth and longest wait across every frontend)."""
+        fe = frontend_of(request)
+        local = fe.admission.queues()
+        out = {}
+        for name, spec in sorted(fe.view.models.items()):
+            replicas = fe.view.candidates(name)
+            out[name] = {
+                "max_concurrency": fe.admission.limit(spec),
+                "inflight": {str(r.index): fe.inflight.total(r.key) for r in replicas},
+                "queued": fe.inflight.queued(name),
+                "queue_wait": round(fe.inflight.queue_wait(name), 3),
+                "local": local.get(name),
+            }
+        return {"queues": out}
+
     # --- nodes --------------------------------------------------------------------------
     @router.get("/nodes")
     async def list_nodes(request: Request) -> dict[str, Any]:

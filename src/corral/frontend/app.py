@@ -35,7 +35,7 @@ from corral.frontend.nodes_api import node_router, require_node
 from corral.frontend.request import BY_ID, ENDPOINTS, endpoint_for
 from corral.frontend.service import Frontend
 from corral.frontend.ui import dashboard_router
-from corral.store.db import DB_ERRORS, input_error
+from corral.store.db import DB_ERRORS, RECONCILER_LOCK, input_error
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,22 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
             "version": __version__,
             "reconciler_leader": frontend.reconciler.leader,
         }
+
+    @api.get("/readyz", summary="Ready: can serve (leader known, at least one healthy node)")
+    async def readyz() -> JSONResponse:
+        """Unlike /healthz (the process is alive), 200 only once inference requests can be
+        served: the loops run, a reconciler leads, and a node is healthy; else 503."""
+        healthy = sum(1 for n in frontend.view.nodes.values() if n.schedulable)
+        try:
+            leader = frontend.reconciler.leader or await frontend.registry.lock_held(
+                RECONCILER_LOCK
+            )
+        except Exception:  # the database is unreachable: not ready
+            leader = False
+        checks = {"started": frontend.started, "leader": leader, "healthy_nodes": healthy}
+        ready = frontend.started and leader and healthy > 0
+        body = {"status": "ready" if ready else "not_ready", "frontend_id": frontend.id, **checks}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @api.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -9,6 +9,7 @@ stream the response bytes back unchanged. The slot is released exactly once on e
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -18,7 +19,6 @@ import orjson
 
 from corral.domain.actions import DropReplica
 from corral.domain.entities import ModelSpec, Replica, ReplicaState
-from corral.domain.pick import pick_replica
 from corral.domain.routing.candidates import supports
 from corral.errors import (
     CorralError,
@@ -34,6 +34,8 @@ from corral.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from corral.frontend.abort import AbortOnDisconnect
+from corral.frontend.admission import AdmissionGate
 from corral.frontend.asgi import AsgiExchange, ClientGone, Receive, Scope, Send, sse_error
 from corral.frontend.auth import Authorizer
 from corral.frontend.headers import HeaderFilter
@@ -55,6 +57,7 @@ from corral.frontend.responses_map import (
     StreamIdScanner,
     id_of_body,
 )
+from corral.frontend.router import SCORES_HEADER, Router, replica_headers
 from corral.frontend.upstream import UpstreamPool, UpstreamResponse
 from corral.frontend.view import ClusterView
 
@@ -98,6 +101,8 @@ class OpenAIProxy:
         capabilities: Callable[[ModelSpec], Collection[str] | None] | None = None,
         homes: SharedHomes | None = None,
         spool_memory_bytes: int = SPOOL_MEMORY,
+        admission: AdmissionGate | None = None,
+        router: Router | None = None,
     ) -> None:
         self.view = view
         self.inflight = inflight
@@ -113,9 +118,15 @@ class OpenAIProxy:
         self.capabilities = capabilities or _undeclared
         self.homes = homes or SharedHomes(ResponseHomes(10_000, 3600.0), None, "")
         self.spool_memory_bytes = spool_memory_bytes
+        #: whether and when a request may go (WHICH replica is `_choose`'s)
+        self.admission = admission or AdmissionGate(
+            view, inflight, limit_of=_unlimited, ensure_replica=_within(ensure_replica)
+        )
+        self.router = router or Router(inflight.view())
         #: per model: the spec its capabilities were read for, and them
         self._served: dict[str, tuple[ModelSpec, Collection[str] | None]] = {}
-        self._turn = 0
+        #: per replica: its node and the x-corral-replica / x-corral-node response headers
+        self._decided: dict[tuple[str, int], tuple[str, list[tuple[bytes, bytes]]]] = {}
         self.used: dict[tuple[str, int], float] = {}  # last-used times not yet flushed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -213,17 +224,45 @@ class OpenAIProxy:
         exchange: Exchange,
         home: Home | None = None,
     ) -> None:
+        with AbortOnDisconnect(exchange):  # a client that leaves frees its slot at once
+            if await self._attempts(spec, request, headers, exchange, home):
+                return
+        if exchange.gone:
+            return
+        if home is not None:  # the replica holding the response is gone, and its state with it
+            await respond_error(exchange, _home_gone(request))
+            return
+        await respond_error(
+            exchange,
+            Unavailable(
+                f"model '{spec.name}' lost its replicas while serving this request",
+                retry_after=1,
+            ),
+        )
+
+    async def _attempts(
+        self,
+        spec: ModelSpec,
+        request: ParsedRequest,
+        headers: Headers,
+        exchange: Exchange,
+        home: Home | None,
+    ) -> bool:
+        """Send the request until a replica answers; False when every try found its replica
+        gone (the caller answers that)."""
         tried: set[Tried] = set()  # (model, index, address): a reload may reuse the index
-        last_error: CorralError | None = None
+        admission = self.admission
         for _ in range(MAX_ATTEMPTS if home is None else 1):
             try:
                 if home is None:
-                    replica = await self._choose(spec, tried, request.stream)
+                    await admission.enter(spec, exchange.headers, _size(request))  # admission
+                    excluded = admission.exclude(spec, tried)
+                    replica = await self._choose(spec, excluded, request, exchange)
                 else:
                     replica = self._at_home(request, home)
             except CorralError as exc:
                 await respond_error(exchange, exc)
-                return
+                return True
             idle = self.inflight.total(replica.key) == 0
             slot = self.inflight.acquire(replica.key)
             try:
@@ -232,27 +271,17 @@ class OpenAIProxy:
                     tried.add(_tried(replica))
                     continue
                 await self._relay(replica, response, request, exchange)
-                return
+                return True
             except ReplicaGone as exc:
                 tried.add(_tried(replica))
-                last_error = exc
-                await self.drop_replica(DropReplica.of(replica, exc.message))
+                await asyncio.shield(self.drop_replica(DropReplica.of(replica, exc.message)))
             except CorralError as exc:
                 await respond_error(exchange, exc)
-                return
+                return True
             finally:
                 slot.release()
-        if home is not None:  # the replica holding the response is gone, and its state with it
-            await respond_error(exchange, _home_gone(request))
-            return
-        await respond_error(
-            exchange,
-            Unavailable(
-                f"model '{spec.name}' lost {len(tried)} replicas while serving this request"
-                + (f" (last: {last_error.message})" if last_error else ""),
-                retry_after=1,
-            ),
-        )
+                admission.released(spec.name)
+        return False
 
     def _at_home(self, request: ParsedRequest, home: Home) -> Replica:
         """The replica holding a stored response, if it still serves; else the backend-style
@@ -270,23 +299,17 @@ class OpenAIProxy:
         self.view.last_used[replica.key] = now
         self.used[replica.key] = now
 
-    async def _choose(self, spec: ModelSpec, tried: set[Tried], stream: bool = False) -> Replica:
-        """The best replica not tried yet; waits for a cold load when there is none."""
+    async def _choose(
+        self, spec: ModelSpec, tried: set[Tried], request: ParsedRequest, exchange: Exchange
+    ) -> Replica:
+        """The best replica not tried yet (`Router`: load, prefix and session affinity,
+        speed); waits for a cold load when there is none."""
         for _ in range(2):
             candidates = self.view.candidates(spec.name)
-            if tried:
-                candidates = [r for r in candidates if _tried(r) not in tried]
-            if candidates:
-                self._turn += 1
-                chosen = pick_replica(
-                    candidates,
-                    self.inflight.view(),
-                    self.view.free_memory(),
-                    self._turn,
-                    last_used=self.view.last_used,
-                    latency=self.view.latency[stream],
-                )
-                assert chosen is not None
+            chosen, scores = self.router.choose(spec, candidates, request, exchange.headers, tried)
+            if chosen is not None:
+                if scores is not None:
+                    request.reply_headers = [(SCORES_HEADER, scores)]
                 now = time.time()
                 self.view.last_used[chosen.key] = now
                 self.used[chosen.key] = now
@@ -305,7 +328,7 @@ class OpenAIProxy:
         """Send the request; None when the replica turned out gone (already dropped).
 
         When the replica had nothing else in flight, its time to first byte is its own speed
-        (no queueing behind other requests) and feeds the speed weights of `pick_replica`
+        (no queueing behind other requests) and feeds the speed estimates of the `Router`
         (not for uploads, whose first byte waits for the upload, nor a stored response read
         back by id).
         """
@@ -324,7 +347,9 @@ class OpenAIProxy:
             timeout=self.request_timeout,
         )
         if idle and isinstance(request.body, bytes) and request.response_id is None:
-            self.view.observe_latency(replica.key, request.stream, time.monotonic() - started)
+            took = time.monotonic() - started
+            self.view.observe_latency(replica.key, request.stream, took)
+            self.router.observe(replica.key, request.stream, took)
         if response.status in (404, 409, 400):
             body = await response.read()
             if _lost_model(response.status, body):
@@ -348,6 +373,7 @@ class OpenAIProxy:
         ):
             body = response.body if isinstance(response, _Buffered) else await response.read()
             out_headers = [(k, v) for k, v in response.forward_headers() if k != b"content-length"]
+            out_headers += self._decision(replica, request)
             await exchange.respond(response.status, out_headers, body)
             if response.status < 500:
                 self.probes.mark_ok(replica.node_id, replica.address)
@@ -357,7 +383,9 @@ class OpenAIProxy:
             return
         # head and whatever body already arrived go out together
         first = response.ready()
-        await exchange.start(response.status, response.forward_headers(), first)
+        out = response.forward_headers()
+        out += self._decision(replica, request)
+        await exchange.start(response.status, out, first)
         exchange.on_disconnect = response.abort
         scanner = StreamIdScanner() if _records_ids(request) else None
         try:
@@ -379,6 +407,20 @@ class OpenAIProxy:
             exchange.on_disconnect = None
         await exchange.end()
         self.probes.mark_ok(replica.node_id, replica.address)
+
+    def _decision(self, replica: Replica, request: ParsedRequest) -> list[tuple[bytes, bytes]]:
+        """The response headers naming the replica and node that served (and, when the client
+        asked with `x-corral-debug: scores`, every candidate's scores)."""
+        cached = self._decided.get(replica.key)
+        if cached is None or cached[0] != replica.node_id:
+            if len(self._decided) > 4 * len(self.view.replicas) + 64:
+                self._decided.clear()  # replicas that went
+            node = self.view.nodes.get(replica.node_id)
+            name = node.name if node is not None else replica.node_id
+            cached = self._decided[replica.key] = (replica.node_id, replica_headers(replica, name))
+        if request.reply_headers:
+            return cached[1] + request.reply_headers
+        return cached[1]
 
     async def _stored(self, request: ParsedRequest, replica: Replica, body: bytes) -> None:
         """After a whole 200 answer went out: remember where a new stored response lives, or
@@ -405,6 +447,24 @@ class _Buffered:
         self.status = response.status
         self.forward_headers = response.forward_headers
         self.body = body
+
+
+def _unlimited(_: ModelSpec) -> int:
+    return 0  # no catalog here: every replica takes any number of requests
+
+
+def _within(
+    ensure: Callable[[ModelSpec], Awaitable[None]],
+) -> Callable[[ModelSpec, float], Awaitable[None]]:
+    async def within(spec: ModelSpec, budget: float) -> None:
+        await ensure(spec)  # a cold loader without deadlines: its own budget
+
+    return within
+
+
+def _size(request: ParsedRequest) -> int:
+    body = request.body
+    return len(body) if isinstance(body, bytes) else body.size
 
 
 def _undeclared(_: ModelSpec) -> None:

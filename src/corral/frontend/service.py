@@ -19,7 +19,9 @@ from corral.bus.messages import (
 )
 from corral.config import FrontendSettings
 from corral.domain.actions import RecordUse
+from corral.domain.prefix import PrefixIndex
 from corral.frontend.actuator import Actuator
+from corral.frontend.admission import AdmissionGate
 from corral.frontend.artifacts_api import ArtifactStore
 from corral.frontend.auth import Authorizer, digest
 from corral.frontend.coldpath import ColdLoader
@@ -31,10 +33,12 @@ from corral.frontend.installs import InstallController
 from corral.frontend.models_dir import ModelsDir
 from corral.frontend.node_client import NodeClient
 from corral.frontend.parts import Parts
+from corral.frontend.prefix_share import PrefixShare
 from corral.frontend.probe import ProbeCache
 from corral.frontend.proxy import OpenAIProxy
 from corral.frontend.reconciler import Reconciler
 from corral.frontend.responses_map import ResponseHomes, SharedHomes
+from corral.frontend.router import Router
 from corral.frontend.signals import LoadSignals
 from corral.frontend.upstream import UpstreamPool
 from corral.frontend.view import ClusterView
@@ -98,6 +102,7 @@ class Frontend:
             job_ttl=settings.load_job_ttl,
             strategy=settings.placement,
             gpu_backends=self.catalog.gpu_backends(),
+            backoff=(settings.load_backoff, settings.load_backoff_max),
         )
         self.drainer = Drainer(parts, cold=self.cold, timeout=settings.drain_timeout)
         self.signals = LoadSignals(self.view, self.inflight)
@@ -114,6 +119,22 @@ class Frontend:
         self.response_homes = SharedHomes(
             ResponseHomes(settings.response_map_size, settings.response_ttl), self.bus, self.id
         )
+        self.admission = AdmissionGate(
+            self.view,
+            self.inflight,
+            limit_of=self.catalog.max_concurrency_of,
+            ensure_replica=self.cold.ensure_replica,
+            max_entries=settings.queue_max_entries,
+            max_bytes=settings.queue_max_bytes,
+            default_deadline=settings.wait_budget,
+            max_deadline=settings.max_deadline,
+            key_priorities=settings.key_priorities,
+        )
+        self.router = Router(
+            self.inflight.view(),
+            index=PrefixIndex(max_entries=settings.prefix_index_size, ttl=settings.prefix_ttl),
+        )
+        self.prefixes = PrefixShare(self.bus, self.router.index, self.id)
         self.proxy = OpenAIProxy(
             view=self.view,
             inflight=self.inflight,
@@ -129,6 +150,8 @@ class Frontend:
             capabilities=self.catalog.capabilities_of,
             homes=self.response_homes,
             spool_memory_bytes=settings.spool_memory_bytes,
+            admission=self.admission,
+            router=self.router,
         )
         self.started = False
         self.extra_loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
@@ -170,12 +193,14 @@ class Frontend:
         await self.bus.subscribe(s.load_reports, self._on_load_report)
         await self.bus.subscribe(s.install_events, self.installs.on_event)
         await self.response_homes.open()
+        await self.prefixes.open()
 
     def run_loops(self) -> None:
         """Start the background loops: in-flight reports, last-used flushes, resyncs, the
         reconciler and any extra loop."""
         loops: list[tuple[str, Callable[[], Awaitable[None]], float]] = [
             ("report-load", self._report_load, self.settings.load_report_interval),
+            ("share-prefixes", self.prefixes.publish, self.settings.prefix_share_interval),
             ("flush-last-used", self._flush_last_used, self.settings.last_used_flush_interval),
             ("resync", self.refresh, self.settings.resync_interval),
         ]
@@ -196,6 +221,7 @@ class Frontend:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.drainer.close()
+        await self.admission.close()
         await self.cold.close()
         await self.reconciler.close()
         await self.installs.close()

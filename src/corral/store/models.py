@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from corral.domain.autoscale import ScalingTarget, Signal
 from corral.domain.entities import ModelSpec, Rollout, RolloutStrategy, Scheduling
+from corral.domain.routing_weights import DEFAULT_WEIGHTS, weights_from_row, weights_to_row
 from corral.store.tables import models
 
 
@@ -116,6 +117,8 @@ def scheduling_to_row(s: Scheduling) -> dict[str, Any]:
         "node_selector": dict(s.node_selector),
         "scale_down_delay": s.scale_down_delay,
         "scaling": scaling_to_row(s.scaling),
+        "max_concurrency": s.max_concurrency,
+        "deadline": s.deadline,
     }
 
 
@@ -144,6 +147,7 @@ def spec_to_row(spec: ModelSpec) -> dict[str, Any]:
         "spec_hash": spec.config_revision,
         "rollout": rollout_to_row(spec.rollout),
         "capabilities": None if spec.capabilities is None else list(spec.capabilities),
+        "routing": None if spec.routing == DEFAULT_WEIGHTS else weights_to_row(spec.routing),
         **scheduling_to_row(spec.scheduling),
     }
 
@@ -163,6 +167,8 @@ def row_to_spec(row: Mapping[Any, Any]) -> ModelSpec:
             spread_all=row["spread_all"],
             node_selector=dict(row["node_selector"] or {}),
             scale_down_delay=row["scale_down_delay"],
+            max_concurrency=row["max_concurrency"],
+            deadline=row["deadline"],
             scaling=None
             if not scaling
             else ScalingTarget(
@@ -181,4 +187,5 @@ def row_to_spec(row: Mapping[Any, Any]) -> ModelSpec:
             newest_only=bool(rollout.get("newest_only", True)),
         ),
         capabilities=None if row["capabilities"] is None else tuple(row["capabilities"]),
+        routing=weights_from_row(row.get("routing")),
     )

@@ -69,8 +69,12 @@ models = Table(
     Column("spec_hash", String(64), nullable=False, server_default=""),
     Column("rollout", JSONB, nullable=False, server_default="{}"),
     Column("scaling", JSONB),
+    Column("max_concurrency", Integer),  # per replica; 0 = unlimited; null: the backend's default
+    Column("deadline", Double),  # seconds a request may wait for a slot; null: server default
     # the endpoints the model may serve, narrowing its backend's (a list); null: all of them
     Column("capabilities", JSONB(none_as_null=True)),
+    # routing weights (`RoutingWeights` as JSON); null: the defaults
+    Column("routing", JSONB(none_as_null=True)),
     Column("source", Text, nullable=False, server_default="api"),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
@@ -126,6 +130,8 @@ load_jobs = Table(
     Column("started_at", Double, nullable=False),
     Column("updated_at", Double, nullable=False),
     Column("expires_at", Double, nullable=False),
+    Column("failures", Integer, nullable=False, server_default="0"),  # failed loads in a row
+    Column("error_code", String(32)),  # the wire code of a failed load's error
 )
 
 backend_installs = Table(
