@@ -3,6 +3,9 @@ row has it, so a forged "loaded" event (even with a frontend's identity) routes 
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 from harness import InProcessCluster, chat, client, declare
 
 from corral.backends.sim.config import SimConfig
@@ -64,3 +67,12 @@ async def test_a_forged_loaded_event_routes_none_of_200_requests(
     finally:
         await forger.close()
         await evil.stop()
+
+
+async def test_a_frontend_on_a_nats_without_authentication_warns_at_start(
+    cluster: InProcessCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="corral.frontend.service"):
+        await cluster.frontend()
+    (warning,) = [r for r in caplog.records if "requires no authentication" in r.getMessage()]
+    assert warning.levelno == logging.WARNING

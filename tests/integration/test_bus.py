@@ -71,6 +71,11 @@ async def collect(bus: Bus, subject: str, message_type: type[Message]) -> asynci
 # --- publish / subscribe -------------------------------------------------------------------------
 
 
+async def test_a_server_without_authentication_is_known_as_such(make_bus: MakeBus) -> None:
+    bus = await make_bus(name="plain")
+    assert not bus.auth_required  # `corral serve` warns about such a server at start
+
+
 async def test_publish_subscribe_typed_messages(make_bus: MakeBus) -> None:
     publisher = await make_bus(name="pub")
     subscriber = await make_bus(name="sub")

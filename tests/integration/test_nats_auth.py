@@ -114,6 +114,10 @@ async def cluster(make_cluster: Callable[[str], Any], nats_prefix: str) -> Clust
 # --- the frontend identity --------------------------------------------------------------------
 
 
+async def test_a_bus_knows_its_server_requires_authentication(cluster: Cluster) -> None:
+    assert cluster.frontend.auth_required  # what keeps `corral serve` from warning
+
+
 async def test_frontend_identity_uses_the_whole_prefix(cluster: Cluster, server: AuthNats) -> None:
     other = await connect(server.url, server.keys.frontend_credentials())
     cluster.clients.append(other)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -58,6 +58,13 @@ class Bus:
     @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
+
+    @property
+    def auth_required(self) -> bool:
+        """Whether the server this bus is connected to makes clients authenticate (from the
+        INFO it sent; nats-py keeps it in `_server_info`, with no public accessor)."""
+        info: dict[str, Any] = getattr(self.nc, "_server_info", None) or {}
+        return bool(info.get("auth_required"))
 
     async def connect(self, *, connect_timeout: float = 5.0) -> None:
         """Connect, reconnecting forever after a connection loss."""

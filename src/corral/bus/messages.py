@@ -128,6 +128,12 @@ class ModelEvent(Message):
     origin: str | None = None
 
 
+class KeysChanged(Message):
+    """API keys were stored or deleted: a hint to read them from PostgreSQL again."""
+
+    origin: str | None = None
+
+
 class LoadProgress(Message):
     """Progress of one model load, published while it runs and when it ends."""
 

@@ -79,6 +79,11 @@ class Subjects:
         return f"{self.prefix}.frontend.load"
 
     @property
+    def key_events(self) -> str:
+        """Broadcast: a frontend stored or deleted an API key (a hint: read them again)."""
+        return f"{self.prefix}.frontend.keys"
+
+    @property
     def prefix_index(self) -> str:
         """Broadcast among frontends: prompt-prefix hashes they routed, per replica (routing's
         shared `PrefixIndex`; workers may not publish it)."""

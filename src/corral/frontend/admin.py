@@ -282,7 +282,7 @@ def admin_router() -> APIRouter:
         if body.role is Role.ADMIN and body.models is not None:
             raise BadRequest("an admin key cannot be limited to models", param="models")
         key_id, secret = await fe.registry.audit.create_api_key(body.name, body.role, body.models)
-        await fe.refresh()
+        await fe.keys_changed()
         await fe.registry.audit.add(
             "apikey.created", f"{key_id} ({body.name}, {body.role.value})", subject=key_id
         )
@@ -299,7 +299,7 @@ def admin_router() -> APIRouter:
         fe = frontend_of(request)
         if not await fe.registry.audit.delete_api_key(key_id):
             raise NotFound(f"API key {key_id} not found")
-        await fe.refresh()
+        await fe.keys_changed()
         await fe.registry.audit.add("apikey.deleted", key_id)
         return {"deleted": key_id}
 

@@ -83,11 +83,7 @@ class Authorizer:
         self.metrics_digests = frozenset(metrics)  # digests that may read /metrics
         self.stored: dict[str, Grant] = {}
         self.grants: dict[str, Grant] = dict.fromkeys(self.static | self.admin_only, ADMIN)
-
-    @property
-    def inference_open(self) -> bool:
-        """True while /v1 needs no key: no --api-keys and no stored key."""
-        return not self.static and not self.stored
+        self.inference_open = not self.static  # /v1 needs no key: no --api-keys, none stored
 
     @property
     def admin_configured(self) -> bool:
@@ -102,6 +98,7 @@ class Authorizer:
         """Take the keys stored in the registry (their digests and grants)."""
         self.stored = dict(stored)
         self.grants = {**dict.fromkeys(self.static | self.admin_only, ADMIN), **self.stored}
+        self.inference_open = not self.static and not self.stored
 
     def grant_of(self, token: str) -> Grant | None:
         """What `token` grants, if it is a key; every digest is compared in constant time."""

@@ -9,7 +9,14 @@ from typing import Any
 
 from corral.backends.catalog import Catalog
 from corral.bus.client import Bus, decode
-from corral.bus.messages import LoadProgress, LoadReport, ModelEvent, NodeEvent, ReplicaEvent
+from corral.bus.messages import (
+    KeysChanged,
+    LoadProgress,
+    LoadReport,
+    ModelEvent,
+    NodeEvent,
+    ReplicaEvent,
+)
 from corral.config import FrontendSettings
 from corral.domain.actions import RecordUse
 from corral.domain.prefix import PrefixIndex
@@ -175,6 +182,14 @@ class Frontend:
             self.authorizer.set_admin([digest(read_or_create_admin_key(key_file))])
             log.info("admin key: %s", key_file)
         await self.bus.connect()
+        if not self.bus.auth_required:
+            log.warning(
+                "NATS at %s requires no authentication: whoever reaches it may publish and "
+                "subscribe on the cluster's subjects (replica events are still checked against "
+                "PostgreSQL before they route anything); put NATS where only the cluster "
+                "reaches it (docs/architecture.md, Security)",
+                self.settings.nats_url.rpartition("@")[2],
+            )
         if self.models_dir is not None:
             await self.models_dir.sync()
         await self.refresh()
@@ -182,6 +197,7 @@ class Frontend:
         await self.bus.subscribe(s.replica_events, self._on_replica_event)
         await self.bus.subscribe(s.node_events, self._on_node_event)
         await self.bus.subscribe(s.model_events, self._on_model_event)
+        await self.bus.subscribe(s.key_events, self._on_key_event)
         await self.bus.subscribe(s.all_load_events, self._on_load_event)
         await self.bus.subscribe(s.load_reports, self._on_load_report)
         await self.bus.subscribe(s.install_events, self.installs.on_event)
@@ -250,7 +266,19 @@ class Frontend:
         await self.usage.load_keys()
         self.inflight.expire()
 
+    async def keys_changed(self) -> None:
+        """This frontend stored or deleted an API key: take the keys now, and tell the other
+        frontends to, so every frontend's open/closed mode changes within moments (their
+        resync would take up to `resync_interval`)."""
+        self.authorizer.update(await self.registry.audit.api_key_grants())
+        await self.bus.publish(self.bus.subjects.key_events, KeysChanged(origin=self.id))
+
     # --- event handlers -------------------------------------------------------------------
+    async def _on_key_event(self, payload: bytes) -> None:
+        event = decode(payload, KeysChanged)
+        if event is not None and event.origin != self.id:  # a hint: PostgreSQL has the keys
+            self.authorizer.update(await self.registry.audit.api_key_grants())
+
     async def _on_replica_event(self, payload: bytes) -> None:
         """A replica changed: a hint, never authority. The view takes the replica's row from
         PostgreSQL (read now, once per event, never per request): an address only the event
