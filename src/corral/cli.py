@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from corral import __version__
 from corral.config import FrontendSettings, WorkerSettings, default_data_dir, parse_labels
 from corral.errors import ConfigError, EmbeddedError, ListenError
+from corral.keyfile import default_admin_key
 
 app = typer.Typer(
     name="corral",
@@ -36,7 +37,13 @@ AdminUrl = Annotated[
     typer.Option("--url", envvar="CORRAL_URL", help="A frontend's URL"),
 ]
 ApiKey = Annotated[
-    str | None, typer.Option("--api-key", envvar="CORRAL_API_KEY", help="Admin API key")
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="CORRAL_API_KEY",
+        help="Admin API key (default: the admin.key file in $CORRAL_DATA_DIR or the per-user"
+        " data directory, which corral serve and corral up create)",
+    ),
 ]
 
 
@@ -133,9 +140,41 @@ def serve(
         str | None, typer.Option(envvar="CORRAL_TOKEN", help="Registration token of workers")
     ] = None,
     api_keys: Annotated[
-        str | None, typer.Option(help="Comma-separated API keys (CORRAL_API_KEYS)")
+        str | None,
+        typer.Option(
+            help="Comma-separated admin API keys (CORRAL_API_KEYS); giving any also makes /v1"
+            " need a key"
+        ),
     ] = None,
-    wait_budget: Annotated[float | None, typer.Option(help="Seconds to wait for a load")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the frontend keeps its admin key, admin.key (CORRAL_DATA_DIR; default:"
+            " the per-user data directory)"
+        ),
+    ] = None,
+    admin_key: Annotated[
+        bool | None,
+        typer.Option(
+            "--admin-key/--no-admin-key",
+            help="Create an admin key in --data-dir on first start (mode 600; its path is"
+            " printed, never the key) and accept it (CORRAL_ADMIN_KEY; default on)",
+        ),
+    ] = None,
+    metrics_key: Annotated[
+        str | None,
+        typer.Option(
+            help="/metrics then needs 'Authorization: Bearer <it>' or an admin key"
+            " (CORRAL_METRICS_KEY; default: /metrics is open)"
+        ),
+    ] = None,
+    wait_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a request may wait for a load or a slot unless its model's deadline"
+            " or its x-corral-deadline header says otherwise (60)"
+        ),
+    ] = None,
     placement: Annotated[str | None, typer.Option(help="binpack or spread")] = None,
     nats_prefix: Annotated[str | None, typer.Option(help="NATS subject prefix")] = None,
     reconcile_interval: Annotated[float | None, typer.Option(help="Seconds per tick")] = None,
@@ -226,6 +265,30 @@ def serve(
     tls_key: Annotated[
         Path | None, typer.Option(help="PEM private key of --tls-cert (CORRAL_TLS_KEY)")
     ] = None,
+    queue_max_entries: Annotated[
+        int | None,
+        typer.Option(help="Requests that may wait per model; then 429 queue_full (1024)"),
+    ] = None,
+    queue_max_bytes: Annotated[
+        int | None, typer.Option(help="Bytes of request bodies that may wait per model (64 MiB)")
+    ] = None,
+    max_deadline: Annotated[
+        float | None, typer.Option(help="The longest x-corral-deadline honoured, seconds (600)")
+    ] = None,
+    key_priorities: Annotated[
+        str | None,
+        typer.Option(
+            help="API keys' priority classes, KEY=high|normal|low,...: a key's default and"
+            " the most its x-corral-priority header may ask for (CORRAL_KEY_PRIORITIES)"
+        ),
+    ] = None,
+    load_backoff: Annotated[
+        float | None,
+        typer.Option(help="Seconds before a failed model load is tried again; doubles (5)"),
+    ] = None,
+    load_backoff_max: Annotated[
+        float | None, typer.Option(help="The most the load backoff grows to, seconds (300)")
+    ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run a frontend against an existing PostgreSQL and NATS.
@@ -247,6 +310,9 @@ def serve(
         model_store=model_store,
         token=token,
         api_keys=api_keys,
+        data_dir=data_dir,
+        admin_key=admin_key,
+        metrics_key=metrics_key,
         wait_budget=wait_budget,
         placement=placement,
         nats_prefix=nats_prefix,
@@ -269,6 +335,12 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        queue_max_entries=queue_max_entries,
+        queue_max_bytes=queue_max_bytes,
+        max_deadline=max_deadline,
+        key_priorities=key_priorities,
+        load_backoff=load_backoff,
+        load_backoff_max=load_backoff_max,
     )
     for path in (settings.tls_cert, settings.tls_key):
         if path is not None and not path.is_file():
@@ -276,6 +348,8 @@ def serve(
             raise typer.Exit(2)
     if settings.token is None:
         typer.echo("warning: no --token/CORRAL_TOKEN: workers cannot join", err=True)
+    if settings.data_dir is None:
+        settings = settings.model_copy(update={"data_dir": default_data_dir()})
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -295,6 +369,13 @@ def worker(
     advertise_host: Annotated[str | None, typer.Option(help="Host others reach us at")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Identity, backends, logs")] = None,
     nats_url: Annotated[str | None, typer.Option(help="Override the frontend's NATS URL")] = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="PEM CA an https:// frontend's certificate is checked against"
+            " (CORRAL_WORKER_CA_FILE; default: the system's trust store)"
+        ),
+    ] = None,
     memory_budget: Annotated[str | None, typer.Option(help='"80%" or "12GB"')] = None,
     max_replicas_per_model: Annotated[int | None, typer.Option()] = None,
     backends_dir: Annotated[Path | None, typer.Option(help="Extra backend entries")] = None,
@@ -318,6 +399,7 @@ def worker(
         advertise_host=advertise_host,
         data_dir=data_dir,
         nats_url=nats_url,
+        ca_file=ca_file,
         memory_budget=memory_budget,
         max_replicas_per_model=max_replicas_per_model,
         backends_dir=backends_dir,
@@ -352,6 +434,7 @@ def sim(ctx: typer.Context) -> None:
 
 
 def _admin(method: str, url: str, path: str, api_key: str | None, **kw: Any) -> Any:
+    api_key = api_key or default_admin_key()
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = httpx.request(

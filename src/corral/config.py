@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from corral.domain.sizes import MemoryBudget
 
+ADMIN_KEY_FILE = "admin.key"
+
 
 def default_data_dir() -> Path:
     """The per-user data directory Corral uses when --data-dir is not given."""
@@ -35,7 +37,12 @@ class FrontendSettings(BaseSettings):
     models_dir: Path | None = None
     model_store: Path | None = None  # artifacts with a relative path are served from here
     token: SecretStr | None = None  # registration token workers join with
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # empty: open
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # admin keys
+    # where the admin key file (admin.key) lives; `corral serve` defaults it to the per-user
+    # data directory, a frontend built in-process has none
+    data_dir: Path | None = None
+    admin_key: bool = True  # create an admin key in data_dir on first start and accept it
+    metrics_key: SecretStr | None = None  # /metrics then needs it (or an admin key)
     frontend_id: str = Field(default_factory=lambda: f"fe-{secrets.token_hex(4)}")
 
     # HTTP serving
@@ -49,7 +56,9 @@ class FrontendSettings(BaseSettings):
     tls_key: Path | None = None  # PEM private key of tls_cert
 
     # cold path
-    wait_budget: float = 60.0  # seconds a request waits for a model load before 503
+    # seconds a request may wait (for a load, or a slot) unless its model's `deadline` or its
+    # x-corral-deadline header says otherwise: then 503 with the load's progress, or 504
+    wait_budget: float = 60.0
     placement: Literal["binpack", "spread"] = "binpack"
     start_timeout: float = 900.0  # seconds a replica start may take on its node
     load_job_ttl: float = 30.0  # seconds a load job's claim lives without renewal
@@ -66,6 +75,15 @@ class FrontendSettings(BaseSettings):
     # request headers passed to backends besides x-*, openai-*, traceparent, accept, user-agent:
     # names, or prefixes ending in "*" (authorization and hop-by-hop headers never pass)
     forward_headers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # admission (corral.frontend.admission): the per-model wait queue in front of the replicas
+    queue_max_entries: int = Field(default=1024, ge=0)  # requests waiting per model; then 429
+    queue_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)  # their bodies, per model
+    max_deadline: float = Field(default=600.0, gt=0)  # the most x-corral-deadline may ask for
+    # API keys' priority classes: "KEY=high,KEY2=low"; a key's class is its default and the
+    # most its x-corral-priority header may ask for (keys not named: normal, up to high)
+    key_priorities: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    load_backoff: float = Field(default=5.0, gt=0)  # seconds after a failed load; doubles
+    load_backoff_max: float = Field(default=300.0, gt=0)  # the most it grows to
     load_report_interval: float = 0.2  # seconds between in-flight reports to other frontends
     # routing's prompt-prefix index, shared by the frontends over NATS
     prefix_share_interval: float = Field(default=0.2, gt=0)  # seconds between two batches
@@ -92,11 +110,29 @@ class FrontendSettings(BaseSettings):
             return [k for k in (s.strip() for s in value.split(",")) if k]
         return value
 
+    @field_validator("key_priorities", mode="before")
+    @classmethod
+    def _parse_priorities(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = parse_labels(value)
+        if isinstance(value, dict):
+            for key, tier in value.items():
+                if tier not in ("high", "normal", "low"):
+                    raise ValueError(f"key priority {tier!r} of {key[:4]}… is not high/normal/low")
+        return value
+
     @model_validator(mode="after")
     def _check_tls(self) -> FrontendSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         return self
+
+    @property
+    def admin_key_path(self) -> Path | None:
+        """The admin key file this frontend creates and accepts (None: none)."""
+        if not self.admin_key or self.data_dir is None:
+            return None
+        return self.data_dir / ADMIN_KEY_FILE
 
     @property
     def scheme(self) -> str:
@@ -120,6 +156,8 @@ class WorkerSettings(BaseSettings):
     bind_host: str | None = None
     data_dir: Path = Field(default_factory=lambda: default_data_dir() / "worker")
     nats_url: str | None = None  # overrides the URL the frontend tells us
+    ca_file: Path | None = None  # PEM CA bundle an https:// frontend's certificate is checked
+    # against (default: the system's trust store)
     memory_budget: str = "80%"
     max_replicas_per_model: int = 0
     backends_dir: Path | None = None  # extra backend catalog entries

@@ -17,14 +17,17 @@ Every class says whether trying again can help (`retryable`); an instance may sa
     ├── AccessDenied
     │   ├── Unauthorized        missing or wrong credentials
     │   └── Forbidden           valid credentials acting outside what they allow
+    │       └── ModelNotAllowed an inference key used for a model it is not limited to
     ├── NotFound
     │   ├── ModelNotFound
     │   └── ResponseNotFound    no replica holds a stored response with this id
     ├── Conflict                the request conflicts with the current state
     ├── CapacityError           not enough room right now                       (retryable)
     │   ├── RateLimited
+    │   │   └── QueueFull       the model's wait queue is full
     │   └── Unavailable
     │       ├── NoCapacity
+    │       ├── NoEligibleNode  no node matches the selector or runs the backend (not retryable)
     │       └── LoadTimeout     (also TimedOut)
     ├── TransportError          another part of the cluster could not be reached (retryable)
     │   ├── NodeUnreachable     a node did not answer a NATS command
@@ -33,6 +36,7 @@ Every class says whether trying again can help (`retryable`); an instance may sa
     │       ├── ReplicaGone
     │       └── UpstreamTimeout (also TimedOut)
     ├── TimedOut                something did not answer or finish in time      (retryable)
+    │   └── DeadlineExceeded    a request waited in the queue past its deadline
     └── OperationFailed         a step of real work failed; the message says why
         ├── LoadFailed          (retryable: another node or a later try may work)
         ├── CommandFailed
@@ -127,6 +131,10 @@ class Forbidden(AccessDenied):
     """Valid credentials acting outside what they allow."""
 
 
+class ModelNotAllowed(Forbidden):
+    """An inference key limited to some models was used for another one."""
+
+
 class NotFound(CorralError):
     """A resource does not exist."""
 
@@ -165,12 +173,24 @@ class RateLimited(CapacityError):
     """Too many requests in flight."""
 
 
+class QueueFull(RateLimited):
+    """The model's wait queue holds as many requests (or bytes) as it may."""
+
+
 class Unavailable(CapacityError):
     """No replica can serve now; the client should retry after `retry_after`."""
 
 
 class NoCapacity(Unavailable):
-    """No healthy node can host the model (no worker, selector matches nothing, no memory)."""
+    """No healthy node can host the model now (no worker, no memory, every replica that could
+    make room busy or held at its minimum); the message says which."""
+
+
+class NoEligibleNode(Unavailable):
+    """No healthy node matches the model's selector or runs its backend: retrying the same
+    request cannot help until an operator changes the cluster (no Retry-After)."""
+
+    retryable = False
 
 
 # --- another part could not be reached, or did not answer in time ----------------------------
@@ -186,6 +206,10 @@ class TimedOut(CorralError):
     """Something did not answer or finish in time; retrying can help."""
 
     retryable = True
+
+
+class DeadlineExceeded(TimedOut):
+    """A request waited for a replica slot past its deadline (it never reached a backend)."""
 
 
 class LoadTimeout(Unavailable, TimedOut):

@@ -20,7 +20,7 @@ from corral.backends.capabilities import Capability, expand_aliases
 from corral.domain.autoscale import ScalingTarget, Signal
 from corral.domain.entities import ModelSpec, Rollout, RolloutStrategy, Scheduling
 from corral.domain.routing_weights import RoutingWeights
-from corral.domain.sizes import parse_size
+from corral.domain.sizes import INT32_MAX, INT64_MAX, parse_size
 from corral.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,10 @@ class ScalingDecl(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metric: str
-    target: float = Field(gt=0)
-    window: float = Field(default=30.0, ge=0)
-    idle_timeout: float | None = Field(default=None, gt=0)
-    max_step: int = Field(default=0, ge=0)
+    target: float = Field(gt=0, allow_inf_nan=False)
+    window: float = Field(default=30.0, ge=0, allow_inf_nan=False)
+    idle_timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_step: int = Field(default=0, ge=0, le=INT32_MAX)
 
     @field_validator("metric")
     @classmethod
@@ -71,12 +71,14 @@ class SchedulingDecl(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_replicas: int = Field(default=0, ge=0)
-    max_replicas: int = Field(default=0, ge=0)
+    min_replicas: int = Field(default=0, ge=0, le=INT32_MAX)
+    max_replicas: int = Field(default=0, ge=0, le=INT32_MAX)
     spread_all: bool = False
     node_selector: dict[str, str] = Field(default_factory=dict)
-    scale_down_delay: float = Field(default=300.0, ge=0)
+    scale_down_delay: float = Field(default=300.0, ge=0, allow_inf_nan=False)
     scaling: ScalingDecl | None = None
+    max_concurrency: int | None = Field(default=None, ge=0)  # per replica; 0 = unlimited
+    deadline: float | None = Field(default=None, gt=0)  # seconds a request may wait in line
 
     @model_validator(mode="after")
     def _bounds(self) -> SchedulingDecl:
@@ -96,6 +98,8 @@ class SchedulingDecl(BaseModel):
             node_selector=dict(self.node_selector),
             scale_down_delay=self.scale_down_delay,
             scaling=self.scaling.to_domain() if self.scaling else None,
+            max_concurrency=self.max_concurrency,
+            deadline=self.deadline,
         )
 
 
@@ -141,10 +145,10 @@ class ModelDecl(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
-    backend: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    backend: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")
     artifact: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
-    memory: int | None = None
+    memory: int | None = Field(default=None, ge=0, le=INT64_MAX)  # bytes
     scheduling: SchedulingDecl = Field(default_factory=SchedulingDecl)
     rollout: RolloutDecl = Field(default_factory=RolloutDecl)
     #: narrows the backend's capabilities (`capabilities: [chat]`); None: all of them

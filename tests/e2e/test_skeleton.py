@@ -87,9 +87,12 @@ def test_errors_are_openai_style(cluster: Cluster) -> None:
     no_model = httpx.post(url, json={"messages": []})
     assert no_model.status_code == 400
 
-    # no worker has joined: the declared model cannot be placed
-    no_worker = httpx.post(url, json={"model": "chat", "messages": []}, timeout=60)
+    # no worker has joined: the request waits for one within its deadline, then 503
+    no_worker = httpx.post(
+        url, json={"model": "chat", "messages": []}, headers={"x-corral-deadline": "2"}, timeout=60
+    )
     assert no_worker.status_code == 503
+    assert no_worker.json()["error"]["code"] == "no_capacity"
     assert int(no_worker.headers["retry-after"]) >= 1
     assert "no worker" in no_worker.json()["error"]["message"]
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-from harness import InProcessCluster, chat, client, declare
+from harness import FakeWorker, InProcessCluster, chat, client, declare, heartbeat
 
+from corral.domain.actions import RegisterNode
 from factories import GB, model
 from infra import apoll_until
 
@@ -123,6 +124,9 @@ async def test_an_idle_replica_is_evicted_to_make_room_and_a_busy_one_never(
         try:
             r = await chat(c, "c")
             assert r.status_code == 503  # the waiter's budget ran out
+            error = r.json()["error"]
+            assert error["code"] == "no_capacity", "nothing is loading: not model_loading"
+            assert "1 busy" in error["message"]
 
             async def gave_up() -> bool:
                 job = await fe.registry.jobs.get("c")
@@ -132,7 +136,8 @@ async def test_an_idle_replica_is_evicted_to_make_room_and_a_busy_one_never(
         finally:
             slot.release()
         job = await fe.registry.jobs.get("c")
-        assert job is not None and "every replica that could make room is busy" in (job.error or "")
+        assert job is not None and job.error_code == "no_capacity"
+        assert "no replica can be evicted to make room: 1 busy" in (job.error or "")
         assert [r.key for r in await fe.registry.replicas.all()] == [("b", 0)]
         assert ("b", 0) in worker.sims
 
@@ -149,3 +154,28 @@ async def test_requests_for_unknown_models_never_reach_the_cold_path(
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
     assert worker.starts == [] and fe.cold.starts == 0
     assert isinstance(r, httpx.Response)
+
+
+async def test_a_node_not_back_yet_is_waited_for_and_its_no_responder_is_not_cached(
+    cluster: InProcessCluster,
+) -> None:
+    fe = await cluster.frontend()
+    worker = FakeWorker(cluster.nats_url, cluster.prefix, "n1")
+    cluster.workers.append(worker)
+    register = RegisterNode("n1", "n1", "127.0.0.1", "digest", {}, "80%", 0, ["sim"])
+    await fe.actuator.apply(register)
+    await heartbeat(fe, worker)  # healthy in the registry, but not listening yet (re-joining)
+    await declare(fe, model("m"))
+    async with client(fe) as c:
+        first = asyncio.create_task(chat(c, "m"))
+        await apoll_until(
+            lambda: any("no responder" in (e.error or "") for e in cluster.events.replicas),
+            timeout=5,
+            what="a start that found no responder",
+        )
+        await worker.open()  # the worker is back
+        second = await chat(c, "m")
+        assert (await first).status_code == 200, (await first).text
+    assert second.status_code == 200, second.text
+    assert len(worker.starts) == 1, "the start that reached the worker"
+    assert await fe.registry.jobs.all() == [], "no failure was recorded"

@@ -14,6 +14,7 @@ from harness import InProcessCluster, declare
 from corral.frontend.app import CorralApp, build_api
 from corral.frontend.service import Frontend
 from factories import model
+from infra import apoll_until
 
 #: Every URL an HTML page makes the browser fetch (attributes, CSS url(), bare hosts).
 REFERENCE = re.compile(r"""(?:src|href|spec-url)\s*=\s*["']([^"']*)["']|url\(\s*['"]?([^)'"]+)""")
@@ -85,3 +86,29 @@ async def test_models_list_their_declaration_time_and_whether_they_can_run(
         await declare(fe, model("sim-model", options={"tokens": 3}))  # a change, not a birth
         again = (await c.get("/v1/models/sim-model")).json()
         assert again["created"] == created
+
+
+async def test_readyz_says_ready_only_once_requests_can_be_served(
+    cluster: InProcessCluster,
+) -> None:
+    fe = await cluster.frontend()
+    async with http(fe) as c:
+        alive, ready = await c.get("/healthz"), await c.get("/readyz")
+        assert alive.status_code == 200, "alive from the start"
+        assert ready.status_code == 503
+        assert ready.json() | {"frontend_id": ""} == {
+            "status": "not_ready",
+            "frontend_id": "",
+            "started": False,
+            "leader": False,
+            "healthy_nodes": 0,
+        }
+        await cluster.worker(fe, "n1")
+        fe.run_loops()  # the reconciler takes the lead
+
+        async def ready_now() -> bool:
+            return (await c.get("/readyz")).status_code == 200
+
+        await apoll_until(ready_now, timeout=10, what="/readyz to say ready")
+        body = (await c.get("/readyz")).json()
+    assert (body["status"], body["leader"], body["healthy_nodes"]) == ("ready", True, 1)

@@ -6,6 +6,7 @@ every path."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,10 @@ class Upstream:
                         length = int(line.split(b":", 1)[1])
                 body = await reader.readexactly(length)
                 self.requests.append(head + body)
+                if b"hang" in body:  # never answers; notices when the frontend hangs up
+                    if not await reader.read(1):
+                        self.aborted.set()
+                    return
                 if b'"stream":true' not in body.replace(b" ", b""):
                     writer.write(
                         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
@@ -198,3 +203,24 @@ async def test_errors_are_openai_json_and_release_slots(setup: Setup) -> None:
         r = await client.get("/v1/chat/completions")
         assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
     assert setup.inflight.local_total() == 0
+
+
+async def test_a_client_leaving_a_non_streamed_request_aborts_the_backend_within_a_second(
+    setup: Setup,
+) -> None:
+    host, _, port = setup.url.removeprefix("http://").partition(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    body = b'{"model": "m", "messages": [], "hang": true}'
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+    await wait_until(lambda: bool(setup.upstream.requests), "the request at the backend")
+    assert setup.inflight.local_total() == 1
+    writer.close()  # the client gives up before any answer
+    left = time.monotonic()
+    await asyncio.wait_for(setup.upstream.aborted.wait(), timeout=1.0)
+    await wait_until(lambda: setup.inflight.local_total() == 0, "the slot freed", timeout=1.0)
+    assert time.monotonic() - left < 1.0
+    assert setup.dropped == [], "a client leaving says nothing about the replica"

@@ -302,6 +302,10 @@ async def test_model_set_scheduling_and_delete(registry: Registry) -> None:
     assert stored.scheduling == Scheduling(max_replicas=4, spread_all=True)
     assert stored.revision == 2
     assert not await registry.models.set_scheduling("ghost", Scheduling())
+    limits = Scheduling(max_concurrency=3, deadline=12.5)
+    assert await registry.models.set_scheduling("m", limits)
+    stored = await registry.models.get("m")
+    assert stored is not None and stored.scheduling == limits
     assert await registry.models.delete("m")
     assert not await registry.models.delete("m")
     assert await registry.models.all() == []
@@ -501,6 +505,22 @@ async def test_failed_job_blocks_claims_until_it_expires(registry: Registry) -> 
     assert await registry.jobs.claim("m", "fe-b", ttl=30, now=time.time() + 6)
     job = await registry.jobs.get("m")
     assert job is not None and (job.owner, job.state, job.error) == ("fe-b", "placing", None)
+
+
+async def test_failed_loads_in_a_row_back_off_longer_until_a_success(registry: Registry) -> None:
+    kept = []
+    now = time.time()
+    for attempt in range(5):
+        assert await registry.jobs.claim("m", "fe-a", ttl=30, now=now + 1000 * attempt)
+        kept.append(await registry.jobs.fail("m", "fe-a", "boom", code="x", backoff=(5, 30)))
+    assert kept == [5, 10, 20, 30, 30]
+    job = await registry.jobs.get("m")
+    assert job is not None and (job.failures, job.error_code) == (5, "x")
+    assert 29 < job.expires_at - time.time() <= 30
+    assert await registry.jobs.claim("m", "fe-a", ttl=30, now=now + 10_000)
+    await registry.jobs.finish("m", "fe-a")  # a success
+    assert await registry.jobs.claim("m", "fe-a", ttl=30)
+    assert await registry.jobs.fail("m", "fe-a", "boom", backoff=(5, 30)) == 5, "reset"
 
 
 async def test_job_update_and_finish_by_owner_only(registry: Registry) -> None:

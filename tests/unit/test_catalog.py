@@ -11,6 +11,7 @@ import corral.backends.catalog as catalog_module
 from corral.backends.catalog import RESERVED_OPTIONS, BackendEntry, Catalog, option_flags
 from corral.domain.entities import (
     ModelSpec,
+    Scheduling,
 )
 from corral.errors import (
     ConfigError,
@@ -244,3 +245,28 @@ def test_model_capabilities_of(
     assert catalog.capabilities_of(spec) == effective
     found = catalog.check_model(spec)
     assert (found is None) if problem is None else (found is not None and problem in found)
+
+
+@pytest.mark.parametrize(
+    ("backend", "options", "own", "expected"),
+    [
+        ("sim", {}, None, 0),  # no slots given: unlimited
+        ("sim", {"slots": 4}, None, 4),  # the engine's batch slots
+        ("sim", {"slots": 4}, 2, 2),  # the model's own setting wins
+        ("sim", {"slots": 4}, 0, 0),  # explicitly unlimited
+        ("vllm", {"max_num_seqs": 64}, None, 64),
+        ("sim", {"slots": True}, None, 0),  # not a number of slots
+        ("nope", {}, None, 0),  # unknown backend: unlimited
+    ],
+)
+def test_max_concurrency_of(
+    backend: str, options: dict[str, Any], own: int | None, expected: int
+) -> None:
+    spec = ModelSpec("m", backend, options=options, scheduling=Scheduling(max_concurrency=own))
+    assert Catalog.builtin().max_concurrency_of(spec) == expected
+
+
+def test_catalog_entry_default_max_concurrency() -> None:
+    entry = BackendEntry(name="x", command=("x",), max_concurrency=8)
+    spec = ModelSpec("m", "x")
+    assert Catalog({"x": entry}).max_concurrency_of(spec) == 8

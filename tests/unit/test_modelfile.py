@@ -39,6 +39,8 @@ scheduling:
   spread_all: false
   node_selector: {zone: eu}
   scale_down_delay: 60
+  max_concurrency: 4
+  deadline: 30
 """,
     )
     (spec,) = parse_model_file(path)
@@ -49,7 +51,12 @@ scheduling:
         options={"n_ctx": 4096, "fast": True},
         memory=8 * 1024**3,
         scheduling=Scheduling(
-            min_replicas=1, max_replicas=3, node_selector={"zone": "eu"}, scale_down_delay=60.0
+            min_replicas=1,
+            max_replicas=3,
+            node_selector={"zone": "eu"},
+            scale_down_delay=60.0,
+            max_concurrency=4,
+            deadline=30.0,
         ),
     )
 
@@ -100,6 +107,8 @@ def test_model_file_unreadable_names_path(tmp_path: Path) -> None:
 BAD_FIELDS: list[tuple[str, dict[str, Any], str | None]] = [
     ("min-replicas-negative", {"scheduling": {"min_replicas": -1}}, "scheduling.min_replicas"),
     ("max-replicas-text", {"scheduling": {"max_replicas": "many"}}, "scheduling.max_replicas"),
+    ("concurrency-negative", {"scheduling": {"max_concurrency": -1}}, "scheduling.max_concurrency"),
+    ("deadline-zero", {"scheduling": {"deadline": 0}}, "scheduling.deadline"),
     ("scheduling-unknown-key", {"scheduling": {"replicas": 2}}, "scheduling.replicas"),
     ("selector-not-mapping", {"scheduling": {"node_selector": ["a"]}}, "scheduling.node_selector"),
     ("unknown-field", {"bogus": 1}, "bogus"),

@@ -40,6 +40,11 @@ class BackendEntry(BaseModel):
     gpu: bool = False
     env: dict[str, str] = Field(default_factory=dict)
     install_timeout: float = 1800.0
+    #: requests one replica may have in flight when its model sets no `max_concurrency`
+    #: (0 = unlimited); `concurrency_option` names the model option that sets the engine's
+    #: batch slots, whose value then is the default (sim: slots, vLLM: max_num_seqs)
+    max_concurrency: int = Field(default=0, ge=0)
+    concurrency_option: str | None = None
 
     @field_validator("capabilities", mode="before")
     @classmethod
@@ -160,6 +165,20 @@ class Catalog:
     def runnable(self, has_gpu: bool) -> list[str]:
         """Backends a node can run: everything, minus GPU backends on a node without GPU."""
         return sorted(n for n, e in self.entries.items() if has_gpu or not e.gpu)
+
+    def max_concurrency_of(self, spec: ModelSpec) -> int:
+        """Requests one replica of `spec` may have in flight (0 = unlimited): the model's own
+        setting, else its engine's batch slots from its options, else its backend's default."""
+        if spec.scheduling.max_concurrency is not None:
+            return spec.scheduling.max_concurrency
+        entry = self.entries.get(spec.backend)
+        if entry is None:
+            return 0
+        if entry.concurrency_option is not None:
+            slots = spec.options.get(entry.concurrency_option)
+            if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0:
+                return slots
+        return entry.max_concurrency
 
     def check_model(self, spec: ModelSpec) -> str | None:
         """A reason the model cannot run, or None."""

@@ -320,6 +320,10 @@ class AdmissionQueue:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
+    def oldest(self) -> float | None:
+        """When the longest-waiting entry was queued (None: nothing waits)."""
+        return min((e.enqueued for e in self._by_id.values()), default=None)
+
     def retry_after(self, now: float) -> float:
         """Seconds until the queue has drained at the measured rate (see the module doc)."""
         times = self._dispatched

@@ -111,6 +111,10 @@ class Scheduling:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     scale_down_delay: float = 300.0  # seconds a replica above the minimum may stay idle
     scaling: ScalingTarget | None = None  # scale on a load signal; None: when all are busy
+    #: requests one replica may have in flight, cluster-wide (0 = unlimited; None: the
+    #: backend's default, `corral.backends.catalog.Catalog.max_concurrency_of`)
+    max_concurrency: int | None = None
+    deadline: float | None = None  # seconds a request may wait for a slot (None: server default)
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         """True when a node with `labels` satisfies the node selector."""

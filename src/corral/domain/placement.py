@@ -48,6 +48,8 @@ class PlacementDecision:
     rejections: Mapping[str, str] = field(default_factory=dict)  # node id -> why not chosen
     eviction_candidates: tuple[str, ...] = ()  # nodes that failed only on memory, by id
     reason: str = ""  # one line for the client/operator when node_id is None
+    healthy: int = 0  # nodes that take new replicas now
+    eligible: int = 0  # of those, the ones matching the selector and running the backend
 
     @property
     def placed(self) -> bool:
@@ -98,7 +100,7 @@ def place(
     rejections: dict[str, str] = {}
     memory_only: list[str] = []
     fits: list[tuple[int, int, int, int, str]] = []
-    healthy = matching = 0
+    healthy = matching = eligible = 0
     for node in sorted(nodes, key=lambda n: n.id):
         if node.id in exclude_nodes:
             rejections[node.id] = "excluded by the caller"
@@ -114,6 +116,7 @@ def place(
         if spec.backend not in node.backends and spec.backend not in builtin_backends:
             rejections[node.id] = f"backend {spec.backend} is not available on this node"
             continue
+        eligible += 1
         here = model_count.get(node.id, 0)
         cap = node.max_replicas_per_model
         if cap > 0 and here >= cap:
@@ -146,7 +149,12 @@ def place(
     if fits:
         return PlacementDecision(min(fits)[4], rejections, tuple(memory_only))
     return PlacementDecision(
-        None, rejections, tuple(memory_only), _summary(spec, healthy, matching, rejections)
+        None,
+        rejections,
+        tuple(memory_only),
+        _summary(spec, healthy, matching, eligible, rejections),
+        healthy,
+        eligible,
     )
 
 
@@ -164,11 +172,15 @@ def _selector(spec: ModelSpec) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(spec.scheduling.node_selector.items()))
 
 
-def _summary(spec: ModelSpec, healthy: int, matching: int, rejections: Mapping[str, str]) -> str:
+def _summary(
+    spec: ModelSpec, healthy: int, matching: int, eligible: int, rejections: Mapping[str, str]
+) -> str:
     if healthy == 0:
         return "no healthy node: " + _join(rejections)
     if matching == 0:
         return f"selector {_selector(spec)} matches no healthy node"
+    if eligible == 0:
+        return f"no healthy node runs backend {spec.backend}: " + _join(rejections)
     return f"no node fits {spec.name}: " + _join(rejections)
 
 

@@ -6,11 +6,12 @@ actuator (API keys and backend installs are not cluster state: their stores writ
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Path, Request
+from pydantic import BaseModel, Field, StringConstraints
 
+from corral.domain.access import Role
 from corral.domain.actions import (
     RemoveModel,
     SetNodeLabels,
@@ -20,24 +21,35 @@ from corral.domain.actions import (
     UpsertModel,
 )
 from corral.domain.entities import ModelSpec, Node
+from corral.domain.sizes import INT32_MAX
 from corral.errors import BadRequest, NotFound
 from corral.frontend.model_view import model_detail, model_json, models_json, replica_json
 from corral.frontend.nodes_api import frontend_of
 from corral.frontend.service import Frontend
+from corral.frontend.storable import storable
 from corral.modelfile import SchedulingDecl, parse_model
 from corral.store.models import scheduling_to_row
 
 
 def require_admin(request: Request) -> None:
-    frontend_of(request).authorizer.check(request.scope)
+    frontend_of(request).authorizer.admin(request.scope)
 
 
 class KeyBody(BaseModel):
     name: str = Field(min_length=1, max_length=255)
+    role: Role = Role.INFERENCE  # an admin key only when asked for
+    models: list[Annotated[str, StringConstraints(min_length=1, max_length=255)]] | None = Field(
+        default=None, max_length=1000
+    )  # None: every model
+
+
+Label = Annotated[str, StringConstraints(max_length=255)]
 
 
 class LabelsBody(BaseModel):
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[Annotated[Label, StringConstraints(min_length=1)], Label] = Field(
+        default_factory=dict, max_length=1000
+    )
 
 
 def node_json(node: Node) -> dict[str, Any]:
@@ -75,7 +87,9 @@ def scheduling_json(spec: ModelSpec) -> dict[str, Any]:
 
 
 def admin_router() -> APIRouter:
-    router = APIRouter(prefix="/api", tags=["admin"], dependencies=[Depends(require_admin)])
+    router = APIRouter(
+        prefix="/api", tags=["admin"], dependencies=[Depends(require_admin), Depends(storable)]
+    )
 
     # --- models -------------------------------------------------------------------------
     @router.get("/models")
@@ -119,6 +133,25 @@ def admin_router() -> APIRouter:
         await _model(fe, name)
         await fe.actuator.apply(RemoveModel(name))
         return {"deleted": name}
+
+    # --- admission ----------------------------------------------------------------------
+    @router.get("/queues")
+    async def list_queues(request: Request) -> dict[str, Any]:
+        """Per model: its replica limit, in-flight counts, and the wait queues (this
+        frontend's, and the depth and longest wait across every frontend)."""
+        fe = frontend_of(request)
+        local = fe.admission.queues()
+        out = {}
+        for name, spec in sorted(fe.view.models.items()):
+            replicas = fe.view.candidates(name)
+            out[name] = {
+                "max_concurrency": fe.admission.limit(spec),
+                "inflight": {str(r.index): fe.inflight.total(r.key) for r in replicas},
+                "queued": fe.inflight.queued(name),
+                "queue_wait": round(fe.inflight.queue_wait(name), 3),
+                "local": local.get(name),
+            }
+        return {"queues": out}
 
     # --- nodes --------------------------------------------------------------------------
     @router.get("/nodes")
@@ -189,7 +222,9 @@ def admin_router() -> APIRouter:
         return {"replicas": [replica_json(r, fe) for r in await fe.registry.replicas.all()]}
 
     @router.delete("/replicas/{model:path}/{index}")
-    async def stop_replica(model: str, index: int, request: Request) -> dict[str, Any]:
+    async def stop_replica(
+        model: str, index: Annotated[int, Path(ge=0, le=INT32_MAX)], request: Request
+    ) -> dict[str, Any]:
         fe = frontend_of(request)
         replica = await fe.registry.replicas.get(model, index)
         if replica is None:
@@ -215,10 +250,20 @@ def admin_router() -> APIRouter:
     async def create_key(body: KeyBody, request: Request) -> dict[str, Any]:
         """Create an API key; the secret is shown once, only its digest is stored."""
         fe = frontend_of(request)
-        key_id, secret = await fe.registry.audit.create_api_key(body.name)
+        if body.role is Role.ADMIN and body.models is not None:
+            raise BadRequest("an admin key cannot be limited to models", param="models")
+        key_id, secret = await fe.registry.audit.create_api_key(body.name, body.role, body.models)
         await fe.refresh()
-        await fe.registry.audit.add("apikey.created", f"{key_id} ({body.name})")
-        return {"id": key_id, "name": body.name, "key": secret}
+        await fe.registry.audit.add(
+            "apikey.created", f"{key_id} ({body.name}, {body.role.value})", subject=key_id
+        )
+        return {
+            "id": key_id,
+            "name": body.name,
+            "role": body.role.value,
+            "models": body.models,
+            "key": secret,
+        }
 
     @router.delete("/keys/{key_id}")
     async def delete_key(key_id: str, request: Request) -> dict[str, Any]:

@@ -6,9 +6,20 @@ Requests for a model without a loaded replica call `ensure_replica`. On each fro
 task per model does the work; across frontends, the `load_jobs` claim in PostgreSQL elects a
 single loader while the others wait for its replica event. While a replica of the model is
 already starting (the reconciler's preload, rollout or scale-up), requests wait for it.
-Waiters give up after the wait budget with 503 and the load's progress; the load itself goes
-on (a client that leaves does not cancel it). A failed load reaches every waiter with the
-node's own error.
+Waiters give up after the wait budget with 503 and the load's progress (`model_loading`, only
+while a load really runs; `no_capacity` naming why while no node has room); the load itself goes
+on (a client that leaves does not cancel it). While no node is healthy (none joined yet, or all
+pending or re-joining), the load waits for one within the budget. A failed load reaches every
+waiter, on every frontend, with the same error (the job row keeps its wire code): the node's
+own error as `model_load_failed`, `no_capacity`, or `no_eligible_node` (no node matches the
+selector or runs the backend: 503 without Retry-After, since retrying cannot help).
+
+Backoff: a model whose loads fail in a row is not loaded again for 5, 10, 20 ... seconds
+(`backoff`, capped); meanwhile every request gets the last error at once, with Retry-After the
+time left. A success (the job row is deleted) or a change of the model's spec or of the nodes
+(`forget_failed`) resets it. Capacity and transport failures keep their verdict 5 s and do not
+count; a node with no responder on its command subject has not re-joined yet (a restart): the
+load places again within the budget instead of failing every waiter.
 """
 
 from __future__ import annotations
@@ -26,7 +37,16 @@ from corral.domain.entities import ModelSpec, Node, Replica, ReplicaState
 from corral.domain.eviction import plan_eviction
 from corral.domain.memory import MemoryPool, estimate_memory, memory_pool
 from corral.domain.placement import Strategy, place
-from corral.errors import CorralError, LoadFailed, LoadTimeout, NoCapacity
+from corral.errors import (
+    CapacityError,
+    CorralError,
+    LoadFailed,
+    LoadTimeout,
+    NoCapacity,
+    NoEligibleNode,
+    TransportError,
+    Unavailable,
+)
 from corral.frontend.artifacts_api import ArtifactStore
 from corral.frontend.parts import Parts
 
@@ -50,6 +70,7 @@ class ColdLoader:
         job_ttl: float,
         strategy: Strategy = "binpack",
         gpu_backends: frozenset[str] = frozenset(),
+        backoff: tuple[float, float] = (5.0, 300.0),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = parts.registry
@@ -62,15 +83,19 @@ class ColdLoader:
         self.job_ttl = job_ttl
         self.strategy: Strategy = strategy
         self.gpu_backends = gpu_backends
+        self.backoff = backoff  # (first, most) seconds between failed loads of a model
         self.clock = clock
+        self._waiting: dict[str, str] = {}  # model -> why its load waits (no node, no room)
         self._loads: dict[str, asyncio.Task[None]] = {}
         self._failures: dict[str, tuple[float, str]] = {}  # model -> (wall time, error)
         self.starts = 0  # loads this frontend performed itself (tests, metrics)
 
     # --- waiting side -------------------------------------------------------------------
-    async def ensure_replica(self, spec: ModelSpec) -> None:
-        """Return once `spec` has a candidate replica; raise a 503-type error otherwise."""
-        deadline = self.clock() + self.wait_budget
+    async def ensure_replica(self, spec: ModelSpec, budget: float | None = None) -> None:
+        """Return once `spec` has a candidate replica; raise a 503-type error after `budget`
+        seconds (the request's deadline; default: the wait budget)."""
+        budget = self.wait_budget if budget is None else budget
+        deadline = self.clock() + budget
         while not self.view.candidates(spec.name):
             task = self._loads.get(spec.name)
             if task is None:
@@ -79,10 +104,10 @@ class ColdLoader:
                 task.add_done_callback(functools.partial(self._finished, spec.name))
             remaining = deadline - self.clock()
             if remaining <= 0:
-                raise self._timeout(spec)
+                raise self._timeout(spec, budget)
             done, _ = await asyncio.wait({task}, timeout=remaining)
             if not done:
-                raise self._timeout(spec)
+                raise self._timeout(spec, budget)
             exc = task.exception()
             if exc is not None:
                 raise exc
@@ -94,8 +119,21 @@ class ColdLoader:
             exc = task.exception()
             log.warning("load of %s failed: %s", name, exc)
 
-    def _timeout(self, spec: ModelSpec) -> LoadTimeout:
+    def _timeout(self, spec: ModelSpec, budget: float) -> Unavailable:
+        """The wait budget passed: `model_loading` with the progress while a load runs,
+        else `no_capacity` naming why nothing is loading."""
         progress = self.view.progress.get(spec.name)
+        loading = self._starting(spec.name) or (
+            progress is not None and progress.state in ("staging", "installing", "loading")
+        )
+        if not loading:
+            why = self._waiting.get(spec.name) or (
+                f"no node has room for it yet ({progress.state})" if progress else "not placed yet"
+            )
+            return NoCapacity(
+                f"model '{spec.name}' is not loading after {budget:g}s: {why}",
+                retry_after=5,
+            )
         load = (
             {
                 "state": progress.state,
@@ -104,10 +142,10 @@ class ColdLoader:
                 "node_id": progress.node_id,
             }
             if progress
-            else {"state": "pending"}
+            else {"state": "starting"}
         )
         return LoadTimeout(
-            f"model '{spec.name}' is still loading after {self.wait_budget:g}s; retry later",
+            f"model '{spec.name}' is still loading after {budget:g}s; retry later",
             retry_after=5,
             load=load,
         )
@@ -131,7 +169,8 @@ class ColdLoader:
                 return
             job = await self.registry.jobs.get(spec.name)
             if job is not None and job.state == "failed" and job.error:
-                raise LoadFailed(job.error, retry_after=5)
+                left = max(1.0, job.expires_at - time.time())
+                raise load_error(job.error_code, job.error, left)  # in backoff: the last error
             failure = self._failures.get(spec.name)
             if failure is not None and failure[0] >= began:
                 raise LoadFailed(failure[1], retry_after=5)
@@ -152,22 +191,51 @@ class ColdLoader:
         try:
             self.starts += 1
             await self.actuator.apply(ReportLoad(spec.name, "placing"))
-            node_id, estimate = await self.choose_node(spec)
-            await self.actuator.apply(
-                StartReplica(spec.name, node_id, None, spec.backend, estimate, "cold start")
-            )
+            await self._start(spec)
         except CorralError as exc:
-            await self.registry.jobs.fail(spec.name, self.frontend_id, exc.message)
-            await self.actuator.apply(ReportLoad(spec.name, "failed", error=exc.message))
+            await self._failed(spec, exc)
             raise
         except Exception as exc:
-            await self.registry.jobs.fail(spec.name, self.frontend_id, repr(exc))
-            await self.actuator.apply(ReportLoad(spec.name, "failed", error=repr(exc)))
-            raise LoadFailed(f"loading {spec.name} failed: {exc!r}") from exc
+            error = LoadFailed(f"loading {spec.name} failed: {exc!r}")
+            await self._failed(spec, error)
+            raise error from exc
         else:
             await self.registry.jobs.finish(spec.name, self.frontend_id)
         finally:
             renew.cancel()
+
+    async def _start(self, spec: ModelSpec) -> None:
+        """Place and start one replica. A node without a responder on its command subject has
+        not re-joined yet (after a restart): place again, within the wait budget."""
+        deadline = self.clock() + self.wait_budget
+        while True:
+            node_id, estimate = await self.choose_node(spec)
+            try:
+                await self.actuator.apply(
+                    StartReplica(spec.name, node_id, None, spec.backend, estimate, "cold start")
+                )
+                return
+            except LoadFailed as exc:
+                if not exc.extra.get("no_responders") or self.clock() >= deadline:
+                    raise
+                log.info("node %s is not back yet; placing %s again", node_id, spec.name)
+                await asyncio.sleep(CAPACITY_POLL)
+
+    async def _failed(self, spec: ModelSpec, exc: CorralError) -> None:
+        """Record the failed load for every frontend: a real failure backs off longer each time
+        in a row; a capacity verdict holds 5 s. The error says when to retry."""
+        counts = not isinstance(exc, CapacityError | TransportError)
+        counts = counts and not exc.extra.get("no_responders")
+        keep = await self.registry.jobs.fail(
+            spec.name,
+            self.frontend_id,
+            exc.message,
+            code=exc.code,
+            backoff=self.backoff if counts else None,
+        )
+        if not isinstance(exc, NoEligibleNode):
+            exc.retry_after = keep
+        await self.actuator.apply(ReportLoad(spec.name, "failed", error=exc.message))
 
     async def _renew(self, model: str) -> None:
         while True:
@@ -177,12 +245,29 @@ class ColdLoader:
             except Exception:
                 log.exception("renewing the load claim of %s failed", model)
 
-    async def choose_node(self, spec: ModelSpec) -> tuple[str, int]:
-        """Choose a node, evicting idle replicas when that makes room; wait while all are busy."""
+    async def choose_node(self, spec: ModelSpec, *, wait_for_nodes: bool = True) -> tuple[str, int]:
+        """Choose a node, evicting idle replicas when that makes room; wait while all are busy,
+        and while none is healthy unless `wait_for_nodes` is False (then NoCapacity at once)."""
         size = await self.artifacts.size(spec.artifact) if self.artifacts else None
         estimate = estimate_memory(spec, size)
         pool = memory_pool(spec, self.gpu_backends)
         deadline = self.clock() + self.wait_budget
+        try:
+            while True:
+                placed = await self._place(spec, estimate, pool, wait_for_nodes)
+                if placed is not None:
+                    return placed, estimate
+                if self.clock() >= deadline:
+                    raise NoCapacity(self._waiting[spec.name], retry_after=5)
+                await asyncio.sleep(CAPACITY_POLL)
+        finally:
+            self._waiting.pop(spec.name, None)
+
+    async def _place(
+        self, spec: ModelSpec, estimate: int, pool: MemoryPool, wait_for_nodes: bool = True
+    ) -> str | None:
+        """A node for the replica (evicting idle ones if that makes room), or None after
+        noting in `_waiting` why the load must wait; raises when waiting cannot help."""
         while True:
             nodes = await self.registry.nodes.all()
             replicas = self._fresh_use(await self.registry.replicas.all())
@@ -197,12 +282,20 @@ class ColdLoader:
                 model_pools=pools,
             )
             if decision.node_id is not None:
-                return decision.node_id, estimate
+                return decision.node_id
+            if decision.healthy == 0:  # none joined yet, or all pending or re-joining
+                if not wait_for_nodes:
+                    raise NoCapacity(decision.reason, retry_after=5)
+                self._waiting[spec.name] = decision.reason
+                return None
+            if decision.eligible == 0:
+                raise NoEligibleNode(decision.reason)
             if not decision.eviction_may_help:
                 raise NoCapacity(decision.reason, retry_after=10)
+            candidates = _only(nodes, decision.eviction_candidates)
             plan = plan_eviction(
                 estimate,
-                _only(nodes, decision.eviction_candidates),
+                candidates,
                 replicas,
                 self.inflight.view(),
                 {m.name: m.scheduling.min_replicas for m in self.view.models.values()},
@@ -210,15 +303,35 @@ class ColdLoader:
                 pool=pool,
                 model_pools=pools,
             )
-            if plan is not None:
-                await self._evict(spec, plan.node_id, plan.victims)
+            if plan is None:
+                self._waiting[spec.name] = f"{decision.reason}; {self._blocked(candidates)}"
+                return None
+            await self._evict(spec, plan.node_id, plan.victims)
+
+    def _blocked(self, nodes: list[Node]) -> str:
+        """Why no replica on `nodes` may be evicted: busy ones, and ones their model's
+        minimum holds."""
+        wanted = {n.id for n in nodes}
+        mins = {m.name: m.scheduling.min_replicas for m in self.view.models.values()}
+        loaded = [r for r in self.view.replicas.values() if r.state == ReplicaState.LOADED]
+        per_model: dict[str, int] = {}
+        for r in loaded:
+            per_model[r.model] = per_model.get(r.model, 0) + 1
+        busy = held = 0
+        for r in loaded:
+            if r.node_id not in wanted:
                 continue
-            if self.clock() >= deadline:
-                raise NoCapacity(
-                    f"{decision.reason}; every replica that could make room is busy",
-                    retry_after=5,
-                )
-            await asyncio.sleep(CAPACITY_POLL)
+            if self.inflight.total(r.key) > 0:
+                busy += 1
+            elif per_model[r.model] <= mins.get(r.model, 0):
+                held += 1
+        named = [
+            f"{busy} busy" if busy else "",
+            f"{held} held at their model's minimum" if held else "",
+        ]
+        return "no replica can be evicted to make room: " + (
+            ", ".join(n for n in named if n) or "none is idle"
+        )
 
     async def _evict(self, spec: ModelSpec, node_id: str, victims: tuple[Replica, ...]) -> None:
         await self.actuator.apply(ReportLoad(spec.name, "evicting", node_id=node_id))
@@ -247,6 +360,15 @@ class ColdLoader:
             task.cancel()
         if self._loads:
             await asyncio.gather(*self._loads.values(), return_exceptions=True)
+
+
+def load_error(code: str | None, message: str, retry_after: float) -> CorralError:
+    """A failed load's error as its loader raised it (from the job row's wire code)."""
+    if code == NoEligibleNode("").code:
+        return NoEligibleNode(message)
+    if code == NoCapacity("").code:
+        return NoCapacity(message, retry_after=retry_after)
+    return LoadFailed(message, retry_after=retry_after)
 
 
 def _only(nodes: list[Node], ids: tuple[str, ...]) -> list[Node]:

@@ -49,8 +49,26 @@ def render_metrics(fe: Frontend, now: float) -> str:
         "# HELP corral_reconcile_ticks_total Reconcile ticks this frontend ran.",
         "# TYPE corral_reconcile_ticks_total counter",
         f"corral_reconcile_ticks_total {fe.reconciler.ticks}",
+        "# HELP corral_admission_rejected_total Requests answered 429 queue_full.",
+        "# TYPE corral_admission_rejected_total counter",
+        f"corral_admission_rejected_total {fe.admission.rejected}",
+        "# HELP corral_admission_expired_total Requests answered 504 deadline_exceeded.",
+        "# TYPE corral_admission_expired_total counter",
+        f"corral_admission_expired_total {fe.admission.expired}",
+        "# HELP corral_admission_abandoned_total Clients that left while waiting in a queue.",
+        "# TYPE corral_admission_abandoned_total counter",
+        f"corral_admission_abandoned_total {fe.admission.abandoned}",
         "# HELP corral_view_age_seconds Seconds since the last full resync.",
         "# TYPE corral_view_age_seconds gauge",
         f"corral_view_age_seconds {max(0.0, now - view.synced_at):.3f}",
     ]
+    lines += [
+        "# HELP corral_queue_depth Requests waiting for a slot on this frontend, per model.",
+        "# TYPE corral_queue_depth gauge",
+        "# HELP corral_queue_wait_seconds The longest wait of a queued request, per model.",
+        "# TYPE corral_queue_wait_seconds gauge",
+    ]
+    for model, queue in fe.admission.queues().items():
+        lines.append(f'corral_queue_depth{{model="{model}"}} {queue["depth"]:g}')
+        lines.append(f'corral_queue_wait_seconds{{model="{model}"}} {queue["longest_wait"]:.3f}')
     return "\n".join(lines) + "\n" + routing_metrics(fe.router, fe.prefixes)

@@ -9,6 +9,7 @@ stream the response bytes back unchanged. The slot is released exactly once on e
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -22,6 +23,7 @@ from corral.domain.routing.candidates import supports
 from corral.errors import (
     CorralError,
     MethodNotAllowed,
+    ModelNotAllowed,
     ModelNotFound,
     NotFound,
     RateLimited,
@@ -32,6 +34,8 @@ from corral.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from corral.frontend.abort import AbortOnDisconnect
+from corral.frontend.admission import AdmissionGate
 from corral.frontend.asgi import AsgiExchange, ClientGone, Receive, Scope, Send, sse_error
 from corral.frontend.auth import Authorizer
 from corral.frontend.headers import HeaderFilter
@@ -97,6 +101,7 @@ class OpenAIProxy:
         capabilities: Callable[[ModelSpec], Collection[str] | None] | None = None,
         homes: SharedHomes | None = None,
         spool_memory_bytes: int = SPOOL_MEMORY,
+        admission: AdmissionGate | None = None,
         router: Router | None = None,
     ) -> None:
         self.view = view
@@ -113,6 +118,10 @@ class OpenAIProxy:
         self.capabilities = capabilities or _undeclared
         self.homes = homes or SharedHomes(ResponseHomes(10_000, 3600.0), None, "")
         self.spool_memory_bytes = spool_memory_bytes
+        #: whether and when a request may go (WHICH replica is `_choose`'s)
+        self.admission = admission or AdmissionGate(
+            view, inflight, limit_of=_unlimited, ensure_replica=_within(ensure_replica)
+        )
         self.router = router or Router(inflight.view())
         #: per model: the spec its capabilities were read for, and them
         self._served: dict[str, tuple[ModelSpec, Collection[str] | None]] = {}
@@ -135,7 +144,7 @@ class OpenAIProxy:
                 method = exchange.method.decode("latin-1")
                 allowed = "/".join(m.decode() for m in sorted(endpoint.methods))
                 raise MethodNotAllowed(f"{method} is not allowed here; use {allowed}")
-            self.authorizer.check_headers(exchange.headers)
+            grant = self.authorizer.inference(exchange.headers)
             if self.max_inflight and self.inflight.local_total() >= self.max_inflight:
                 raise RateLimited("too many requests in flight on this frontend", retry_after=1)
             if endpoint.body == "json":  # the usual case, without a coroutine more
@@ -149,6 +158,10 @@ class OpenAIProxy:
                 spec, home = self._spec(request), None
             else:
                 spec, home = await self._stateful(request)
+            if grant is not None and grant.models is not None and spec.name not in grant.models:
+                raise ModelNotAllowed(
+                    f"this API key may not use the model '{spec.name}'", param="model"
+                )
         except (ClientGone, CorralError) as exc:
             if request is not None:
                 request.close()
@@ -211,17 +224,45 @@ class OpenAIProxy:
         exchange: Exchange,
         home: Home | None = None,
     ) -> None:
+        with AbortOnDisconnect(exchange):  # a client that leaves frees its slot at once
+            if await self._attempts(spec, request, headers, exchange, home):
+                return
+        if exchange.gone:
+            return
+        if home is not None:  # the replica holding the response is gone, and its state with it
+            await respond_error(exchange, _home_gone(request))
+            return
+        await respond_error(
+            exchange,
+            Unavailable(
+                f"model '{spec.name}' lost its replicas while serving this request",
+                retry_after=1,
+            ),
+        )
+
+    async def _attempts(
+        self,
+        spec: ModelSpec,
+        request: ParsedRequest,
+        headers: Headers,
+        exchange: Exchange,
+        home: Home | None,
+    ) -> bool:
+        """Send the request until a replica answers; False when every try found its replica
+        gone (the caller answers that)."""
         tried: set[Tried] = set()  # (model, index, address): a reload may reuse the index
-        last_error: CorralError | None = None
+        admission = self.admission
         for _ in range(MAX_ATTEMPTS if home is None else 1):
             try:
                 if home is None:
-                    replica = await self._choose(spec, tried, request, exchange)
+                    await admission.enter(spec, exchange.headers, _size(request))  # admission
+                    excluded = admission.exclude(spec, tried)
+                    replica = await self._choose(spec, excluded, request, exchange)
                 else:
                     replica = self._at_home(request, home)
             except CorralError as exc:
                 await respond_error(exchange, exc)
-                return
+                return True
             idle = self.inflight.total(replica.key) == 0
             slot = self.inflight.acquire(replica.key)
             try:
@@ -230,27 +271,17 @@ class OpenAIProxy:
                     tried.add(_tried(replica))
                     continue
                 await self._relay(replica, response, request, exchange)
-                return
+                return True
             except ReplicaGone as exc:
                 tried.add(_tried(replica))
-                last_error = exc
-                await self.drop_replica(DropReplica.of(replica, exc.message))
+                await asyncio.shield(self.drop_replica(DropReplica.of(replica, exc.message)))
             except CorralError as exc:
                 await respond_error(exchange, exc)
-                return
+                return True
             finally:
                 slot.release()
-        if home is not None:  # the replica holding the response is gone, and its state with it
-            await respond_error(exchange, _home_gone(request))
-            return
-        await respond_error(
-            exchange,
-            Unavailable(
-                f"model '{spec.name}' lost {len(tried)} replicas while serving this request"
-                + (f" (last: {last_error.message})" if last_error else ""),
-                retry_after=1,
-            ),
-        )
+                admission.released(spec.name)
+        return False
 
     def _at_home(self, request: ParsedRequest, home: Home) -> Replica:
         """The replica holding a stored response, if it still serves; else the backend-style
@@ -416,6 +447,24 @@ class _Buffered:
         self.status = response.status
         self.forward_headers = response.forward_headers
         self.body = body
+
+
+def _unlimited(_: ModelSpec) -> int:
+    return 0  # no catalog here: every replica takes any number of requests
+
+
+def _within(
+    ensure: Callable[[ModelSpec], Awaitable[None]],
+) -> Callable[[ModelSpec, float], Awaitable[None]]:
+    async def within(spec: ModelSpec, budget: float) -> None:
+        await ensure(spec)  # a cold loader without deadlines: its own budget
+
+    return within
+
+
+def _size(request: ParsedRequest) -> int:
+    body = request.body
+    return len(body) if isinstance(body, bytes) else body.size
 
 
 def _undeclared(_: ModelSpec) -> None:

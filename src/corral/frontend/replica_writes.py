@@ -104,6 +104,7 @@ class ReplicaWrites:
             raise LoadFailed(
                 f"starting {spec.name} on node {action.node_id} failed: {exc.message}",
                 retry_after=5,
+                no_responders=bool(exc.extra.get("no_responders")),  # not back yet: place again
             ) from None
         except CorralError as exc:  # the model-store artifact is unusable
             await self._failed(replica, record, f"artifact of {spec.name}: {exc.message}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -13,9 +12,9 @@ from corral.bus.client import Bus, decode
 from corral.bus.messages import LoadProgress, LoadReport, ModelEvent, NodeEvent, ReplicaEvent
 from corral.config import FrontendSettings
 from corral.domain.actions import RecordUse
-from corral.domain.entities import Replica, ReplicaState
 from corral.domain.prefix import PrefixIndex
 from corral.frontend.actuator import Actuator
+from corral.frontend.admission import AdmissionGate
 from corral.frontend.artifacts_api import ArtifactStore
 from corral.frontend.auth import Authorizer, digest
 from corral.frontend.coldpath import ColdLoader
@@ -36,6 +35,7 @@ from corral.frontend.router import Router
 from corral.frontend.signals import LoadSignals
 from corral.frontend.upstream import UpstreamPool
 from corral.frontend.view import ClusterView
+from corral.keyfile import read_or_create_admin_key
 from corral.store.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,12 @@ class Frontend:
         )
         self.pool = UpstreamPool()
         self.probes = ProbeCache(self.pool, ttl=settings.health_ttl)
-        self.authorizer = Authorizer(digest(k.get_secret_value()) for k in settings.api_keys)
+        self.authorizer = Authorizer(
+            static=[digest(k.get_secret_value()) for k in settings.api_keys],
+            metrics=[digest(settings.metrics_key.get_secret_value())]
+            if settings.metrics_key is not None
+            else [],
+        )
         self.artifacts = ArtifactStore(settings.model_store) if settings.model_store else None
         self.nodes = NodeClient(
             self.bus, start_timeout=settings.start_timeout, artifacts=self.artifacts
@@ -90,6 +95,7 @@ class Frontend:
             job_ttl=settings.load_job_ttl,
             strategy=settings.placement,
             gpu_backends=self.catalog.gpu_backends(),
+            backoff=(settings.load_backoff, settings.load_backoff_max),
         )
         self.drainer = Drainer(parts, cold=self.cold, timeout=settings.drain_timeout)
         self.signals = LoadSignals(self.view, self.inflight)
@@ -105,6 +111,17 @@ class Frontend:
         )
         self.response_homes = SharedHomes(
             ResponseHomes(settings.response_map_size, settings.response_ttl), self.bus, self.id
+        )
+        self.admission = AdmissionGate(
+            self.view,
+            self.inflight,
+            limit_of=self.catalog.max_concurrency_of,
+            ensure_replica=self.cold.ensure_replica,
+            max_entries=settings.queue_max_entries,
+            max_bytes=settings.queue_max_bytes,
+            default_deadline=settings.wait_budget,
+            max_deadline=settings.max_deadline,
+            key_priorities=settings.key_priorities,
         )
         self.router = Router(
             self.inflight.view(),
@@ -126,12 +143,12 @@ class Frontend:
             capabilities=self.catalog.capabilities_of,
             homes=self.response_homes,
             spool_memory_bytes=settings.spool_memory_bytes,
+            admission=self.admission,
             router=self.router,
         )
         self.started = False
         self.extra_loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._static_key_digests = set(self.authorizer.digests)
         self._reported_version = -1
         self._quiet_reports = 0
 
@@ -144,6 +161,10 @@ class Frontend:
         """Migrate, connect, declare the models directory, fill the view and follow the events:
         all of `start` but the background loops (in-process tests drive those by hand)."""
         await self.registry.migrate()
+        key_file = self.settings.admin_key_path
+        if key_file is not None:
+            self.authorizer.set_admin([digest(read_or_create_admin_key(key_file))])
+            log.info("admin key: %s", key_file)
         await self.bus.connect()
         if self.models_dir is not None:
             await self.models_dir.sync()
@@ -184,6 +205,7 @@ class Frontend:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.drainer.close()
+        await self.admission.close()
         await self.cold.close()
         await self.reconciler.close()
         await self.installs.close()
@@ -210,12 +232,14 @@ class Frontend:
     async def refresh(self) -> None:
         """Resync the view and API keys from PostgreSQL (repairs missed events)."""
         await self.view.resync(self.registry)
-        stored = await self.registry.audit.api_key_hashes()
-        self.authorizer.update(self._static_key_digests | stored)
+        self.authorizer.update(await self.registry.audit.api_key_grants())
         self.inflight.expire()
 
     # --- event handlers -------------------------------------------------------------------
     async def _on_replica_event(self, payload: bytes) -> None:
+        """A replica changed: a hint, never authority. The view takes the replica's row from
+        PostgreSQL (read now, once per event, never per request): an address only the event
+        names, or that PostgreSQL gives another replica, routes nothing."""
         event = decode(payload, ReplicaEvent)
         if event is None:
             return
@@ -223,26 +247,24 @@ class Frontend:
             self.reconciler.poke()  # capacity freed
         if event.origin == self.id:
             return
-        if event.kind in ("removed", "failed"):
+        row = await self.registry.replicas.get(event.model, event.index)
+        if row is None:
             gone = self.view.drop_replica(event.model, event.index)
             if gone is not None and gone.address:
                 self.probes.forget(gone.node_id, gone.address)
             return
-        if event.node_id is None or event.state is None:
-            return
-        self.view.put_replica(
-            Replica(
-                model=event.model,
-                index=event.index,
-                node_id=event.node_id,
-                state=ReplicaState(event.state),
-                address=event.address,
-                memory=event.memory,
-                last_used=time.time(),
-                revision=event.revision,
-                replaces=event.replaces,
+        if event.address is not None and event.address != row.address:
+            log.warning(
+                "replica event for %s#%d names %s, PostgreSQL %s: the row is believed",
+                event.model,
+                event.index,
+                event.address,
+                row.address,
             )
-        )
+        old = self.view.replicas.get(row.key)
+        if old is not None and old.address and old.address != row.address:
+            self.probes.forget(old.node_id, old.address)
+        self.view.put_replica(row)
 
     async def _on_node_event(self, payload: bytes) -> None:
         event = decode(payload, NodeEvent)

@@ -29,6 +29,8 @@ class LoadJob:
     started_at: float
     updated_at: float
     expires_at: float
+    error_code: str | None = None  # the wire code of a failed job's error
+    failures: int = 0  # failed loads in a row (the backoff grows with them)
 
     def as_progress(self) -> dict[str, Any]:
         return {
@@ -62,6 +64,7 @@ class LoadJobStore:
             "node_id": None,
             "replica_index": None,
             "error": None,
+            "error_code": None,
             "started_at": now,
             "updated_at": now,
             "expires_at": now + ttl,
@@ -91,15 +94,49 @@ class LoadJobStore:
             )
             return bool(result.rowcount)
 
-    async def fail(self, model: str, owner: str, error: str, *, keep: float = 5.0) -> None:
-        """Mark the job failed so waiters on every frontend see the error for `keep` seconds."""
+    async def fail(
+        self,
+        model: str,
+        owner: str,
+        error: str,
+        *,
+        code: str | None = None,
+        keep: float = 5.0,
+        backoff: tuple[float, float] | None = None,
+    ) -> float:
+        """Mark the job failed so waiters on every frontend see the error (and its wire `code`)
+        for `keep` seconds, during which nobody claims the model.
+
+        With `backoff` (base, cap), the failure counts: the n-th failure in a row keeps the
+        job `min(cap, base * 2**(n-1))` seconds instead (a success deletes the row, which
+        resets the count). Returns the seconds it is kept."""
         now = time.time()
         async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    select(load_jobs.c.failures)
+                    .where(load_jobs.c.model == model, load_jobs.c.owner == owner)
+                    .with_for_update()
+                )
+            ).first()
+            failures = row.failures if row is not None else 0
+            if backoff is not None:
+                base, cap = backoff
+                keep = min(cap, base * 2.0 ** min(failures, 30))
+                failures += 1
             await conn.execute(
                 update(load_jobs)
                 .where(load_jobs.c.model == model, load_jobs.c.owner == owner)
-                .values(state="failed", error=error, updated_at=now, expires_at=now + keep)
+                .values(
+                    state="failed",
+                    error=error,
+                    error_code=code,
+                    failures=failures,
+                    updated_at=now,
+                    expires_at=now + keep,
+                )
             )
+        return keep
 
     async def forget_failed(self, model: str | None = None) -> int:
         """Delete failed jobs (of `model`, or of every model): their verdict was judged on a
@@ -140,4 +177,6 @@ def row_to_job(row: Mapping[Any, Any]) -> LoadJob:
         started_at=row["started_at"],
         updated_at=row["updated_at"],
         expires_at=row["expires_at"],
+        error_code=row["error_code"],
+        failures=row["failures"],
     )

@@ -117,6 +117,8 @@ def scheduling_to_row(s: Scheduling) -> dict[str, Any]:
         "node_selector": dict(s.node_selector),
         "scale_down_delay": s.scale_down_delay,
         "scaling": scaling_to_row(s.scaling),
+        "max_concurrency": s.max_concurrency,
+        "deadline": s.deadline,
     }
 
 
@@ -165,6 +167,8 @@ def row_to_spec(row: Mapping[Any, Any]) -> ModelSpec:
             spread_all=row["spread_all"],
             node_selector=dict(row["node_selector"] or {}),
             scale_down_delay=row["scale_down_delay"],
+            max_concurrency=row["max_concurrency"],
+            deadline=row["deadline"],
             scaling=None
             if not scaling
             else ScalingTarget(

@@ -85,6 +85,15 @@ class Registry:
             processes=await self.nodes.reported_processes(),
         )
 
+    async def lock_held(self, key: int) -> bool:
+        """Whether some session holds the advisory lock `key` now (e.g. a reconciler leads)."""
+        query = text(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = :k)"
+        )
+        async with self.engine.connect() as conn:
+            return bool((await conn.execute(query, {"k": key})).scalar_one())
+
     @asynccontextmanager
     async def advisory_lock(self, key: int) -> AsyncIterator[Lease | None]:
         """Hold a session-level advisory lock while the context runs.

@@ -69,6 +69,8 @@ models = Table(
     Column("spec_hash", String(64), nullable=False, server_default=""),
     Column("rollout", JSONB, nullable=False, server_default="{}"),
     Column("scaling", JSONB),
+    Column("max_concurrency", Integer),  # per replica; 0 = unlimited; null: the backend's default
+    Column("deadline", Double),  # seconds a request may wait for a slot; null: server default
     # the endpoints the model may serve, narrowing its backend's (a list); null: all of them
     Column("capabilities", JSONB(none_as_null=True)),
     # routing weights (`RoutingWeights` as JSON); null: the defaults
@@ -128,6 +130,8 @@ load_jobs = Table(
     Column("started_at", Double, nullable=False),
     Column("updated_at", Double, nullable=False),
     Column("expires_at", Double, nullable=False),
+    Column("failures", Integer, nullable=False, server_default="0"),  # failed loads in a row
+    Column("error_code", String(32)),  # the wire code of a failed load's error
 )
 
 backend_installs = Table(
@@ -151,6 +155,8 @@ api_keys = Table(
     Column("name", String(255), nullable=False),
     Column("key_hash", String(128), nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("role", String(16), nullable=False, server_default="inference"),  # admin|inference
+    Column("models", JSONB),  # model names an inference key may use; null: every model
 )
 
 events = Table(
