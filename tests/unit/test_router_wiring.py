@@ -200,3 +200,19 @@ def test_speed_noise_does_not_flag_an_equal_replica_but_real_slowness_does() -> 
         t.observe(a, 0.020, 1.0)
         t.observe(b, 0.060, 1.0)
     assert t.ratios(1.0) == {b: pytest.approx(1.75)}
+
+
+def test_a_declared_max_concurrency_is_the_load_scale() -> None:
+    inflight: dict[ReplicaKey, int] = {}
+    router = Router(inflight, clock=Clock())
+    body = chat(SYSTEM[0], "q")
+    limited = dataclasses.replace(
+        model(), scheduling=dataclasses.replace(model().scheduling, max_concurrency=2)
+    )
+    first, _ = router.choose(limited, REPLICAS, request(body), [])
+    assert first is not None
+    inflight[first.key] = 2  # within 0.5 x 8 of the others, but not within 0.5 x 2
+    second, _ = router.choose(limited, REPLICAS, request(body), [])
+    assert second is not None and second.key != first.key
+    third, _ = router.choose(model(), REPLICAS, request(body), [])  # no limit: scale 8
+    assert third is not None and third.key in (first.key, second.key)

@@ -18,6 +18,7 @@ index inherits no warm cache. Counters per model feed `/metrics`
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from corral.domain.entities import ModelSpec, Replica, ReplicaKey
 from corral.domain.prefix import PrefixIndex, block_hashes
 from corral.domain.routing import Candidates, SessionTable, SpeedTracker, route, session_key
 from corral.domain.routing.explain import explain
+from corral.domain.routing_weights import RoutingWeights
 from corral.frontend.request import ParsedRequest
 
 #: The body key whose value (to the end of the body) is hashed for prefix affinity, per path.
@@ -112,6 +114,7 @@ class Router:
         self._cands: dict[str, tuple[list[Replica], Candidates, set[Identity]]] = {}
         self._speed: dict[tuple[str, bool], SpeedTracker] = {}
         self._turns: dict[str, int] = {}
+        self._scaled: dict[str, tuple[ModelSpec, RoutingWeights]] = {}  # per spec seen
         self._warm: set[ReplicaKey] = set()  # replicas whose first (cold) sample was dropped
 
     # --- per request ----------------------------------------------------------------------
@@ -137,7 +140,7 @@ class Router:
             return None, None
         if n == 1 and not _wants_scores(headers):
             return cands.replicas[0], None  # nothing to weigh: no hashing, no records
-        weights = spec.routing
+        weights = self._weights(spec)
         feats = self.features(request, headers, weights.prefix > 0)
         now = self.clock()
         hashes = feats.hashes
@@ -214,6 +217,21 @@ class Router:
         self._tracker(key[0], stream).observe(key, seconds, self.clock())
 
     # --- internals ------------------------------------------------------------------------
+    def _weights(self, spec: ModelSpec) -> RoutingWeights:
+        """The model's weights, with its `max_concurrency` (when declared) as the load scale
+        (`route`'s contract; the admission gate, not `route`, keeps replicas under it)."""
+        cached = self._scaled.get(spec.name)
+        if cached is not None and cached[0] is spec:
+            return cached[1]
+        weights = spec.routing
+        limit = spec.scheduling.max_concurrency
+        if limit and limit != weights.concurrency:
+            weights = dataclasses.replace(weights, concurrency=limit)
+        if len(self._scaled) > 4096:
+            self._scaled.clear()  # names of removed models
+        self._scaled[spec.name] = (spec, weights)
+        return weights
+
     def _tracker(self, model: str, stream: bool) -> SpeedTracker:
         tracker = self._speed.get((model, stream))
         if tracker is None:
