@@ -116,22 +116,44 @@ class AdmissionGate:
             known = self._limits[spec.name] = (spec, self.limit_of(spec))
         return known[1]
 
+    def now(self, spec: ModelSpec, tried: Tried) -> Tried | None:
+        """The warm path, without a coroutine: when nothing waits for the model and one of its
+        replicas has a free slot, the replicas not to pick (`tried` and those at their limit);
+        None when the request must go through `enter`."""
+        state = self._models.get(spec.name)
+        if state is not None and state.waiters:
+            return None
+        candidates = self.view.candidates(spec.name)
+        if not candidates:
+            return None
+        limit = self.limit(spec)
+        if not limit:
+            return tried
+        local, remote = self.inflight.totals()
+        local_get, remote_get = local.get, remote.get
+        full: Tried | None = None
+        free = False
+        for r in candidates:
+            key = (r.model, r.index)
+            if local_get(key, 0) + remote_get(key, 0) < limit:
+                free = True
+            elif full is None:
+                full = {(r.model, r.index, r.address)}
+            else:
+                full.add((r.model, r.index, r.address))
+        if not free:
+            return None
+        return tried if full is None else tried | full
+
     async def enter(
-        self, spec: ModelSpec, headers: Iterable[tuple[bytes, bytes]], size: int
-    ) -> None:
-        """Return when a request for `spec` may take a slot now (in this event-loop step).
+        self, spec: ModelSpec, headers: Iterable[tuple[bytes, bytes]], size: int, tried: Tried
+    ) -> Tried:
+        """Wait until a request for `spec` may take a slot; return the replicas not to pick
+        then (in the same event-loop step).
 
         Raises QueueFull, DeadlineExceeded, BadRequest (a malformed priority or deadline
         header), or the cold path's errors while the model has no replica."""
         name = spec.name
-        model = self._models.get(name)
-        limit = self.limit(spec)
-        if (
-            (model is None or not model.waiters)
-            and self._free(name, limit, 0) > 0
-            and self.view.candidates(name)
-        ):
-            return  # the warm path
         headers = list(headers)
         now = self.clock()
         deadline = now + self._deadline(spec, headers)
@@ -140,11 +162,16 @@ class AdmissionGate:
             if left <= 0:
                 raise self._expired(name, deadline - now)
             await self.ensure_replica(spec, left)  # its 503s carry the load's progress
-        await self._wait(spec, limit, headers, size, now, deadline)
+        excluded = self.now(spec, tried)
+        if excluded is not None:
+            return excluded  # loaded, with a free slot, and nobody waits
+        await self._wait(spec, self.limit(spec), headers, size, now, deadline)
+        return self._excluded(spec, tried)
 
-    def exclude(self, spec: ModelSpec, tried: Tried) -> Tried:
-        """`tried` plus the candidate replicas at their limit, as (model, index, address): the
-        replicas not to pick now."""
+    def _excluded(self, spec: ModelSpec, tried: Tried) -> Tried:
+        """`tried` plus the candidates at their limit; just `tried` when that would leave none
+        (granted a slot, but a report since then counts it as taken elsewhere: the request
+        goes on, within the documented overshoot bound)."""
         limit = self.limit(spec)
         if not limit:
             return tried
@@ -154,11 +181,7 @@ class AdmissionGate:
         if not full:
             return tried
         excluded = tried | full
-        if len(excluded) >= len(candidates) and all(
-            (r.model, r.index, r.address) in excluded for r in candidates
-        ):
-            # granted, but a report since then counts the slot as taken elsewhere: the
-            # request goes on (its overshoot is within the documented bound)
+        if all((r.model, r.index, r.address) in excluded for r in candidates):
             return tried
         return excluded
 
