@@ -232,3 +232,23 @@ async def test_a_client_leaving_the_queue_uses_no_slot(cluster: InProcessCluster
     assert fe.admission.abandoned == 1
     assert sim.stats()["requests"] == seen + 1, "the abandoned request never reached the backend"
     assert fe.inflight.local_total() == 0
+
+
+async def test_a_cold_start_longer_than_the_wait_budget_serves_every_queued_request(
+    cluster: InProcessCluster,
+) -> None:
+    # the 60 s budget, 120 s deadlines and a slower load, scaled down 60x
+    fe = await cluster.frontend(wait_budget=1.0)
+    worker = await cluster.worker(fe, "n1")
+    worker.gate = asyncio.Event()  # the load runs until the test lets it finish
+    await declare(fe, limited("m", 4))
+    async with client(fe) as c:
+        requests = [asyncio.create_task(ask(c, "m", x_corral_deadline="5")) for _ in range(200)]
+        await apoll_until(lambda: worker.starts, timeout=5, what="the load started")
+        await asyncio.sleep(1.5)  # the load takes longer than the old wait budget
+        assert not any(r.done() for r in requests), "nobody gave up at the old budget"
+        worker.gate.set()
+        answers = await asyncio.gather(*requests)
+    assert [r.status_code for r in answers] == [200] * 200
+    assert len(worker.starts) == 1, "one load for all of them"
+    assert worker.sims[("m", 0)].stats()["peak_inflight"] <= 4
