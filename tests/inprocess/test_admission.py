@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from harness import InProcessCluster, client, declare
 
+from corral.domain.actions import DropReplica
 from corral.domain.admission import overshoot_bound
 from corral.domain.entities import ModelSpec, Scheduling
 from corral.frontend.service import Frontend
@@ -252,3 +253,22 @@ async def test_a_cold_start_longer_than_the_wait_budget_serves_every_queued_requ
     assert [r.status_code for r in answers] == [200] * 200
     assert len(worker.starts) == 1, "one load for all of them"
     assert worker.sims[("m", 0)].stats()["peak_inflight"] <= 4
+
+
+async def test_requests_waiting_for_a_slot_go_back_to_the_cold_path_when_the_replica_goes(
+    cluster: InProcessCluster,
+) -> None:
+    fe = await cluster.frontend()
+    worker = await cluster.worker(fe, "n1")
+    await declare(fe, limited("m", 1, ttft=0.5))
+    async with client(fe) as c:
+        await warm(fe, c, "m")
+        (replica,) = fe.view.candidates("m")
+        slot = fe.inflight.acquire(replica.key)  # its one slot is taken
+        waiters = [asyncio.create_task(ask(c, "m", x_corral_deadline="5")) for _ in range(3)]
+        await queued(fe, "m", 3)
+        await fe.actuator.apply(DropReplica.of(replica, "the test took it away"))
+        slot.release()  # its request ended with its replica
+        answers = await asyncio.gather(*waiters)
+    assert [r.status_code for r in answers] == [200] * 3, [r.text for r in answers]
+    assert len(worker.starts) == 2, "loaded again for the waiters"

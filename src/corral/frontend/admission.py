@@ -50,7 +50,7 @@ class _Waiter:
 
     __slots__ = ("future", "granted")
 
-    def __init__(self, future: asyncio.Future[None]) -> None:
+    def __init__(self, future: asyncio.Future[bool]) -> None:
         self.future = future
         self.granted = False
 
@@ -157,16 +157,18 @@ class AdmissionGate:
         headers = list(headers)
         now = self.clock()
         deadline = now + self._deadline(spec, headers)
-        while not self.view.candidates(name):  # a cold model: the cold path waits for a load
-            left = deadline - self.clock()
-            if left <= 0:
-                raise self._expired(name, deadline - now)
-            await self.ensure_replica(spec, left)  # its 503s carry the load's progress
-        excluded = self.now(spec, tried)
-        if excluded is not None:
-            return excluded  # loaded, with a free slot, and nobody waits
-        await self._wait(spec, self.limit(spec), headers, size, now, deadline)
-        return self._excluded(spec, tried)
+        while True:
+            while not self.view.candidates(name):  # a cold model: the cold path loads it
+                left = deadline - self.clock()
+                if left <= 0:
+                    raise self._expired(name, deadline - now)
+                await self.ensure_replica(spec, left)  # its 503s carry the load's progress
+            excluded = self.now(spec, tried)
+            if excluded is not None:
+                return excluded  # loaded, with a free slot, and nobody waits
+            if await self._wait(spec, self.limit(spec), headers, size, now, deadline):
+                return self._excluded(spec, tried)
+            # every replica went away while it waited: back to the cold path
 
     def _excluded(self, spec: ModelSpec, tried: Tried) -> Tried:
         """`tried` plus the candidates at their limit; just `tried` when that would leave none
@@ -200,7 +202,9 @@ class AdmissionGate:
         size: int,
         now: float,
         deadline: float,
-    ) -> None:
+    ) -> bool:
+        """Wait in the model's queue: True once granted a slot, False when the model lost
+        every replica meanwhile (the caller goes back to the cold path)."""
         name = spec.name
         state = self._models.get(name)
         if state is None:
@@ -228,8 +232,7 @@ class AdmissionGate:
             self._export(name, state)
         taken = False
         try:
-            await waiter.future
-            taken = True
+            taken = await waiter.future
         except asyncio.CancelledError:
             if state.queue.cancel(entry_id):
                 self.abandoned += 1
@@ -242,6 +245,7 @@ class AdmissionGate:
                     self._grant(state)  # then it goes to the next one
             if not state.waiters:
                 self._export(name, state)
+        return taken
 
     def _grant(self, state: _Model) -> None:
         """Hand every free slot of the model to the next waiters, in queue order."""
@@ -259,7 +263,7 @@ class AdmissionGate:
                 continue
             waiter.granted = True
             state.granted += 1
-            waiter.future.set_result(None)
+            waiter.future.set_result(True)
             free -= 1
         self._expire(state, now)
 
@@ -285,7 +289,16 @@ class AdmissionGate:
             if spec is not None and spec is not state.spec:
                 state.spec, state.limit = spec, self.limit(spec)
             self._grant(state)
+            if state.waiters and not self.view.candidates(name):
+                self._requeue(state)
             self._export(name, state)
+
+    def _requeue(self, state: _Model) -> None:
+        """The model has no replica any more: its waiters go back to the cold path."""
+        for entry_id, waiter in list(state.waiters.items()):
+            if not waiter.future.done():
+                state.queue.cancel(entry_id)
+                waiter.future.set_result(False)
 
     def _free(self, name: str, limit: int, granted: int) -> int:
         """Free slots on the model's candidate replicas, less those already granted."""
