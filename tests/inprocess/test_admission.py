@@ -14,6 +14,7 @@ from harness import InProcessCluster, client, declare
 from corral.domain.actions import DropReplica
 from corral.domain.admission import overshoot_bound
 from corral.domain.entities import ModelSpec, Scheduling
+from corral.frontend.metrics import render_metrics
 from corral.frontend.service import Frontend
 from factories import model
 from infra import apoll_until
@@ -126,7 +127,12 @@ async def test_high_priority_requests_queued_after_low_ones_go_first(
         for i in range(3):
             tasks.append(asyncio.create_task(tagged(c, f"high{i}", "high")))
             await queued(fe, "m", 4 + i)
+        # the autoscaler's signals, the other frontends and /metrics see the queue
+        await apoll_until(lambda: fe.inflight.queued("m") == 6, timeout=5, what="exported")
+        assert fe.inflight.queue_wait("m") > 0.0
+        assert 'corral_queue_depth{model="m"} 6' in render_metrics(fe, time.time())
         await asyncio.gather(blocker, *tasks)
+        assert fe.inflight.queued("m") == 0
     assert done == ["first", "high0", "high1", "high2", "low0", "low1", "low2"]
 
 
