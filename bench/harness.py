@@ -825,7 +825,7 @@ class _ReplicaPoller:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with httpx.Client(timeout=2) as client:
+        with httpx.Client(timeout=2, headers=self.corral.admin_headers) as client:
             while not self._stop.is_set():
                 try:
                     reps = client.get(self.corral.url + "/api/replicas").json()["replicas"]

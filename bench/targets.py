@@ -139,6 +139,7 @@ class Corral:
                 "CORRAL_NATS_URL": self.infra.nats.url,
                 "CORRAL_NATS_PREFIX": f"bench{self.name}",
                 "CORRAL_TOKEN": TOKEN,
+                "CORRAL_DATA_DIR": str(self.root / "frontend"),  # its admin key: admin_headers
                 "PYTHONUNBUFFERED": "1",
                 **self.extra_env,
             }
@@ -244,9 +245,18 @@ class Corral:
             time.sleep(0.1)
         return proc
 
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The admin key the frontend created in its data dir, as a header (none: a frontend
+        from before admin keys)."""
+        path = self.root / "frontend" / "admin.key"
+        return {"authorization": f"Bearer {path.read_text().strip()}"} if path.exists() else {}
+
     def api(self, path: str) -> Any:
+        auth = self.admin_headers
         keys = self.extra_env.get("CORRAL_API_KEYS", "")
-        auth = {"authorization": f"Bearer {keys.split(',')[0]}"} if keys else {}
+        if not auth and keys:
+            auth = {"authorization": f"Bearer {keys.split(',')[0]}"}
         r = httpx.get(self.url + path, timeout=10, headers=auth)
         r.raise_for_status()
         return r.json()

@@ -129,7 +129,9 @@ class Cluster:
         self.frontends: list[Proc] = []
         self.workers: list[Proc] = []
         self.ports: dict[Proc, int] = {}
-        self.api_key: str | None = None  # sent by api() when the frontends require keys
+        self.https: set[Proc] = set()  # frontends serving HTTPS
+        self.api_key: str | None = None  # sent by api(); default: the frontends' admin key
+        self.data_dir = root / "frontend"  # the frontends' data dir: their admin key
 
     # --- processes ------------------------------------------------------------------------
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
@@ -140,6 +142,7 @@ class Cluster:
                 "CORRAL_NATS_URL": self.nats_url,
                 "CORRAL_NATS_PREFIX": self.nats_prefix,
                 "CORRAL_TOKEN": TOKEN,
+                "CORRAL_DATA_DIR": str(self.data_dir),
                 "PYTHONUNBUFFERED": "1",
                 **FAST_FRONTEND_ENV,
                 **self.extra_env,
@@ -148,7 +151,9 @@ class Cluster:
         )
         return env
 
-    def start_frontend(self, *, wait: bool = True, **env: str) -> Proc:
+    def start_frontend(
+        self, *, wait: bool = True, args: list[str] | None = None, **env: str
+    ) -> Proc:
         port = free_port()
         n = len(self.frontends)
         proc = Proc(
@@ -166,19 +171,23 @@ class Cluster:
                 str(self.models_dir),
                 "--log-level",
                 "INFO",
+                *(args or []),
             ],
             self._env(env),
             self.root / "logs" / f"frontend{n}.log",
         ).start()
         self.frontends.append(proc)
         self.ports[proc] = port
+        if "CORRAL_TLS_CERT" in env:
+            self.https.add(proc)
         if wait:
             self.wait_healthy(proc)
         return proc
 
     def url(self, frontend: Proc | None = None) -> str:
         frontend = frontend or self.frontends[0]
-        return f"http://127.0.0.1:{self.ports[frontend]}"
+        scheme = "https" if frontend in self.https else "http"
+        return f"{scheme}://127.0.0.1:{self.ports[frontend]}"
 
     def wait_healthy(self, frontend: Proc, timeout: float = 60.0) -> None:
         def ok() -> bool:
@@ -232,9 +241,17 @@ class Cluster:
             proc.stop(timeout=20)
 
     # --- admin helpers -------------------------------------------------------------------
+    @property
+    def admin_key(self) -> str:
+        """The admin key the first frontend created in the data dir."""
+        return (self.data_dir / "admin.key").read_text().strip()
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key or self.admin_key}"}
+
     def api(self, method: str, path: str, frontend: Proc | None = None, **kw: Any) -> Any:
-        if self.api_key:
-            kw.setdefault("headers", {})["authorization"] = f"Bearer {self.api_key}"
+        kw.setdefault("headers", {}).update(self.admin_headers)
         r = httpx.request(method, self.url(frontend) + path, timeout=kw.pop("timeout", 30), **kw)
         r.raise_for_status()
         return r.json()

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from corral.domain.sizes import MemoryBudget
 
+ADMIN_KEY_FILE = "admin.key"
+
 
 def default_data_dir() -> Path:
     """The per-user data directory Corral uses when --data-dir is not given."""
@@ -35,7 +37,12 @@ class FrontendSettings(BaseSettings):
     models_dir: Path | None = None
     model_store: Path | None = None  # artifacts with a relative path are served from here
     token: SecretStr | None = None  # registration token workers join with
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # empty: open
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # admin keys
+    # where the admin key file (admin.key) lives; `corral serve` defaults it to the per-user
+    # data directory, a frontend built in-process has none
+    data_dir: Path | None = None
+    admin_key: bool = True  # create an admin key in data_dir on first start and accept it
+    metrics_key: SecretStr | None = None  # /metrics then needs it (or an admin key)
     frontend_id: str = Field(default_factory=lambda: f"fe-{secrets.token_hex(4)}")
 
     # HTTP serving
@@ -78,8 +85,15 @@ class FrontendSettings(BaseSettings):
     load_backoff: float = Field(default=5.0, gt=0)  # seconds after a failed load; doubles
     load_backoff_max: float = Field(default=300.0, gt=0)  # the most it grows to
     load_report_interval: float = 0.2  # seconds between in-flight reports to other frontends
+    # routing's prompt-prefix index, shared by the frontends over NATS
+    prefix_share_interval: float = Field(default=0.2, gt=0)  # seconds between two batches
+    prefix_index_size: int = Field(default=65_536, ge=1)  # prefix hashes remembered
+    prefix_ttl: float = Field(default=300.0, gt=0)  # seconds a routed prefix counts as cached
     resync_interval: float = 10.0  # seconds between full snapshot refreshes from PostgreSQL
     last_used_flush_interval: float = 2.0
+    # seconds between usage flushes to PostgreSQL; per-key limits hold across frontends
+    # within one interval of the other frontends' traffic
+    usage_flush_interval: float = Field(default=2.0, gt=0)
 
     # control loops
     heartbeat_interval: float = 5.0  # told to workers at registration
@@ -117,6 +131,13 @@ class FrontendSettings(BaseSettings):
         return self
 
     @property
+    def admin_key_path(self) -> Path | None:
+        """The admin key file this frontend creates and accepts (None: none)."""
+        if not self.admin_key or self.data_dir is None:
+            return None
+        return self.data_dir / ADMIN_KEY_FILE
+
+    @property
     def scheme(self) -> str:
         return "https" if self.tls_cert is not None else "http"
 
@@ -138,6 +159,8 @@ class WorkerSettings(BaseSettings):
     bind_host: str | None = None
     data_dir: Path = Field(default_factory=lambda: default_data_dir() / "worker")
     nats_url: str | None = None  # overrides the URL the frontend tells us
+    ca_file: Path | None = None  # PEM CA bundle an https:// frontend's certificate is checked
+    # against (default: the system's trust store)
     memory_budget: str = "80%"
     max_replicas_per_model: int = 0
     backends_dir: Path | None = None  # extra backend catalog entries

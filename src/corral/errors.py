@@ -17,6 +17,7 @@ Every class says whether trying again can help (`retryable`); an instance may sa
     ├── AccessDenied
     │   ├── Unauthorized        missing or wrong credentials
     │   └── Forbidden           valid credentials acting outside what they allow
+    │       └── ModelNotAllowed an inference key used for a model it is not limited to
     ├── NotFound
     │   ├── ModelNotFound
     │   └── ResponseNotFound    no replica holds a stored response with this id
@@ -128,6 +129,10 @@ class Unauthorized(AccessDenied):
 
 class Forbidden(AccessDenied):
     """Valid credentials acting outside what they allow."""
+
+
+class ModelNotAllowed(Forbidden):
+    """An inference key limited to some models was used for another one."""
 
 
 class NotFound(CorralError):

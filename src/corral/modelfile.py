@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from pydantic import (
 from corral.backends.capabilities import Capability, expand_aliases
 from corral.domain.autoscale import ScalingTarget, Signal
 from corral.domain.entities import ModelSpec, Rollout, RolloutStrategy, Scheduling
-from corral.domain.sizes import parse_size
+from corral.domain.routing_weights import RoutingWeights
+from corral.domain.sizes import INT32_MAX, INT64_MAX, parse_size
 from corral.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,10 +45,10 @@ class ScalingDecl(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metric: str
-    target: float = Field(gt=0)
-    window: float = Field(default=30.0, ge=0)
-    idle_timeout: float | None = Field(default=None, gt=0)
-    max_step: int = Field(default=0, ge=0)
+    target: float = Field(gt=0, allow_inf_nan=False)
+    window: float = Field(default=30.0, ge=0, allow_inf_nan=False)
+    idle_timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_step: int = Field(default=0, ge=0, le=INT32_MAX)
 
     @field_validator("metric")
     @classmethod
@@ -70,11 +72,11 @@ class SchedulingDecl(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_replicas: int = Field(default=0, ge=0)
-    max_replicas: int = Field(default=0, ge=0)
+    min_replicas: int = Field(default=0, ge=0, le=INT32_MAX)
+    max_replicas: int = Field(default=0, ge=0, le=INT32_MAX)
     spread_all: bool = False
     node_selector: dict[str, str] = Field(default_factory=dict)
-    scale_down_delay: float = Field(default=300.0, ge=0)
+    scale_down_delay: float = Field(default=300.0, ge=0, allow_inf_nan=False)
     scaling: ScalingDecl | None = None
     max_concurrency: int | None = Field(default=None, ge=0)  # per replica; 0 = unlimited
     deadline: float | None = Field(default=None, gt=0)  # seconds a request may wait in line
@@ -114,20 +116,45 @@ class RolloutDecl(BaseModel):
         return Rollout(strategy=self.strategy, newest_only=self.newest_only)
 
 
+class RoutingDecl(BaseModel):
+    """The `routing:` block: how much each scorer of the routing pipeline counts (defaults:
+    load 1, prefix 1, session 1, speed 0, affinity_slack 0.5, concurrency 8)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    load: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    prefix: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    session: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    speed: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    affinity_slack: float = Field(default=0.5, ge=0, allow_inf_nan=False)
+    concurrency: int = Field(default=8, ge=1)
+
+    def to_domain(self) -> RoutingWeights:
+        return RoutingWeights(
+            load=self.load,
+            prefix=self.prefix,
+            session=self.session,
+            speed=self.speed,
+            affinity_slack=self.affinity_slack,
+            concurrency=self.concurrency,
+        )
+
+
 class ModelDecl(BaseModel):
     """One model as written in YAML (or sent to the admin API)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
-    backend: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    backend: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")
     artifact: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
-    memory: int | None = None
+    memory: int | None = Field(default=None, ge=0, le=INT64_MAX)  # bytes
     scheduling: SchedulingDecl = Field(default_factory=SchedulingDecl)
     rollout: RolloutDecl = Field(default_factory=RolloutDecl)
     #: narrows the backend's capabilities (`capabilities: [chat]`); None: all of them
     capabilities: tuple[Capability, ...] | None = Field(default=None, min_length=1)
+    routing: RoutingDecl = Field(default_factory=RoutingDecl)
 
     @field_validator("rollout", mode="before")
     @classmethod
@@ -159,6 +186,7 @@ class ModelDecl(BaseModel):
             scheduling=self.scheduling.to_domain(),
             rollout=self.rollout.to_domain(),
             capabilities=self.capabilities,
+            routing=self.routing.to_domain(),
         )
 
 
@@ -168,6 +196,22 @@ def parse_model(data: Any, *, path: str = "<api>") -> ModelSpec:
         raise ConfigError("a model must be a mapping with at least name and backend", path=path)
     try:
         return ModelDecl.model_validate(data).to_domain()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        raise ConfigError(first["msg"], path=path, field=field) from None
+
+
+def patch_scheduling(current: Mapping[str, Any], changes: Mapping[str, Any]) -> Scheduling:
+    """The scheduling block `current` (as the store writes it) with only the fields in
+    `changes` replaced (`scaling: null` removes the scaling target), validated as a whole;
+    ConfigError names the first bad field."""
+    path = "PATCH scheduling"
+    unknown = sorted(set(changes) - set(SchedulingDecl.model_fields))
+    if unknown:
+        raise ConfigError("unknown field", path=path, field=unknown[0])
+    try:
+        return SchedulingDecl.model_validate({**current, **changes}).to_domain()
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from corral.config import FrontendSettings, WorkerSettings
+from corral.config import ADMIN_KEY_FILE, FrontendSettings, WorkerSettings
 from corral.embedded import PG_SYSTEM_USER, EmbeddedNats, EmbeddedPostgres
 from corral.embedded.privileges import user_exists
 from corral.frontend.view import ClusterView
@@ -95,6 +95,7 @@ async def up(
             models_dir=models,
             token=SecretStr(token),
             processes=processes,
+            data_dir=data_dir,
         )
         frontends = Frontends(fsettings, sock=sock)
         await frontends.start()
@@ -162,6 +163,7 @@ def _banner(host: str, port: int, models: list[str], data_dir: Path, models_dir:
         f"  add one by writing a YAML file there (copy demo.yaml, change name and backend);\n"
         f"  it is served within seconds, no restart. Check it: corral models --url {url}\n"
         f'Add workers: corral worker --join {url} --token "$(cat {data_dir / "token"})"\n'
+        f"Admin key: {data_dir / ADMIN_KEY_FILE} (the admin API, dashboard and CLI use it)\n"
         f"Data: {data_dir}   Press Ctrl-C to stop.\n",
         flush=True,
     )

@@ -69,10 +69,15 @@ def test_dashboard_drives_a_real_cluster(
     page.set_default_timeout(UI_TIMEOUT_MS)
     console.watch(page)
 
-    # an open cluster: no sign-in; the page shows the cluster's nodes and models
+    # the admin API needs the admin key the frontend made in its data dir: sign in with it
     page.goto(url + "/ui")
     assert page.url == url + "/ui/"
+    expect(page.locator("#login")).to_be_visible()
+    expect(page.locator("#login-reason")).to_contain_text("missing API key")
+    page.locator("#login-key").fill(cluster.admin_key)
+    page.locator("#login-form button").click()
     expect(page.locator("#login")).to_be_hidden()
+    console.errors.clear()  # the keyless requests before signing in were refused, as they must
     expect(page.locator(".stat").first).to_have_text("2")  # two nodes
     expect(page.locator("#content")).to_contain_text("2 loaded")
     page.goto(url + "/ui/#/nodes")
@@ -133,7 +138,7 @@ def test_dashboard_drives_a_real_cluster(
         expect(page.locator("#content")).not_to_contain_text("Loading…")
         save_screenshot(page, f"dashboard-{name}.png")
 
-    check_phone_viewport(browser, url)
+    check_phone_viewport(browser, url, cluster.admin_key)
 
     # stop a replica from the UI (after a confirmation)
     page.goto(url + "/ui/#/replicas")
@@ -144,29 +149,34 @@ def test_dashboard_drives_a_real_cluster(
     expect(row(page, name)).to_have_count(0)
     assert replica["index"] not in [r["index"] for r in cluster.replicas("chat")]
 
-    # a key created in the UI works; the now locked API brings the sign-in form back
+    # an inference key created in the UI works on /v1, which it closes to keyless clients;
+    # the admin API does not take it: signed in with it, the sign-in form comes back
     page.goto(url + "/ui/#/keys")
     page.locator("#key-name").fill("ci")
     page.get_by_role("button", name="Create key").click()
     secret = page.locator("#new-key-secret").inner_text().strip()
     assert secret.startswith("sk-corral-")
-    cluster.api_key = secret
     auth = {"authorization": f"Bearer {secret}"}
     answer = httpx.post(url + "/v1/chat/completions", json=chat, headers=auth, timeout=60)
     assert answer.status_code == 200, answer.text
     assert httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).status_code == 401
     page.locator("dialog[data-kind=secret] button[data-action=Done]").click()
+    page.locator("#logout").click()
     expect(page.locator("#login")).to_be_visible()
-    expect(page.locator("#login-reason")).to_contain_text("missing API key")
 
     page.locator("#login-key").fill("not-a-key")
     page.locator("#login-form button").click()
     expect(page.locator("#login-reason")).to_contain_text("invalid API key")
     page.locator("#login-key").fill(secret)
     page.locator("#login-form button").click()
+    expect(page.locator("#login-reason")).to_contain_text("inference key")
+    page.locator("#login-key").fill(cluster.admin_key)
+    page.locator("#login-form button").click()
     expect(page.locator("#login")).to_be_hidden()
     (key,) = cluster.api("GET", "/api/keys")["keys"]
+    assert key["role"] == "inference"
     expect(row(page, key["id"])).to_contain_text("ci")
+    expect(row(page, key["id"])).to_contain_text("inference")
 
     # a second key, revoked from the UI
     page.locator("#key-name").fill("temporary")
@@ -332,7 +342,7 @@ def save_screenshot(page: Any, name: str) -> str:
     return str(path)
 
 
-def check_phone_viewport(browser: Any, url: str) -> None:
+def check_phone_viewport(browser: Any, url: str, key: str) -> None:
     """At 390x844 no page overflows sideways; the nav folds into the menu button."""
     from playwright.sync_api import expect
 
@@ -342,6 +352,9 @@ def check_phone_viewport(browser: Any, url: str) -> None:
     page = context.new_page()
     page.set_default_timeout(UI_TIMEOUT_MS)
     page.goto(url + "/ui/")
+    page.locator("#login-key").fill(key)  # a new context: signed in again
+    page.locator("#login-form button").click()
+    expect(page.locator("#login")).to_be_hidden()
     expect(page.locator("#nav")).to_be_hidden()
     page.locator("#menu-toggle").click()
     expect(page.locator("#nav")).to_be_visible()
@@ -370,7 +383,8 @@ def expected_console_error(text: str, source: str) -> bool:
         ("404" in text and path == "/api/usage")  # not on this frontend yet: shown as a note
         or ("405" in text and path.endswith("/scheduling"))  # PATCH probed, PUT used
         or ("400" in text and path.endswith("/scheduling"))  # the refused value, on purpose
-        or ("401" in text and path.startswith("/api/"))  # the API locked by the new key
+        or ("401" in text and path.startswith("/api/"))  # before signing in, a wrong key
+        or ("403" in text and path.startswith("/api/"))  # signed in with an inference key
     )
 
 

@@ -34,9 +34,10 @@ def taken_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def _corral(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _corral(*args: str, timeout: float = 60, **extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env["CORRAL_TOKEN"] = "t"
+    env.update(extra)
     return subprocess.run(
         [sys.executable, "-m", "corral", *args],
         capture_output=True,
@@ -84,7 +85,12 @@ def test_first_run_says_what_it_does_and_watches_the_models_directory(tmp_path: 
             assert output.count("unprivileged system user 'corral-postgres'") == 1, output
 
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
-        docs = httpx.get(f"{url}/docs", timeout=5).text
+        key_file = data_dir / "admin.key"  # made on first start, only its path is printed
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+        assert str(key_file) in output and key not in output
+        admin = {"authorization": f"Bearer {key}"}
+        docs = httpx.get(f"{url}/docs", timeout=5, headers=admin).text
         assert "https://" not in docs and "http://" not in docs
         assets = re.findall(r'(?:src|href)="(/docs/assets/[^"]+)"', docs)
         assert len(assets) == 3, docs  # script, stylesheet, icon: served by this frontend
@@ -101,12 +107,14 @@ def test_first_run_says_what_it_does_and_watches_the_models_directory(tmp_path: 
         (models_dir / "broken.yaml").write_text("name: broken\nbackend: sim\nmemory: lots\n")
 
         def reported() -> list[dict[str, str]]:
-            errors: list[dict[str, str]] = httpx.get(f"{url}/api/models").json()["errors"]
+            errors: list[dict[str, str]] = httpx.get(f"{url}/api/models", headers=admin).json()[
+                "errors"
+            ]
             return errors
 
         (error,) = wait_for(reported, timeout=5, what="the broken file reported")
         assert (error["file"], error["field"]) == (str(models_dir / "broken.yaml"), "memory")
-        listing = _corral("models", "--url", url)
+        listing = _corral("models", "--url", url, CORRAL_DATA_DIR=str(data_dir))
         assert listing.returncode == 0, listing
         assert "second" in listing.stdout and "1 model file error(s):" in listing.stdout
         assert f"{models_dir / 'broken.yaml'}: memory:" in listing.stdout

@@ -26,7 +26,12 @@ def frontend_of(client: httpx.Client) -> str:
 
 
 def one_connection(cluster: Cluster) -> httpx.Client:
-    return httpx.Client(base_url=cluster.url(), timeout=30, limits=httpx.Limits(max_connections=1))
+    return httpx.Client(
+        base_url=cluster.url(),
+        timeout=30,
+        limits=httpx.Limits(max_connections=1),
+        headers=cluster.admin_headers,
+    )
 
 
 def clients_by_process(cluster: Cluster, n: int) -> dict[str, list[httpx.Client]]:

@@ -80,10 +80,15 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
     try:
         wait_up(proc, log, port, runs=1)
         api = f"http://127.0.0.1:{port}/api"
-        demo = httpx.get(f"{api}/models/demo", timeout=5).json()
+        key_file = data_dir / "admin.key"
+        assert str(key_file) in log.read_text()  # its path is shown, the key never
+        admin = {"authorization": f"Bearer {key_file.read_text().strip()}"}
+        assert httpx.get(f"{api}/models/demo", timeout=5).status_code == 401
+        demo = httpx.get(f"{api}/models/demo", timeout=5, headers=admin).json()
         assert [r["state"] for r in demo["replicas"]] == ["loaded"], "preloaded before the banner"
         assert chat(port)
-        assert httpx.get(f"{api}/loads", timeout=5).json()["jobs"] == [], "no cold load"
+        loads = httpx.get(f"{api}/loads", timeout=5, headers=admin).json()
+        assert loads["jobs"] == [], "no cold load"
         first_answer = time.monotonic() - started
         print(f"corral up: first answer after {first_answer:.1f}s")
         processes = tree(proc.pid)
@@ -105,7 +110,7 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         proc = start_up(data_dir, port, log)
         wait_up(proc, log, port, runs=2)
         assert chat(port)
-        nodes = httpx.get(f"http://127.0.0.1:{port}/api/nodes").json()["nodes"]
+        nodes = httpx.get(f"http://127.0.0.1:{port}/api/nodes", headers=admin).json()["nodes"]
         assert len(nodes) == 1 and nodes[0]["id"] in nodes_before
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0

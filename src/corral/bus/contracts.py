@@ -7,11 +7,14 @@ fields get defaults, so a newer frontend and an older worker still understand ea
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from corral.bus.messages import ProcessInfo
+from corral.domain.sizes import INT32_MAX
+
+Label = Annotated[str, StringConstraints(max_length=255)]  # a label key or value as stored
 
 
 class RegisterRequest(BaseModel):
@@ -19,9 +22,9 @@ class RegisterRequest(BaseModel):
 
     name: str = Field(min_length=1, max_length=255)
     address: str = Field(min_length=1, max_length=255)  # host the node's backends listen on
-    labels: dict[str, str] = Field(default_factory=dict)
-    memory_budget: str = "80%"
-    max_replicas_per_model: int = Field(default=0, ge=0)
+    labels: dict[Label, Label] = Field(default_factory=dict, max_length=1000)
+    memory_budget: str = Field(default="80%", max_length=32)
+    max_replicas_per_model: int = Field(default=0, ge=0, le=INT32_MAX)
     backends: list[str] = Field(default_factory=list)
     node_id: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     credential: str | None = None  # the saved credential of `node_id`, when re-registering

@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+INT32_MAX = 2**31 - 1  # what PostgreSQL `integer` holds: replica indexes and counts
+INT64_MAX = 2**63 - 1  # what PostgreSQL `bigint` holds: sizes in bytes
+
 _UNITS = {
     "": 1,
     "b": 1,

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any, assert_never, overload
 
 from corral.bus.client import Bus
@@ -26,6 +27,8 @@ from corral.domain.actions import (
     DropReplica,
     MarkNode,
     MarkUnloading,
+    PatchNodeLabels,
+    PatchScheduling,
     RecordHeartbeat,
     RecordUse,
     RegisterNode,
@@ -49,13 +52,14 @@ from corral.domain.actions import (
     UndrainNode,
     UpsertModel,
 )
-from corral.domain.entities import NodeStatus, Replica, spec_revision
+from corral.domain.entities import NodeStatus, Replica, Scheduling, spec_revision
 from corral.errors import CorralError, NotFound
 from corral.frontend.announce import Announcer
 from corral.frontend.node_client import NodeClient
 from corral.frontend.node_writes import NodeWrites
 from corral.frontend.replica_writes import ReplicaWrites
 from corral.frontend.view import ClusterView
+from corral.modelfile import patch_scheduling
 from corral.store.models import scheduling_to_row
 from corral.store.registry import Registry
 
@@ -76,9 +80,11 @@ class Actuator:
         view: ClusterView,
         nodes: NodeClient,
         frontend_id: str,
+        on_load: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.registry = registry
         self.nodes = nodes
+        self.on_load = on_load  # (model, "loaded" | "failed", seconds) of each start (metrics)
         self.announce = Announcer(registry=registry, bus=bus, view=view, frontend_id=frontend_id)
         self.replicas = ReplicaWrites(
             registry=registry, view=view, nodes=nodes, announce=self.announce, spawn=self._spawn
@@ -99,6 +105,10 @@ class Actuator:
     @overload
     async def apply(self, action: RecordHeartbeat) -> NodeStatus: ...
     @overload
+    async def apply(self, action: PatchNodeLabels) -> dict[str, str]: ...
+    @overload
+    async def apply(self, action: PatchScheduling) -> Scheduling: ...
+    @overload
     async def apply(self, action: Action) -> object: ...
 
     async def apply(self, action: Action) -> object:
@@ -107,7 +117,7 @@ class Actuator:
         for an unknown node or model."""
         match action:
             case StartReplica():
-                return await self.replicas.start(action)
+                return await self._start(action)
             case StopReplica():
                 return await self.replicas.stop(action)
             case DropReplica():
@@ -130,6 +140,8 @@ class Actuator:
                 return await self.node_writes.mark(action)
             case SetNodeLabels():
                 await self.node_writes.set_labels(action)
+            case PatchNodeLabels():
+                return await self.node_writes.patch_labels(action)
             case DrainNode():
                 await self.node_writes.drain(action)
             case UndrainNode():
@@ -140,6 +152,8 @@ class Actuator:
                 return await self._upsert_model(action)
             case SetScheduling():
                 await self._set_scheduling(action)
+            case PatchScheduling():
+                return await self._patch_scheduling(action)
             case RemoveModel():
                 await self._remove_model(action)
             case ReportLoad():
@@ -160,7 +174,7 @@ class Actuator:
                 log.info("model %s %s", action.model, text)
                 await self.announce.audit("model.scaled", text, action.model)
             case ReportDrained():
-                text = f"{action.node_id}: {action.moved} replicas moved"
+                text = f"{self.announce.node_name(action.node_id)}: {action.moved} replicas moved"
                 await self.announce.audit("node.drained", text, action.node_id)
             case ReportLeader():
                 log.info("this frontend leads the reconciler")
@@ -170,6 +184,17 @@ class Actuator:
             case _:
                 assert_never(action)
         return None
+
+    async def _start(self, action: StartReplica) -> Replica:
+        started = time.monotonic()
+        outcome = "failed"
+        try:
+            replica = await self.replicas.start(action)
+            outcome = "loaded"
+            return replica
+        finally:
+            if self.on_load is not None:
+                self.on_load(action.model, outcome, time.monotonic() - started)
 
     def submit(self, action: Background) -> asyncio.Task[Any] | None:
         """Apply `action` in a background task unless its replica is already being acted on
@@ -221,6 +246,19 @@ class Actuator:
         await self.announce.model(action.model)
         text = f"{action.model}: {scheduling_to_row(action.scheduling)}"
         await self.announce.audit("model.scheduling", text, action.model)
+
+    async def _patch_scheduling(self, action: PatchScheduling) -> Scheduling:
+        """The model's scheduling with only `changes` applied (atomic with other patches)."""
+        after = await self.registry.models.update_scheduling(
+            action.model,
+            lambda current: patch_scheduling(scheduling_to_row(current), action.changes),
+        )
+        if after is None:
+            raise NotFound(f"model {action.model!r} not found", param="name")
+        await self.announce.model(action.model)
+        text = f"{action.model}: {dict(action.changes)}"
+        await self.announce.audit("model.scheduling", text, action.model)
+        return after
 
     async def _remove_model(self, action: RemoveModel) -> None:
         for replica in await self.registry.replicas.all(action.model):

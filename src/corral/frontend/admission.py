@@ -86,6 +86,7 @@ class AdmissionGate:
         key_priorities: Mapping[str, str] | None = None,
         poll: float = POLL,
         clock: Callable[[], float] = time.monotonic,
+        on_wait: Callable[[str, float], None] | None = None,
     ) -> None:
         self.view = view
         self.inflight = inflight
@@ -99,6 +100,7 @@ class AdmissionGate:
         self.key_priorities = {digest(k): Priority(v) for k, v in (key_priorities or {}).items()}
         self.poll = poll
         self.clock = clock
+        self.on_wait = on_wait  # (model, seconds) of each request that waited for a slot
         self._models: dict[str, _Model] = {}
         self._limits: dict[str, tuple[ModelSpec, int]] = {}
         self._ids = itertools.count(1)
@@ -157,15 +159,19 @@ class AdmissionGate:
         headers = list(headers)
         now = self.clock()
         deadline = now + self._deadline(spec, headers)
+        cold = False
         while True:
             while not self.view.candidates(name):  # a cold model: the cold path loads it
                 left = deadline - self.clock()
                 if left <= 0:
                     raise self._expired(name, deadline - now)
                 await self.ensure_replica(spec, left)  # its 503s carry the load's progress
+                cold = True
             excluded = self.now(spec, tried)
-            if excluded is not None:
-                return excluded  # loaded, with a free slot, and nobody waits
+            if excluded is not None:  # loaded, with a free slot, and nobody waits
+                if cold and self.on_wait is not None:
+                    self.on_wait(name, self.clock() - now)  # it waited for the load
+                return excluded
             if await self._wait(spec, self.limit(spec), headers, size, now, deadline):
                 return self._excluded(spec, tried)
             # every replica went away while it waited: back to the cold path
@@ -233,6 +239,8 @@ class AdmissionGate:
         taken = False
         try:
             taken = await waiter.future
+            if taken and self.on_wait is not None:
+                self.on_wait(name, self.clock() - now)
         except asyncio.CancelledError:
             if state.queue.cancel(entry_id):
                 self.abandoned += 1

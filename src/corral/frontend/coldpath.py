@@ -246,8 +246,8 @@ class ColdLoader:
                 log.exception("renewing the load claim of %s failed", model)
 
     async def choose_node(self, spec: ModelSpec, *, wait_for_nodes: bool = True) -> tuple[str, int]:
-        """Choose a node, evicting idle replicas when that makes room; wait while all are busy
-        (and, with `wait_for_nodes`, while no node is healthy)."""
+        """Choose a node, evicting idle replicas when that makes room; wait while all are busy,
+        and while none is healthy unless `wait_for_nodes` is False (then NoCapacity at once)."""
         size = await self.artifacts.size(spec.artifact) if self.artifacts else None
         estimate = estimate_memory(spec, size)
         pool = memory_pool(spec, self.gpu_backends)

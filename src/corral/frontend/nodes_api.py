@@ -11,7 +11,7 @@ import secrets
 import time
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from corral.bus.contracts import (
     DeregisterReply,
@@ -28,6 +28,7 @@ from corral.domain.sizes import MemoryBudget
 from corral.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from corral.frontend.auth import bearer, digest
 from corral.frontend.service import Frontend
+from corral.frontend.storable import storable
 
 
 def frontend_of(request: Request) -> Frontend:
@@ -36,7 +37,7 @@ def frontend_of(request: Request) -> Frontend:
 
 
 def node_router() -> APIRouter:
-    router = APIRouter(prefix="/api/nodes", tags=["nodes"])
+    router = APIRouter(prefix="/api/nodes", tags=["nodes"], dependencies=[Depends(storable)])
 
     @router.post("/register")
     async def register(body: RegisterRequest, request: Request) -> RegisterReply:

@@ -19,11 +19,12 @@ import orjson
 
 from corral.domain.actions import DropReplica
 from corral.domain.entities import ModelSpec, Replica, ReplicaState
-from corral.domain.pick import pick_replica
 from corral.domain.routing.candidates import supports
+from corral.domain.usage import StreamTail, usage_of
 from corral.errors import (
     CorralError,
     MethodNotAllowed,
+    ModelNotAllowed,
     ModelNotFound,
     NotFound,
     RateLimited,
@@ -40,7 +41,11 @@ from corral.frontend.asgi import AsgiExchange, ClientGone, Receive, Scope, Send,
 from corral.frontend.auth import Authorizer
 from corral.frontend.headers import HeaderFilter
 from corral.frontend.http.exchange import Exchange, Headers, respond_error
+from corral.frontend.http.request_id import HEADER as REQUEST_ID_HEADER
+from corral.frontend.http.request_id import Origin
 from corral.frontend.inflight import InflightTracker
+from corral.frontend.metering import Metering
+from corral.frontend.metrics import FrontendMetrics
 from corral.frontend.probe import ProbeCache
 from corral.frontend.request import (
     ENDPOINTS,
@@ -57,6 +62,8 @@ from corral.frontend.responses_map import (
     StreamIdScanner,
     id_of_body,
 )
+from corral.frontend.router import SCORES_HEADER, Router, replica_headers
+from corral.frontend.tally import Tally
 from corral.frontend.upstream import UpstreamPool, UpstreamResponse
 from corral.frontend.view import ClusterView
 
@@ -69,6 +76,8 @@ STORED_MARKERS = (b"response_not_found", b"response with id")
 #: Whole answers up to this size go out in one write; larger or unsized ones stream.
 WHOLE_LIMIT = 1024 * 1024
 SPOOL_MEMORY = 1024 * 1024
+#: Endpoints whose answers carry the backend's token `usage`.
+TOKEN_CAPABILITIES = frozenset({"chat", "completions", "embeddings", "responses"})
 
 
 Tried = tuple[str, int, str | None]
@@ -101,6 +110,8 @@ class OpenAIProxy:
         homes: SharedHomes | None = None,
         spool_memory_bytes: int = SPOOL_MEMORY,
         admission: AdmissionGate | None = None,
+        router: Router | None = None,
+        metering: Metering | None = None,
     ) -> None:
         self.view = view
         self.inflight = inflight
@@ -120,9 +131,12 @@ class OpenAIProxy:
         self.admission = admission or AdmissionGate(
             view, inflight, limit_of=_unlimited, ensure_replica=_within(ensure_replica)
         )
+        self.router = router or Router(inflight.view())
+        self.metering = metering or Metering(FrontendMetrics(), inflight)
         #: per model: the spec its capabilities were read for, and them
         self._served: dict[str, tuple[ModelSpec, Collection[str] | None]] = {}
-        self._turn = 0
+        #: per replica: its node and the x-corral-replica / x-corral-node response headers
+        self._decided: dict[tuple[str, int], tuple[str, list[tuple[bytes, bytes]]]] = {}
         self.used: dict[tuple[str, int], float] = {}  # last-used times not yet flushed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -130,17 +144,26 @@ class OpenAIProxy:
         await self.handle(AsgiExchange(scope, receive, send))
 
     async def handle(self, exchange: Exchange) -> None:
-        """Answer one request to an inference path."""
+        """Answer one request to an inference path; the metering learns how it went."""
+        tally = Tally(exchange, time.perf_counter())
+        try:
+            await self._handle(tally)
+        finally:
+            tally.close()
+            self.metering.done(tally)
+
+    async def _handle(self, exchange: Tally) -> None:
         request: ParsedRequest | None = None
         try:
             endpoint = ENDPOINTS.get(exchange.path) or endpoint_for(exchange.path)
             if endpoint is None:
                 raise NotFound("no such endpoint")
+            exchange.endpoint = endpoint.path
             if exchange.method not in endpoint.methods:
                 method = exchange.method.decode("latin-1")
                 allowed = "/".join(m.decode() for m in sorted(endpoint.methods))
                 raise MethodNotAllowed(f"{method} is not allowed here; use {allowed}")
-            self.authorizer.check_headers(exchange.headers)
+            grant = exchange.grant = self.authorizer.inference(exchange.headers)
             if self.max_inflight and self.inflight.local_total() >= self.max_inflight:
                 raise RateLimited("too many requests in flight on this frontend", retry_after=1)
             if endpoint.body == "json":  # the usual case, without a coroutine more
@@ -154,6 +177,12 @@ class OpenAIProxy:
                 spec, home = self._spec(request), None
             else:
                 spec, home = await self._stateful(request)
+            if grant is not None and grant.models is not None and spec.name not in grant.models:
+                raise ModelNotAllowed(
+                    f"this API key may not use the model '{spec.name}'", param="model"
+                )
+            exchange.model = spec.name
+            self.metering.admit(exchange)
         except (ClientGone, CorralError) as exc:
             if request is not None:
                 request.close()
@@ -161,6 +190,11 @@ class OpenAIProxy:
                 await respond_error(exchange, exc)
             return
         headers = self.forward_headers(exchange.headers)
+        origin = getattr(exchange, "request_id_origin", Origin.CLIENT)  # native server only
+        if origin:  # the backend logs the id the client is told (a client's own passes as is)
+            if origin == Origin.REPLACED:
+                headers = [h for h in headers if h[0] != REQUEST_ID_HEADER]
+            headers.append((REQUEST_ID_HEADER, exchange.request_id))  # type: ignore[attr-defined]
         if endpoint.body == "json":  # the usual case: nothing spooled to free
             headers.append(JSON_TYPE)
             await self._route(spec, request, headers, exchange, home)
@@ -213,7 +247,7 @@ class OpenAIProxy:
         spec: ModelSpec,
         request: ParsedRequest,
         headers: Headers,
-        exchange: Exchange,
+        exchange: Tally,
         home: Home | None = None,
     ) -> None:
         with AbortOnDisconnect(exchange):  # a client that leaves frees its slot at once
@@ -237,7 +271,7 @@ class OpenAIProxy:
         spec: ModelSpec,
         request: ParsedRequest,
         headers: Headers,
-        exchange: Exchange,
+        exchange: Tally,
         home: Home | None,
     ) -> bool:
         """Send the request until a replica answers; False when every try found its replica
@@ -252,7 +286,7 @@ class OpenAIProxy:
                         excluded = await admission.enter(
                             spec, exchange.headers, _size(request), tried
                         )
-                    replica = await self._choose(spec, excluded, request.stream)
+                    replica = await self._choose(spec, excluded, request, exchange)
                 else:
                     replica = self._at_home(request, home)
             except CorralError as exc:
@@ -294,23 +328,17 @@ class OpenAIProxy:
         self.view.last_used[replica.key] = now
         self.used[replica.key] = now
 
-    async def _choose(self, spec: ModelSpec, tried: set[Tried], stream: bool = False) -> Replica:
-        """The best replica not tried yet; waits for a cold load when there is none."""
+    async def _choose(
+        self, spec: ModelSpec, tried: set[Tried], request: ParsedRequest, exchange: Exchange
+    ) -> Replica:
+        """The best replica not tried yet (`Router`: load, prefix and session affinity,
+        speed); waits for a cold load when there is none."""
         for _ in range(2):
             candidates = self.view.candidates(spec.name)
-            if tried:
-                candidates = [r for r in candidates if _tried(r) not in tried]
-            if candidates:
-                self._turn += 1
-                chosen = pick_replica(
-                    candidates,
-                    self.inflight.view(),
-                    self.view.free_memory(),
-                    self._turn,
-                    last_used=self.view.last_used,
-                    latency=self.view.latency[stream],
-                )
-                assert chosen is not None
+            chosen, scores = self.router.choose(spec, candidates, request, exchange.headers, tried)
+            if chosen is not None:
+                if scores is not None:
+                    request.reply_headers = [(SCORES_HEADER, scores)]
                 now = time.time()
                 self.view.last_used[chosen.key] = now
                 self.used[chosen.key] = now
@@ -329,7 +357,7 @@ class OpenAIProxy:
         """Send the request; None when the replica turned out gone (already dropped).
 
         When the replica had nothing else in flight, its time to first byte is its own speed
-        (no queueing behind other requests) and feeds the speed weights of `pick_replica`
+        (no queueing behind other requests) and feeds the speed estimates of the `Router`
         (not for uploads, whose first byte waits for the upload, nor a stored response read
         back by id).
         """
@@ -348,7 +376,9 @@ class OpenAIProxy:
             timeout=self.request_timeout,
         )
         if idle and isinstance(request.body, bytes) and request.response_id is None:
-            self.view.observe_latency(replica.key, request.stream, time.monotonic() - started)
+            took = time.monotonic() - started
+            self.view.observe_latency(replica.key, request.stream, took)
+            self.router.observe(replica.key, request.stream, took)
         if response.status in (404, 409, 400):
             body = await response.read()
             if _lost_model(response.status, body):
@@ -362,7 +392,7 @@ class OpenAIProxy:
         replica: Replica,
         response: UpstreamResponse | _Buffered,
         request: ParsedRequest,
-        exchange: Exchange,
+        exchange: Tally,
     ) -> None:
         assert replica.address is not None
         if (
@@ -372,25 +402,35 @@ class OpenAIProxy:
         ):
             body = response.body if isinstance(response, _Buffered) else await response.read()
             out_headers = [(k, v) for k, v in response.forward_headers() if k != b"content-length"]
+            out_headers += self._decision(replica, request)
             await exchange.respond(response.status, out_headers, body)
             if response.status < 500:
                 self.probes.mark_ok(replica.node_id, replica.address)
+            if response.status == 200 and _counts_tokens(request):
+                exchange.usage = usage_of(body)
             endpoint = request.endpoint
             if response.status == 200 and endpoint is not None and endpoint.stateful:
                 await self._stored(request, replica, body)
             return
         # head and whatever body already arrived go out together
         first = response.ready()
-        await exchange.start(response.status, response.forward_headers(), first)
+        out = response.forward_headers()
+        out += self._decision(replica, request)
+        await exchange.start(response.status, out, first)
         exchange.on_disconnect = response.abort
         scanner = StreamIdScanner() if _records_ids(request) else None
+        tail = StreamTail() if response.status == 200 and _counts_tokens(request) else None
         try:
             if exchange.gone:
                 response.abort()
             if scanner is not None:
                 await self._scan(scanner, first, replica)
+            if tail is not None:
+                tail.feed(first)
             async for chunk in response.iter_body():
                 await exchange.write(chunk)
+                if tail is not None:
+                    tail.feed(chunk)
                 if scanner is not None and not scanner.done:
                     await self._scan(scanner, chunk, replica)
         except CorralError as exc:
@@ -402,7 +442,23 @@ class OpenAIProxy:
         finally:
             exchange.on_disconnect = None
         await exchange.end()
+        if tail is not None:  # after the last bytes went out: they wait for nothing
+            exchange.usage = tail.usage()
         self.probes.mark_ok(replica.node_id, replica.address)
+
+    def _decision(self, replica: Replica, request: ParsedRequest) -> list[tuple[bytes, bytes]]:
+        """The response headers naming the replica and node that served (and, when the client
+        asked with `x-corral-debug: scores`, every candidate's scores)."""
+        cached = self._decided.get(replica.key)
+        if cached is None or cached[0] != replica.node_id:
+            if len(self._decided) > 4 * len(self.view.replicas) + 64:
+                self._decided.clear()  # replicas that went
+            node = self.view.nodes.get(replica.node_id)
+            name = node.name if node is not None else replica.node_id
+            cached = self._decided[replica.key] = (replica.node_id, replica_headers(replica, name))
+        if request.reply_headers:
+            return cached[1] + request.reply_headers
+        return cached[1]
 
     async def _stored(self, request: ParsedRequest, replica: Replica, body: bytes) -> None:
         """After a whole 200 answer went out: remember where a new stored response lives, or
@@ -451,6 +507,10 @@ def _size(request: ParsedRequest) -> int:
 
 def _undeclared(_: ModelSpec) -> None:
     return None  # capabilities unknown: every endpoint may be tried
+
+
+def _counts_tokens(request: ParsedRequest) -> bool:
+    return request.endpoint is not None and request.endpoint.capability in TOKEN_CAPABILITIES
 
 
 def _records_ids(request: ParsedRequest) -> bool:

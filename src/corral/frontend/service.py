@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -13,7 +12,7 @@ from corral.bus.client import Bus, decode
 from corral.bus.messages import LoadProgress, LoadReport, ModelEvent, NodeEvent, ReplicaEvent
 from corral.config import FrontendSettings
 from corral.domain.actions import RecordUse
-from corral.domain.entities import Replica, ReplicaState
+from corral.domain.prefix import PrefixIndex
 from corral.frontend.actuator import Actuator
 from corral.frontend.admission import AdmissionGate
 from corral.frontend.artifacts_api import ArtifactStore
@@ -24,16 +23,22 @@ from corral.frontend.headers import HeaderFilter
 from corral.frontend.health import ReplicaHealth
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.installs import InstallController
+from corral.frontend.metering import Metering
+from corral.frontend.metrics import FrontendMetrics, metrics_registry
 from corral.frontend.models_dir import ModelsDir
 from corral.frontend.node_client import NodeClient
 from corral.frontend.parts import Parts
+from corral.frontend.prefix_share import PrefixShare
 from corral.frontend.probe import ProbeCache
 from corral.frontend.proxy import OpenAIProxy
 from corral.frontend.reconciler import Reconciler
 from corral.frontend.responses_map import ResponseHomes, SharedHomes
+from corral.frontend.router import Router
 from corral.frontend.signals import LoadSignals
 from corral.frontend.upstream import UpstreamPool
+from corral.frontend.usage import UsageMeter
 from corral.frontend.view import ClusterView
+from corral.keyfile import read_or_create_admin_key
 from corral.store.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -53,8 +58,15 @@ class Frontend:
             self.id, stale_after=max(2.0, settings.load_report_interval * 10)
         )
         self.pool = UpstreamPool()
+        self.metrics = FrontendMetrics()
+        self.usage = UsageMeter(self.registry.usage)
         self.probes = ProbeCache(self.pool, ttl=settings.health_ttl)
-        self.authorizer = Authorizer(digest(k.get_secret_value()) for k in settings.api_keys)
+        self.authorizer = Authorizer(
+            static=[digest(k.get_secret_value()) for k in settings.api_keys],
+            metrics=[digest(settings.metrics_key.get_secret_value())]
+            if settings.metrics_key is not None
+            else [],
+        )
         self.artifacts = ArtifactStore(settings.model_store) if settings.model_store else None
         self.nodes = NodeClient(
             self.bus, start_timeout=settings.start_timeout, artifacts=self.artifacts
@@ -65,6 +77,7 @@ class Frontend:
             view=self.view,
             nodes=self.nodes,
             frontend_id=self.id,
+            on_load=self.metrics.observe_load,
         )
         self.installs = InstallController(
             registry=self.registry, bus=self.bus, catalog=self.catalog
@@ -115,7 +128,13 @@ class Frontend:
             default_deadline=settings.wait_budget,
             max_deadline=settings.max_deadline,
             key_priorities=settings.key_priorities,
+            on_wait=self.metrics.observe_queue_wait,
         )
+        self.router = Router(
+            self.inflight.view(),
+            index=PrefixIndex(max_entries=settings.prefix_index_size, ttl=settings.prefix_ttl),
+        )
+        self.prefixes = PrefixShare(self.bus, self.router.index, self.id)
         self.proxy = OpenAIProxy(
             view=self.view,
             inflight=self.inflight,
@@ -132,11 +151,13 @@ class Frontend:
             homes=self.response_homes,
             spool_memory_bytes=settings.spool_memory_bytes,
             admission=self.admission,
+            router=self.router,
+            metering=Metering(self.metrics, self.inflight, self.usage),
         )
+        self.metrics_registry = metrics_registry(self)
         self.started = False
         self.extra_loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._static_key_digests = set(self.authorizer.digests)
         self._reported_version = -1
         self._quiet_reports = 0
 
@@ -149,6 +170,10 @@ class Frontend:
         """Migrate, connect, declare the models directory, fill the view and follow the events:
         all of `start` but the background loops (in-process tests drive those by hand)."""
         await self.registry.migrate()
+        key_file = self.settings.admin_key_path
+        if key_file is not None:
+            self.authorizer.set_admin([digest(read_or_create_admin_key(key_file))])
+            log.info("admin key: %s", key_file)
         await self.bus.connect()
         if self.models_dir is not None:
             await self.models_dir.sync()
@@ -161,14 +186,17 @@ class Frontend:
         await self.bus.subscribe(s.load_reports, self._on_load_report)
         await self.bus.subscribe(s.install_events, self.installs.on_event)
         await self.response_homes.open()
+        await self.prefixes.open()
 
     def run_loops(self) -> None:
         """Start the background loops: in-flight reports, last-used flushes, resyncs, the
         reconciler and any extra loop."""
         loops: list[tuple[str, Callable[[], Awaitable[None]], float]] = [
             ("report-load", self._report_load, self.settings.load_report_interval),
+            ("share-prefixes", self.prefixes.publish, self.settings.prefix_share_interval),
             ("flush-last-used", self._flush_last_used, self.settings.last_used_flush_interval),
             ("resync", self.refresh, self.settings.resync_interval),
+            ("flush-usage", self.usage.flush, self.settings.usage_flush_interval),
         ]
         for name, step, interval in loops:
             self._tasks.append(asyncio.create_task(self._every(name, step, interval), name=name))
@@ -195,6 +223,10 @@ class Frontend:
             await self._flush_last_used()
         except Exception:
             log.exception("final last-used flush failed")
+        try:
+            await self.usage.flush()
+        except Exception:
+            log.exception("final usage flush failed")
         await self.actuator.close()
         await self.bus.close()
         await self.pool.close()
@@ -214,12 +246,15 @@ class Frontend:
     async def refresh(self) -> None:
         """Resync the view and API keys from PostgreSQL (repairs missed events)."""
         await self.view.resync(self.registry)
-        stored = await self.registry.audit.api_key_hashes()
-        self.authorizer.update(self._static_key_digests | stored)
+        self.authorizer.update(await self.registry.audit.api_key_grants())
+        await self.usage.load_keys()
         self.inflight.expire()
 
     # --- event handlers -------------------------------------------------------------------
     async def _on_replica_event(self, payload: bytes) -> None:
+        """A replica changed: a hint, never authority. The view takes the replica's row from
+        PostgreSQL (read now, once per event, never per request): an address only the event
+        names, or that PostgreSQL gives another replica, routes nothing."""
         event = decode(payload, ReplicaEvent)
         if event is None:
             return
@@ -227,26 +262,24 @@ class Frontend:
             self.reconciler.poke()  # capacity freed
         if event.origin == self.id:
             return
-        if event.kind in ("removed", "failed"):
+        row = await self.registry.replicas.get(event.model, event.index)
+        if row is None:
             gone = self.view.drop_replica(event.model, event.index)
             if gone is not None and gone.address:
                 self.probes.forget(gone.node_id, gone.address)
             return
-        if event.node_id is None or event.state is None:
-            return
-        self.view.put_replica(
-            Replica(
-                model=event.model,
-                index=event.index,
-                node_id=event.node_id,
-                state=ReplicaState(event.state),
-                address=event.address,
-                memory=event.memory,
-                last_used=time.time(),
-                revision=event.revision,
-                replaces=event.replaces,
+        if event.address is not None and event.address != row.address:
+            log.warning(
+                "replica event for %s#%d names %s, PostgreSQL %s: the row is believed",
+                event.model,
+                event.index,
+                event.address,
+                row.address,
             )
-        )
+        old = self.view.replicas.get(row.key)
+        if old is not None and old.address and old.address != row.address:
+            self.probes.forget(old.node_id, old.address)
+        self.view.put_replica(row)
 
     async def _on_node_event(self, payload: bytes) -> None:
         event = decode(payload, NodeEvent)

@@ -12,6 +12,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from corral.domain.access import Grant, Role
 from corral.store.tables import api_keys, events
 
 
@@ -55,19 +56,37 @@ class AuditStore:
             rows = (await conn.execute(query)).all()
         return [dict(r._mapping) for r in rows]
 
-    async def create_api_key(self, name: str) -> tuple[str, str]:
+    async def after(self, event_id: int, limit: int = 100) -> list[dict[str, Any]]:
+        """The entries newer than `event_id`, oldest first (for following the log)."""
+        query = select(events).where(events.c.id > event_id).order_by(events.c.id).limit(limit)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [dict(r._mapping) for r in rows]
+
+    async def create_api_key(
+        self, name: str, role: Role = Role.INFERENCE, models: list[str] | None = None
+    ) -> tuple[str, str]:
         """Create a key; returns (id, secret). Only the digest is stored."""
         secret = "sk-corral-" + secrets.token_urlsafe(32)
         key_id = "key-" + secrets.token_hex(6)
         async with self.engine.begin() as conn:
             await conn.execute(
-                insert(api_keys).values(id=key_id, name=name, key_hash=hash_secret(secret))
+                insert(api_keys).values(
+                    id=key_id,
+                    name=name,
+                    key_hash=hash_secret(secret),
+                    role=role.value,
+                    models=models,
+                )
             )
         return key_id, secret
 
-    async def api_key_hashes(self) -> set[str]:
+    async def api_key_grants(self) -> dict[str, Grant]:
+        """Every stored key's digest and what it grants."""
+        query = select(api_keys.c.key_hash, api_keys.c.role, api_keys.c.models, api_keys.c.id)
         async with self.engine.connect() as conn:
-            return set((await conn.execute(select(api_keys.c.key_hash))).scalars())
+            rows = (await conn.execute(query)).all()
+        return {r.key_hash: Grant.of(r.role, r.models, r.id) for r in rows}
 
     async def delete_api_key(self, key_id: str) -> bool:
         async with self.engine.begin() as conn:
@@ -78,9 +97,13 @@ class AuditStore:
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
-                    select(api_keys.c.id, api_keys.c.name, api_keys.c.created_at).order_by(
-                        api_keys.c.created_at
-                    )
+                    select(
+                        api_keys.c.id,
+                        api_keys.c.name,
+                        api_keys.c.role,
+                        api_keys.c.models,
+                        api_keys.c.created_at,
+                    ).order_by(api_keys.c.created_at)
                 )
             ).all()
         return [dict(r._mapping) for r in rows]

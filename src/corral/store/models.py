@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from corral.domain.autoscale import ScalingTarget, Signal
 from corral.domain.entities import ModelSpec, Rollout, RolloutStrategy, Scheduling
+from corral.domain.routing_weights import DEFAULT_WEIGHTS, weights_from_row, weights_to_row
 from corral.store.tables import models
 
 
@@ -74,6 +75,30 @@ class ModelStore:
                 )
             )
             return bool(result.rowcount)
+
+    async def update_scheduling(
+        self, name: str, change: Callable[[Scheduling], Scheduling]
+    ) -> Scheduling | None:
+        """Replace a model's scheduling by `change(current)` with the row locked, so that
+        concurrent partial updates all count; None for an unknown model. An exception from
+        `change` leaves the row as it was."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(select(models).where(models.c.name == name).with_for_update())
+            ).first()
+            if row is None:
+                return None
+            scheduling = change(row_to_spec(row._mapping).scheduling)
+            await conn.execute(
+                update(models)
+                .where(models.c.name == name)
+                .values(
+                    revision=models.c.revision + 1,
+                    updated_at=func.now(),
+                    **scheduling_to_row(scheduling),
+                )
+            )
+            return scheduling
 
     async def delete(self, name: str) -> bool:
         async with self.engine.begin() as conn:
@@ -146,6 +171,7 @@ def spec_to_row(spec: ModelSpec) -> dict[str, Any]:
         "spec_hash": spec.config_revision,
         "rollout": rollout_to_row(spec.rollout),
         "capabilities": None if spec.capabilities is None else list(spec.capabilities),
+        "routing": None if spec.routing == DEFAULT_WEIGHTS else weights_to_row(spec.routing),
         **scheduling_to_row(spec.scheduling),
     }
 
@@ -185,4 +211,5 @@ def row_to_spec(row: Mapping[Any, Any]) -> ModelSpec:
             newest_only=bool(rollout.get("newest_only", True)),
         ),
         capabilities=None if row["capabilities"] is None else tuple(row["capabilities"]),
+        routing=weights_from_row(row.get("routing")),
     )

@@ -60,9 +60,9 @@ class Agent:
         self.installer = installer or BackendInstaller(
             settings.backends_root or data / "backends", publish=self._publish_install
         )
-        self.stager = stager or ArtifactStager(data / "artifacts")
+        self.stager = stager or ArtifactStager(data / "artifacts", ca_file=settings.ca_file)
         self.probe = resources
-        self.control = ControlClient(settings.join)
+        self.control = ControlClient(settings.join, ca_file=settings.ca_file)
         self.identity: Identity | None = None
         self.bus: Bus | None = None
         self.advertise_host = advertise_host(settings)

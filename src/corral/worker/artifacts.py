@@ -20,6 +20,7 @@ import httpx
 
 from corral.domain.sizes import format_size
 from corral.errors import ArtifactError
+from corral.worker.control import tls_verify
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,10 @@ class ArtifactStager:
         retries: int = 5,
         timeout: float = 30.0,
         progress_interval: float = 0.5,
+        ca_file: Path | None = None,  # the CA an https:// frontend is checked against
     ) -> None:
         self._cache = cache_dir
+        self._ca_file = ca_file
         self._publish = publish
         self._headroom = headroom
         self._free_space = free_space
@@ -197,7 +200,7 @@ class ArtifactStager:
         last_emit = 0.0
         failures = 0
         async with httpx.AsyncClient(
-            timeout=httpx.Timeout(self._timeout), trust_env=False
+            timeout=httpx.Timeout(self._timeout), trust_env=False, verify=tls_verify(self._ca_file)
         ) as client:
             while True:
                 request_headers = {**headers, "Accept-Encoding": "identity"}

@@ -5,6 +5,8 @@ Bodies are the shared contract models of `corral.bus.contracts`.
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
 from typing import TypeVar
 
 import httpx
@@ -25,18 +27,31 @@ from corral.errors import Forbidden, FrontendUnreachable, NotFound, Unauthorized
 R = TypeVar("R", bound=BaseModel)
 
 
+def tls_verify(ca_file: Path | None) -> ssl.SSLContext | bool:
+    """How a worker checks a frontend's certificate: against `ca_file`, else the system's
+    trust store (httpx's default)."""
+    if ca_file is None:
+        return True
+    return ssl.create_default_context(cafile=str(ca_file))
+
+
 class ControlClient:
     """Talks to the frontend at `join_url` as one node."""
 
-    def __init__(self, join_url: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, join_url: str, *, timeout: float = 10.0, ca_file: Path | None = None
+    ) -> None:
         self.join_url = join_url.rstrip("/")
         self.timeout = timeout
+        self.ca_file = ca_file  # the CA an https:// frontend's certificate is checked against
         self._client: httpx.AsyncClient | None = None
 
     @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(base_url=self.join_url, timeout=self.timeout)
+            self._client = httpx.AsyncClient(
+                base_url=self.join_url, timeout=self.timeout, verify=tls_verify(self.ca_file)
+            )
         return self._client
 
     async def close(self) -> None:

@@ -17,11 +17,10 @@ export default {
     });
     const role = h(
       "select",
-      { id: "key-role", "aria-label": "Role", hidden: true },
+      { id: "key-role", "aria-label": "Role" },
       h("option", { value: "inference" }, "inference"),
       h("option", { value: "admin" }, "admin"),
     );
-    ctx.state.roleSelect = role;
     return h(
       "form",
       {
@@ -30,7 +29,7 @@ export default {
           event.preventDefault();
           const body = { name: name.value.trim() };
           if (!body.name) return;
-          if (!role.hidden) body.role = role.value;
+          body.role = role.value;
           ctx.act(async () => {
             const created = await ctx.api.post("/keys", body);
             name.value = "";
@@ -49,8 +48,6 @@ export default {
   },
 
   render(keys, ctx) {
-    const roles = keys.some((k) => k.role !== undefined);
-    if (ctx.state.roleSelect) ctx.state.roleSelect.hidden = !roles;
     return h(
       "div",
       {},
@@ -59,24 +56,25 @@ export default {
         [
           { title: "Name", cell: (k) => h("strong", {}, k.name) },
           { title: "ID", cell: (k) => h("code", {}, k.id) },
-          roles ? { title: "Role", cell: (k) => k.role || "" } : null,
+          { title: "Role", cell: (k) => k.role || "" },
+          { title: "Models", cell: (k) => (k.models ? k.models.join(", ") : "all") },
           {
             title: "Created",
             cell: (k) => h("span", { title: when(k.created_at) }, created(k.created_at)),
           },
           { title: "", class: "actions", cell: (k) => revoke(k, ctx) },
-        ].filter(Boolean),
+        ],
         keys,
         {
           empty:
-            "No API key is stored: unless the frontend has --api-keys, the OpenAI and admin APIs are open.",
+            "No API key is stored: unless the frontend has --api-keys, /v1 is open. The admin API always needs an admin key (or loopback while none is configured).",
           rowKey: (k) => k.id,
         },
       ),
       h(
         "p",
         { class: "muted small" },
-        "Keys from the frontend's --api-keys setting are not listed. Only a digest of each key is stored.",
+        "Keys from the frontend's --api-keys setting and its data dir's admin.key are not listed. Only a digest of each key is stored. Inference keys may use /v1 only; admin keys the admin API too.",
       ),
     );
   },
@@ -118,7 +116,7 @@ function showSecret(created, ctx) {
       h(
         "p",
         { class: "muted small" },
-        "While any key exists, every /v1 and /api request needs one, this dashboard's too.",
+        "While any key is stored, every /v1 request needs one; the admin API (this dashboard) an admin key.",
       ),
     );
     actions.push({ label: "Use it for this dashboard", run: async () => ctx.useKey(created.key) });

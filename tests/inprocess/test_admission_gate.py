@@ -14,7 +14,7 @@ from harness import InProcessCluster, client, declare
 from corral.domain.actions import DropReplica
 from corral.domain.admission import overshoot_bound
 from corral.domain.entities import ModelSpec, Scheduling
-from corral.frontend.metrics import render_metrics
+from corral.frontend.metrics import render
 from corral.frontend.service import Frontend
 from factories import model
 from infra import apoll_until
@@ -130,10 +130,13 @@ async def test_high_priority_requests_queued_after_low_ones_go_first(
         # the autoscaler's signals, the other frontends and /metrics see the queue
         await apoll_until(lambda: fe.inflight.queued("m") == 6, timeout=5, what="exported")
         assert fe.inflight.queue_wait("m") > 0.0
-        assert 'corral_queue_depth{model="m"} 6' in render_metrics(fe, time.time())
+        assert b'corral_queue_depth{model="m"} 6.0' in render(fe.metrics_registry)
         await asyncio.gather(blocker, *tasks)
         assert fe.inflight.queued("m") == 0
     assert done == ["first", "high0", "high1", "high2", "low0", "low1", "low2"]
+    # corral_queue_wait_seconds: the six that queued, and the first (it waited for the load)
+    waited = fe.metrics.queue_wait["m"]
+    assert waited.count == 7 and waited.sum > 0
 
 
 async def test_a_heavy_key_does_not_starve_a_light_one(cluster: InProcessCluster) -> None:
