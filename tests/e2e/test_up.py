@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,3 +151,30 @@ def test_up_with_two_frontend_processes(tmp_path: Path) -> None:
         if proc.poll() is None:
             for p in tree(proc.pid):
                 p.kill()
+
+
+def test_a_chat_sent_the_instant_the_port_opens_succeeds(tmp_path: Path) -> None:
+    log = tmp_path / "up.log"
+    port = free_port()
+    proc = start_up(tmp_path / "data", port, log)
+
+    def accepting() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"corral up exited:\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_for(accepting, timeout=120, what="the port accepting connections")
+        body = {"model": "demo", "messages": [{"role": "user", "content": "Hello!"}]}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text  # it waited for the local worker, within its deadline
+        assert r.json()["choices"][0]["message"]["content"]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                for p in tree(proc.pid):
+                    p.kill()

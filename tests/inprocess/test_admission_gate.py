@@ -11,8 +11,10 @@ from typing import Any
 import httpx
 from harness import InProcessCluster, client, declare
 
+from corral.domain.actions import DropReplica
 from corral.domain.admission import overshoot_bound
 from corral.domain.entities import ModelSpec, Scheduling
+from corral.frontend.metrics import render
 from corral.frontend.service import Frontend
 from factories import model
 from infra import apoll_until
@@ -125,7 +127,12 @@ async def test_high_priority_requests_queued_after_low_ones_go_first(
         for i in range(3):
             tasks.append(asyncio.create_task(tagged(c, f"high{i}", "high")))
             await queued(fe, "m", 4 + i)
+        # the autoscaler's signals, the other frontends and /metrics see the queue
+        await apoll_until(lambda: fe.inflight.queued("m") == 6, timeout=5, what="exported")
+        assert fe.inflight.queue_wait("m") > 0.0
+        assert b'corral_queue_depth{model="m"} 6.0' in render(fe.metrics_registry)
         await asyncio.gather(blocker, *tasks)
+        assert fe.inflight.queued("m") == 0
     assert done == ["first", "high0", "high1", "high2", "low0", "low1", "low2"]
     # corral_queue_wait_seconds: the six that queued, and the first (it waited for the load)
     waited = fe.metrics.queue_wait["m"]
@@ -235,3 +242,42 @@ async def test_a_client_leaving_the_queue_uses_no_slot(cluster: InProcessCluster
     assert fe.admission.abandoned == 1
     assert sim.stats()["requests"] == seen + 1, "the abandoned request never reached the backend"
     assert fe.inflight.local_total() == 0
+
+
+async def test_a_cold_start_longer_than_the_wait_budget_serves_every_queued_request(
+    cluster: InProcessCluster,
+) -> None:
+    # the issue's 60 s budget, 120 s deadlines and a slower load, scaled down 60x
+    fe = await cluster.frontend(wait_budget=1.0)
+    worker = await cluster.worker(fe, "n1")
+    worker.gate = asyncio.Event()  # the load runs until the test lets it finish
+    await declare(fe, limited("m", 4))
+    async with client(fe) as c:
+        requests = [asyncio.create_task(ask(c, "m", x_corral_deadline="5")) for _ in range(200)]
+        await apoll_until(lambda: worker.starts, timeout=5, what="the load started")
+        await asyncio.sleep(1.5)  # the load takes longer than the old wait budget
+        assert not any(r.done() for r in requests), "nobody gave up at the old budget"
+        worker.gate.set()
+        answers = await asyncio.gather(*requests)
+    assert [r.status_code for r in answers] == [200] * 200
+    assert len(worker.starts) == 1, "one load for all of them"
+    assert worker.sims[("m", 0)].stats()["peak_inflight"] <= 4
+
+
+async def test_requests_waiting_for_a_slot_go_back_to_the_cold_path_when_the_replica_goes(
+    cluster: InProcessCluster,
+) -> None:
+    fe = await cluster.frontend()
+    worker = await cluster.worker(fe, "n1")
+    await declare(fe, limited("m", 1, ttft=0.5))
+    async with client(fe) as c:
+        await warm(fe, c, "m")
+        (replica,) = fe.view.candidates("m")
+        slot = fe.inflight.acquire(replica.key)  # its one slot is taken
+        waiters = [asyncio.create_task(ask(c, "m", x_corral_deadline="5")) for _ in range(3)]
+        await queued(fe, "m", 3)
+        await fe.actuator.apply(DropReplica.of(replica, "the test took it away"))
+        slot.release()  # its request ended with its replica
+        answers = await asyncio.gather(*waiters)
+    assert [r.status_code for r in answers] == [200] * 3, [r.text for r in answers]
+    assert len(worker.starts) == 2, "loaded again for the waiters"

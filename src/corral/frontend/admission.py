@@ -50,7 +50,7 @@ class _Waiter:
 
     __slots__ = ("future", "granted")
 
-    def __init__(self, future: asyncio.Future[None]) -> None:
+    def __init__(self, future: asyncio.Future[bool]) -> None:
         self.future = future
         self.granted = False
 
@@ -118,35 +118,68 @@ class AdmissionGate:
             known = self._limits[spec.name] = (spec, self.limit_of(spec))
         return known[1]
 
+    def now(self, spec: ModelSpec, tried: Tried) -> Tried | None:
+        """The warm path, without a coroutine: when nothing waits for the model and one of its
+        replicas has a free slot, the replicas not to pick (`tried` and those at their limit);
+        None when the request must go through `enter`."""
+        state = self._models.get(spec.name)
+        if state is not None and state.waiters:
+            return None
+        candidates = self.view.candidates(spec.name)
+        if not candidates:
+            return None
+        limit = self.limit(spec)
+        if not limit:
+            return tried
+        local, remote = self.inflight.totals()
+        local_get, remote_get = local.get, remote.get
+        full: Tried | None = None
+        free = False
+        for r in candidates:
+            key = (r.model, r.index)
+            if local_get(key, 0) + remote_get(key, 0) < limit:
+                free = True
+            elif full is None:
+                full = {(r.model, r.index, r.address)}
+            else:
+                full.add((r.model, r.index, r.address))
+        if not free:
+            return None
+        return tried if full is None else tried | full
+
     async def enter(
-        self, spec: ModelSpec, headers: Iterable[tuple[bytes, bytes]], size: int
-    ) -> None:
-        """Return when a request for `spec` may take a slot now (in this event-loop step).
+        self, spec: ModelSpec, headers: Iterable[tuple[bytes, bytes]], size: int, tried: Tried
+    ) -> Tried:
+        """Wait until a request for `spec` may take a slot; return the replicas not to pick
+        then (in the same event-loop step).
 
         Raises QueueFull, DeadlineExceeded, BadRequest (a malformed priority or deadline
         header), or the cold path's errors while the model has no replica."""
         name = spec.name
-        model = self._models.get(name)
-        limit = self.limit(spec)
-        if (
-            (model is None or not model.waiters)
-            and self._free(name, limit, 0) > 0
-            and self.view.candidates(name)
-        ):
-            return  # the warm path
         headers = list(headers)
         now = self.clock()
         deadline = now + self._deadline(spec, headers)
-        while not self.view.candidates(name):  # a cold model: the cold path waits for a load
-            left = deadline - self.clock()
-            if left <= 0:
-                raise self._expired(name, deadline - now)
-            await self.ensure_replica(spec, left)  # its 503s carry the load's progress
-        await self._wait(spec, limit, headers, size, now, deadline)
+        cold = False
+        while True:
+            while not self.view.candidates(name):  # a cold model: the cold path loads it
+                left = deadline - self.clock()
+                if left <= 0:
+                    raise self._expired(name, deadline - now)
+                await self.ensure_replica(spec, left)  # its 503s carry the load's progress
+                cold = True
+            excluded = self.now(spec, tried)
+            if excluded is not None:  # loaded, with a free slot, and nobody waits
+                if cold and self.on_wait is not None:
+                    self.on_wait(name, self.clock() - now)  # it waited for the load
+                return excluded
+            if await self._wait(spec, self.limit(spec), headers, size, now, deadline):
+                return self._excluded(spec, tried)
+            # every replica went away while it waited: back to the cold path
 
-    def exclude(self, spec: ModelSpec, tried: Tried) -> Tried:
-        """`tried` plus the candidate replicas at their limit, as (model, index, address): the
-        replicas not to pick now."""
+    def _excluded(self, spec: ModelSpec, tried: Tried) -> Tried:
+        """`tried` plus the candidates at their limit; just `tried` when that would leave none
+        (granted a slot, but a report since then counts it as taken elsewhere: the request
+        goes on, within the documented overshoot bound)."""
         limit = self.limit(spec)
         if not limit:
             return tried
@@ -156,11 +189,7 @@ class AdmissionGate:
         if not full:
             return tried
         excluded = tried | full
-        if len(excluded) >= len(candidates) and all(
-            (r.model, r.index, r.address) in excluded for r in candidates
-        ):
-            # granted, but a report since then counts the slot as taken elsewhere: the
-            # request goes on (its overshoot is within the documented bound)
+        if all((r.model, r.index, r.address) in excluded for r in candidates):
             return tried
         return excluded
 
@@ -179,7 +208,9 @@ class AdmissionGate:
         size: int,
         now: float,
         deadline: float,
-    ) -> None:
+    ) -> bool:
+        """Wait in the model's queue: True once granted a slot, False when the model lost
+        every replica meanwhile (the caller goes back to the cold path)."""
         name = spec.name
         state = self._models.get(name)
         if state is None:
@@ -207,9 +238,8 @@ class AdmissionGate:
             self._export(name, state)
         taken = False
         try:
-            await waiter.future
-            taken = True
-            if self.on_wait is not None:
+            taken = await waiter.future
+            if taken and self.on_wait is not None:
                 self.on_wait(name, self.clock() - now)
         except asyncio.CancelledError:
             if state.queue.cancel(entry_id):
@@ -223,6 +253,7 @@ class AdmissionGate:
                     self._grant(state)  # then it goes to the next one
             if not state.waiters:
                 self._export(name, state)
+        return taken
 
     def _grant(self, state: _Model) -> None:
         """Hand every free slot of the model to the next waiters, in queue order."""
@@ -240,7 +271,7 @@ class AdmissionGate:
                 continue
             waiter.granted = True
             state.granted += 1
-            waiter.future.set_result(None)
+            waiter.future.set_result(True)
             free -= 1
         self._expire(state, now)
 
@@ -266,7 +297,16 @@ class AdmissionGate:
             if spec is not None and spec is not state.spec:
                 state.spec, state.limit = spec, self.limit(spec)
             self._grant(state)
+            if state.waiters and not self.view.candidates(name):
+                self._requeue(state)
             self._export(name, state)
+
+    def _requeue(self, state: _Model) -> None:
+        """The model has no replica any more: its waiters go back to the cold path."""
+        for entry_id, waiter in list(state.waiters.items()):
+            if not waiter.future.done():
+                state.queue.cancel(entry_id)
+                waiter.future.set_result(False)
 
     def _free(self, name: str, limit: int, granted: int) -> int:
         """Free slots on the model's candidate replicas, less those already granted."""

@@ -160,6 +160,10 @@ class InflightTracker:
     def total(self, key: ReplicaKey) -> int:
         return self.local.get(key, 0) + self._remote_sum.get(key, 0)
 
+    def totals(self) -> tuple[Mapping[ReplicaKey, int], Mapping[ReplicaKey, int]]:
+        """(this frontend's counts, the other frontends' summed), for loops over replicas."""
+        return self.local, self._remote_sum
+
     def view(self) -> TotalView:
         return self._view
 

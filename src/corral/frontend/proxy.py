@@ -281,8 +281,11 @@ class OpenAIProxy:
         for _ in range(MAX_ATTEMPTS if home is None else 1):
             try:
                 if home is None:
-                    await admission.enter(spec, exchange.headers, _size(request))  # admission
-                    excluded = admission.exclude(spec, tried)
+                    excluded = admission.now(spec, tried)  # admission: whether, and when
+                    if excluded is None:
+                        excluded = await admission.enter(
+                            spec, exchange.headers, _size(request), tried
+                        )
                     replica = await self._choose(spec, excluded, request, exchange)
                 else:
                     replica = self._at_home(request, home)
