@@ -6,7 +6,8 @@
 Each timing is the best of 21 repeats of the mean CPU time (process time) per call:
 prefix hashing of an 8 KB prompt, prefix index match and record, `route` over 3, 10 and
 10,000 candidates (load only, and with a prefix match, a session and speed data), the legacy
-`pick_replica`, the whole per-request routing path, and admission queue operations.
+`pick_replica`, the whole per-request routing path, the frontend's `Router.choose` against the
+`pick_replica` call it replaced, and admission queue operations.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import timeit
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
+
 from corral.domain.admission import AdmissionQueue, Priority
-from corral.domain.entities import Replica, ReplicaKey, ReplicaState
+from corral.domain.entities import ModelSpec, Replica, ReplicaKey, ReplicaState
 from corral.domain.pick import pick_replica
 from corral.domain.prefix import BLOCK_BYTES, PrefixIndex, block_hashes
 from corral.domain.routing import Candidates, SpeedTracker, route
+from corral.frontend.request import parse_request
+from corral.frontend.router import Router
 
 
 def best_us(fn: Callable[[], object], number: int = 500, repeat: int = 21) -> float:
@@ -135,6 +140,8 @@ def timings() -> list[tuple[str, float]]:
 
     out.append(("whole request: hash 8 KB + match + route (10) + record", best_us(request, 200)))
 
+    out += frontend_router(now)
+
     q = AdmissionQueue(max_entries=10**9, max_bytes=10**12)
     ids = itertools.count()
 
@@ -146,6 +153,50 @@ def timings() -> list[tuple[str, float]]:
     for i in range(1000):  # a standing queue of 1,000 over 50 keys
         q.admit(-i - 1, f"k{i % 50}", Priority.NORMAL, 100, 1000, now + 60, now)
     out.append(("AdmissionQueue admit + pop (1,000 waiting, 50 keys)", best_us(admit_pop)))
+    return out
+
+
+def frontend_router(now: float) -> list[tuple[str, float]]:
+    """What the proxy's `_choose` costs per request: `Router.choose` (features from the raw
+    body, the pipeline, the records) against the legacy `pick_replica` call it replaced."""
+    out: list[tuple[str, float]] = []
+    reps = list(candidates(3).replicas)
+    short = orjson.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+    )
+    system = "You are a helpful assistant. " * 220  # ~6 KB
+    long = orjson.dumps(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": "hello"},
+            ],
+        }
+    )
+    spec = ModelSpec("m", "sim")
+    headers = [(b"accept", b"*/*"), (b"user-agent", b"bench"), (b"content-type", b"json")]
+    inflight: dict[ReplicaKey, int] = {}
+    router = Router(inflight, clock=lambda: now)
+    for name, body in (("short chat", short), ("6 KB system prompt", long)):
+        req = parse_request(b"/v1/chat/completions", body)
+        out.append(
+            (
+                f"Router.choose, 3 replicas, {name}",
+                best_us(lambda req=req: router.choose(spec, reps, req, headers)),
+            )
+        )
+    turn = itertools.count()
+    free = {r.node_id: 1 for r in reps}
+    used = {r.key: 0.0 for r in reps}
+    out.append(
+        (
+            "legacy pick_replica as the proxy called it, 3 replicas",
+            best_us(
+                lambda: pick_replica(reps, inflight, free, next(turn), last_used=used, latency={})
+            ),
+        )
+    )
     return out
 
 

@@ -223,6 +223,21 @@ def serve(
         int | None,
         typer.Option(help="Response ids remembered for routing home, newest kept (100000)"),
     ] = None,
+    prefix_share_interval: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds between two batches of routed prompt-prefix hashes sent to the other"
+            " frontends (default 0.2)"
+        ),
+    ] = None,
+    prefix_index_size: Annotated[
+        int | None,
+        typer.Option(help="Prompt-prefix hashes the routing index remembers (default 65536)"),
+    ] = None,
+    prefix_ttl: Annotated[
+        float | None,
+        typer.Option(help="Seconds a routed prompt prefix counts as cached on its replica (300)"),
+    ] = None,
     header_timeout: Annotated[
         float | None,
         typer.Option(help="Seconds a client has to send request headers; then 408 (default 10)"),
@@ -310,6 +325,9 @@ def serve(
         spool_memory_bytes=spool_memory_bytes,
         response_ttl=response_ttl,
         response_map_size=response_map_size,
+        prefix_share_interval=prefix_share_interval,
+        prefix_index_size=prefix_index_size,
+        prefix_ttl=prefix_ttl,
         header_timeout=header_timeout,
         body_timeout=body_timeout,
         body_min_rate=body_min_rate,

@@ -85,6 +85,10 @@ class FrontendSettings(BaseSettings):
     load_backoff: float = Field(default=5.0, gt=0)  # seconds after a failed load; doubles
     load_backoff_max: float = Field(default=300.0, gt=0)  # the most it grows to
     load_report_interval: float = 0.2  # seconds between in-flight reports to other frontends
+    # routing's prompt-prefix index, shared by the frontends over NATS
+    prefix_share_interval: float = Field(default=0.2, gt=0)  # seconds between two batches
+    prefix_index_size: int = Field(default=65_536, ge=1)  # prefix hashes remembered
+    prefix_ttl: float = Field(default=300.0, gt=0)  # seconds a routed prefix counts as cached
     resync_interval: float = 10.0  # seconds between full snapshot refreshes from PostgreSQL
     last_used_flush_interval: float = 2.0
     # seconds between usage flushes to PostgreSQL; per-key limits hold across frontends

@@ -19,6 +19,7 @@ from pydantic import (
 from corral.backends.capabilities import Capability, expand_aliases
 from corral.domain.autoscale import ScalingTarget, Signal
 from corral.domain.entities import ModelSpec, Rollout, RolloutStrategy, Scheduling
+from corral.domain.routing_weights import RoutingWeights
 from corral.domain.sizes import INT32_MAX, INT64_MAX, parse_size
 from corral.errors import ConfigError
 
@@ -114,6 +115,30 @@ class RolloutDecl(BaseModel):
         return Rollout(strategy=self.strategy, newest_only=self.newest_only)
 
 
+class RoutingDecl(BaseModel):
+    """The `routing:` block: how much each scorer of the routing pipeline counts (defaults:
+    load 1, prefix 1, session 1, speed 0, affinity_slack 0.5, concurrency 8)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    load: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    prefix: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    session: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    speed: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    affinity_slack: float = Field(default=0.5, ge=0, allow_inf_nan=False)
+    concurrency: int = Field(default=8, ge=1)
+
+    def to_domain(self) -> RoutingWeights:
+        return RoutingWeights(
+            load=self.load,
+            prefix=self.prefix,
+            session=self.session,
+            speed=self.speed,
+            affinity_slack=self.affinity_slack,
+            concurrency=self.concurrency,
+        )
+
+
 class ModelDecl(BaseModel):
     """One model as written in YAML (or sent to the admin API)."""
 
@@ -128,6 +153,7 @@ class ModelDecl(BaseModel):
     rollout: RolloutDecl = Field(default_factory=RolloutDecl)
     #: narrows the backend's capabilities (`capabilities: [chat]`); None: all of them
     capabilities: tuple[Capability, ...] | None = Field(default=None, min_length=1)
+    routing: RoutingDecl = Field(default_factory=RoutingDecl)
 
     @field_validator("rollout", mode="before")
     @classmethod
@@ -159,6 +185,7 @@ class ModelDecl(BaseModel):
             scheduling=self.scheduling.to_domain(),
             rollout=self.rollout.to_domain(),
             capabilities=self.capabilities,
+            routing=self.routing.to_domain(),
         )
 
 

@@ -198,6 +198,7 @@ async def test_worker_answers_its_commands_and_publishes_its_progress(cluster: C
         "{p}.events.load.m",
         "{p}.events.install",
         "{p}.frontend.load",
+        "{p}.frontend.prefixes",
         "{p}.progress.n2.install",
         "{p}.node.n2.replica.stop",
         "{p}.node.n1.replica.start",

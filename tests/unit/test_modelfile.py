@@ -15,6 +15,7 @@ from corral.domain.entities import (
     RolloutStrategy,
     Scheduling,
 )
+from corral.domain.routing_weights import RoutingWeights, weights_from_row, weights_to_row
 from corral.errors import (
     ConfigError,
 )
@@ -147,6 +148,10 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], str | None]] = [
         "scheduling",
     ),
     ("min-above-max", {"scheduling": {"min_replicas": 3, "max_replicas": 2}}, "scheduling"),
+    ("routing-negative-weight", {"routing": {"prefix": -1}}, "routing.prefix"),
+    ("routing-nan-weight", {"routing": {"load": float("nan")}}, "routing.load"),
+    ("routing-zero-concurrency", {"routing": {"concurrency": 0}}, "routing.concurrency"),
+    ("routing-unknown-scorer", {"routing": {"latency": 1}}, "routing.latency"),
 ]
 
 
@@ -262,3 +267,16 @@ def test_model_rollout_and_scaling() -> None:
         600.0,
     )
     assert parse_model({"name": "m", "backend": "sim"}).scheduling.scaling is None
+
+
+def test_model_routing_weights_default_and_declared() -> None:
+    assert parse_model({"name": "m", "backend": "sim"}).routing == RoutingWeights()
+    spec = parse_model(
+        {"name": "m", "backend": "sim", "routing": {"prefix": 2, "session": 0, "concurrency": 4}}
+    )
+    assert spec.routing == RoutingWeights(prefix=2.0, session=0.0, concurrency=4)
+    # routing is not part of the revision: changing it moves no replica
+    plain = parse_model({"name": "m", "backend": "sim"})
+    assert spec.config_revision == plain.config_revision
+    assert weights_from_row(weights_to_row(spec.routing)) == spec.routing
+    assert weights_from_row(None) == RoutingWeights()

@@ -171,6 +171,15 @@ class LoadReport(Message):
     models: list[ModelLoad] = Field(default_factory=list)  # per-model signals, when it has any
 
 
+class PrefixReport(Message):
+    """Prompt-prefix block hashes one frontend routed since its last report, per replica
+    (`domain.prefix.PrefixBatch` on the wire), a few times a second while it routes."""
+
+    origin: str = ""  # the frontend that routed them (its own echo is ignored)
+    at: float = 0.0  # when the newest was routed (the sender's clock, seconds since the epoch)
+    items: list[tuple[str, int, list[int]]] = Field(default_factory=list)  # (model, index, hashes)
+
+
 class ResponseHomeEvent(Message):
     """A stored response (Responses API) and the replica that holds it; shared by frontends so
     a follow-up reaches that replica through any of them. Also the reply to a lookup."""

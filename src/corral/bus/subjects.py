@@ -79,6 +79,12 @@ class Subjects:
         return f"{self.prefix}.frontend.load"
 
     @property
+    def prefix_index(self) -> str:
+        """Broadcast among frontends: prompt-prefix hashes they routed, per replica (routing's
+        shared `PrefixIndex`; workers may not publish it)."""
+        return f"{self.prefix}.frontend.prefixes"
+
+    @property
     def response_homes(self) -> str:
         """Broadcast: a frontend relayed a new stored response (its id and replica)."""
         return f"{self.prefix}.frontend.responses"

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from corral.domain.autoscale import ScalingTarget
+from corral.domain.routing_weights import DEFAULT_WEIGHTS, RoutingWeights
 from corral.domain.sizes import MemoryBudget
 
 
@@ -154,6 +155,9 @@ class ModelSpec:
     #: endpoints it may serve (corral.backends.capabilities names), a subset of its backend's;
     #: None: every endpoint the backend serves
     capabilities: tuple[str, ...] | None = None
+    #: how routing weighs load, prefix and session affinity and speed (`routing:` in YAML);
+    #: not part of the revision: changing it moves no replica
+    routing: RoutingWeights = DEFAULT_WEIGHTS
 
     @property
     def config_revision(self) -> str:

@@ -245,15 +245,16 @@ class ColdLoader:
             except Exception:
                 log.exception("renewing the load claim of %s failed", model)
 
-    async def choose_node(self, spec: ModelSpec) -> tuple[str, int]:
-        """Choose a node, evicting idle replicas when that makes room; wait while all are busy."""
+    async def choose_node(self, spec: ModelSpec, *, wait_for_nodes: bool = True) -> tuple[str, int]:
+        """Choose a node, evicting idle replicas when that makes room; wait while all are busy,
+        and while none is healthy unless `wait_for_nodes` is False (then NoCapacity at once)."""
         size = await self.artifacts.size(spec.artifact) if self.artifacts else None
         estimate = estimate_memory(spec, size)
         pool = memory_pool(spec, self.gpu_backends)
         deadline = self.clock() + self.wait_budget
         try:
             while True:
-                placed = await self._place(spec, estimate, pool)
+                placed = await self._place(spec, estimate, pool, wait_for_nodes)
                 if placed is not None:
                     return placed, estimate
                 if self.clock() >= deadline:
@@ -262,7 +263,9 @@ class ColdLoader:
         finally:
             self._waiting.pop(spec.name, None)
 
-    async def _place(self, spec: ModelSpec, estimate: int, pool: MemoryPool) -> str | None:
+    async def _place(
+        self, spec: ModelSpec, estimate: int, pool: MemoryPool, wait_for_nodes: bool = True
+    ) -> str | None:
         """A node for the replica (evicting idle ones if that makes room), or None after
         noting in `_waiting` why the load must wait; raises when waiting cannot help."""
         while True:
@@ -281,6 +284,8 @@ class ColdLoader:
             if decision.node_id is not None:
                 return decision.node_id
             if decision.healthy == 0:  # none joined yet, or all pending or re-joining
+                if not wait_for_nodes:
+                    raise NoCapacity(decision.reason, retry_after=5)
                 self._waiting[spec.name] = decision.reason
                 return None
             if decision.eligible == 0:

@@ -101,7 +101,7 @@ class Drainer:
             current, spec, len(others), self.inflight.total(replica.key), time.time()
         ):
             try:
-                node_id, estimate = await self.cold.choose_node(spec)
+                node_id, estimate = await self.cold.choose_node(spec, wait_for_nodes=False)
                 reason = f"replaces {replica.model}#{replica.index} (drain)"
                 await self.actuator.apply(
                     StartReplica(spec.name, node_id, None, spec.backend, estimate, reason)

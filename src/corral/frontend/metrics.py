@@ -22,6 +22,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from corral.frontend.routing_metrics import routing_families
+
 if TYPE_CHECKING:
     from corral.frontend.service import Frontend
 
@@ -135,6 +137,7 @@ class FrontendCollector(Collector):
         yield from _state_families(fe, time.time())
         yield from _counter_families(fe)
         yield from _admission_families(fe)
+        yield from routing_families(fe.router, fe.prefixes)
 
 
 def _histogram(name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:

@@ -12,6 +12,7 @@ from typing import Any
 
 from corral.domain.entities import ModelSpec, Replica
 from corral.domain.rollout import rollout_status
+from corral.domain.routing_weights import weights_to_row
 from corral.frontend.service import Frontend
 from corral.store.models import rollout_to_row, scaling_to_row, scheduling_to_row
 from corral.store.replicas import revision_failures
@@ -32,6 +33,7 @@ def model_json(spec: ModelSpec) -> dict[str, Any]:
         "node_selector": dict(spec.scheduling.node_selector),
         "rollout": rollout_to_row(spec.rollout),
         "capabilities": None if spec.capabilities is None else list(spec.capabilities),
+        "routing": weights_to_row(spec.routing),
     }
 
 

@@ -19,7 +19,6 @@ import orjson
 
 from corral.domain.actions import DropReplica
 from corral.domain.entities import ModelSpec, Replica, ReplicaState
-from corral.domain.pick import pick_replica
 from corral.domain.routing.candidates import supports
 from corral.domain.usage import StreamTail, usage_of
 from corral.errors import (
@@ -61,6 +60,7 @@ from corral.frontend.responses_map import (
     StreamIdScanner,
     id_of_body,
 )
+from corral.frontend.router import SCORES_HEADER, Router, replica_headers
 from corral.frontend.tally import Tally
 from corral.frontend.upstream import UpstreamPool, UpstreamResponse
 from corral.frontend.view import ClusterView
@@ -108,6 +108,7 @@ class OpenAIProxy:
         homes: SharedHomes | None = None,
         spool_memory_bytes: int = SPOOL_MEMORY,
         admission: AdmissionGate | None = None,
+        router: Router | None = None,
         metering: Metering | None = None,
     ) -> None:
         self.view = view
@@ -128,10 +129,12 @@ class OpenAIProxy:
         self.admission = admission or AdmissionGate(
             view, inflight, limit_of=_unlimited, ensure_replica=_within(ensure_replica)
         )
+        self.router = router or Router(inflight.view())
         self.metering = metering or Metering(FrontendMetrics(), inflight)
         #: per model: the spec its capabilities were read for, and them
         self._served: dict[str, tuple[ModelSpec, Collection[str] | None]] = {}
-        self._turn = 0
+        #: per replica: its node and the x-corral-replica / x-corral-node response headers
+        self._decided: dict[tuple[str, int], tuple[str, list[tuple[bytes, bytes]]]] = {}
         self.used: dict[tuple[str, int], float] = {}  # last-used times not yet flushed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -273,7 +276,7 @@ class OpenAIProxy:
                 if home is None:
                     await admission.enter(spec, exchange.headers, _size(request))  # admission
                     excluded = admission.exclude(spec, tried)
-                    replica = await self._choose(spec, excluded, request.stream)
+                    replica = await self._choose(spec, excluded, request, exchange)
                 else:
                     replica = self._at_home(request, home)
             except CorralError as exc:
@@ -315,23 +318,17 @@ class OpenAIProxy:
         self.view.last_used[replica.key] = now
         self.used[replica.key] = now
 
-    async def _choose(self, spec: ModelSpec, tried: set[Tried], stream: bool = False) -> Replica:
-        """The best replica not tried yet; waits for a cold load when there is none."""
+    async def _choose(
+        self, spec: ModelSpec, tried: set[Tried], request: ParsedRequest, exchange: Exchange
+    ) -> Replica:
+        """The best replica not tried yet (`Router`: load, prefix and session affinity,
+        speed); waits for a cold load when there is none."""
         for _ in range(2):
             candidates = self.view.candidates(spec.name)
-            if tried:
-                candidates = [r for r in candidates if _tried(r) not in tried]
-            if candidates:
-                self._turn += 1
-                chosen = pick_replica(
-                    candidates,
-                    self.inflight.view(),
-                    self.view.free_memory(),
-                    self._turn,
-                    last_used=self.view.last_used,
-                    latency=self.view.latency[stream],
-                )
-                assert chosen is not None
+            chosen, scores = self.router.choose(spec, candidates, request, exchange.headers, tried)
+            if chosen is not None:
+                if scores is not None:
+                    request.reply_headers = [(SCORES_HEADER, scores)]
                 now = time.time()
                 self.view.last_used[chosen.key] = now
                 self.used[chosen.key] = now
@@ -350,7 +347,7 @@ class OpenAIProxy:
         """Send the request; None when the replica turned out gone (already dropped).
 
         When the replica had nothing else in flight, its time to first byte is its own speed
-        (no queueing behind other requests) and feeds the speed weights of `pick_replica`
+        (no queueing behind other requests) and feeds the speed estimates of the `Router`
         (not for uploads, whose first byte waits for the upload, nor a stored response read
         back by id).
         """
@@ -369,7 +366,9 @@ class OpenAIProxy:
             timeout=self.request_timeout,
         )
         if idle and isinstance(request.body, bytes) and request.response_id is None:
-            self.view.observe_latency(replica.key, request.stream, time.monotonic() - started)
+            took = time.monotonic() - started
+            self.view.observe_latency(replica.key, request.stream, took)
+            self.router.observe(replica.key, request.stream, took)
         if response.status in (404, 409, 400):
             body = await response.read()
             if _lost_model(response.status, body):
@@ -393,6 +392,7 @@ class OpenAIProxy:
         ):
             body = response.body if isinstance(response, _Buffered) else await response.read()
             out_headers = [(k, v) for k, v in response.forward_headers() if k != b"content-length"]
+            out_headers += self._decision(replica, request)
             await exchange.respond(response.status, out_headers, body)
             if response.status < 500:
                 self.probes.mark_ok(replica.node_id, replica.address)
@@ -404,7 +404,9 @@ class OpenAIProxy:
             return
         # head and whatever body already arrived go out together
         first = response.ready()
-        await exchange.start(response.status, response.forward_headers(), first)
+        out = response.forward_headers()
+        out += self._decision(replica, request)
+        await exchange.start(response.status, out, first)
         exchange.on_disconnect = response.abort
         scanner = StreamIdScanner() if _records_ids(request) else None
         tail = StreamTail() if response.status == 200 and _counts_tokens(request) else None
@@ -433,6 +435,20 @@ class OpenAIProxy:
         if tail is not None:  # after the last bytes went out: they wait for nothing
             exchange.usage = tail.usage()
         self.probes.mark_ok(replica.node_id, replica.address)
+
+    def _decision(self, replica: Replica, request: ParsedRequest) -> list[tuple[bytes, bytes]]:
+        """The response headers naming the replica and node that served (and, when the client
+        asked with `x-corral-debug: scores`, every candidate's scores)."""
+        cached = self._decided.get(replica.key)
+        if cached is None or cached[0] != replica.node_id:
+            if len(self._decided) > 4 * len(self.view.replicas) + 64:
+                self._decided.clear()  # replicas that went
+            node = self.view.nodes.get(replica.node_id)
+            name = node.name if node is not None else replica.node_id
+            cached = self._decided[replica.key] = (replica.node_id, replica_headers(replica, name))
+        if request.reply_headers:
+            return cached[1] + request.reply_headers
+        return cached[1]
 
     async def _stored(self, request: ParsedRequest, replica: Replica, body: bytes) -> None:
         """After a whole 200 answer went out: remember where a new stored response lives, or

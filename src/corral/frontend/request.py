@@ -112,9 +112,11 @@ class ParsedRequest:
         "model",
         "path",
         "previous_id",
+        "reply_headers",
         "response_id",
         "stream",
         "target",
+        "user",
     )
 
     def __init__(
@@ -137,6 +139,9 @@ class ParsedRequest:
         self.method = b"POST"
         self.content_type = JSON_TYPE[1]  # an upload's own multipart/form-data type
         self.response_id: str | None = None  # the stored response a by-id path names
+        self.user: str | None = None  # the body's `user` field (a session, for routing)
+        #: headers routing adds to the response (the debug scores), None: none
+        self.reply_headers: list[tuple[bytes, bytes]] | None = None
 
     def headers(self, forwarded: Headers) -> Headers:
         """The headers to send upstream: the client's that are forwarded (a list this adds
@@ -183,9 +188,13 @@ def parse_request(
             raise BadRequest(
                 "'previous_response_id' must be a string", param="previous_response_id"
             )
-    return ParsedRequest(
+    request = ParsedRequest(
         path, body, model, stream, endpoint, path + b"?" + query if query else path, previous
     )
+    user = data.get("user")
+    if user is not None and isinstance(user, str):
+        request.user = user
+    return request
 
 
 async def read_request(

@@ -12,6 +12,7 @@ from corral.bus.client import Bus, decode
 from corral.bus.messages import LoadProgress, LoadReport, ModelEvent, NodeEvent, ReplicaEvent
 from corral.config import FrontendSettings
 from corral.domain.actions import RecordUse
+from corral.domain.prefix import PrefixIndex
 from corral.frontend.actuator import Actuator
 from corral.frontend.admission import AdmissionGate
 from corral.frontend.artifacts_api import ArtifactStore
@@ -27,10 +28,12 @@ from corral.frontend.metrics import FrontendMetrics, metrics_registry
 from corral.frontend.models_dir import ModelsDir
 from corral.frontend.node_client import NodeClient
 from corral.frontend.parts import Parts
+from corral.frontend.prefix_share import PrefixShare
 from corral.frontend.probe import ProbeCache
 from corral.frontend.proxy import OpenAIProxy
 from corral.frontend.reconciler import Reconciler
 from corral.frontend.responses_map import ResponseHomes, SharedHomes
+from corral.frontend.router import Router
 from corral.frontend.signals import LoadSignals
 from corral.frontend.upstream import UpstreamPool
 from corral.frontend.usage import UsageMeter
@@ -127,6 +130,11 @@ class Frontend:
             key_priorities=settings.key_priorities,
             on_wait=self.metrics.observe_queue_wait,
         )
+        self.router = Router(
+            self.inflight.view(),
+            index=PrefixIndex(max_entries=settings.prefix_index_size, ttl=settings.prefix_ttl),
+        )
+        self.prefixes = PrefixShare(self.bus, self.router.index, self.id)
         self.proxy = OpenAIProxy(
             view=self.view,
             inflight=self.inflight,
@@ -143,6 +151,7 @@ class Frontend:
             homes=self.response_homes,
             spool_memory_bytes=settings.spool_memory_bytes,
             admission=self.admission,
+            router=self.router,
             metering=Metering(self.metrics, self.inflight, self.usage),
         )
         self.metrics_registry = metrics_registry(self)
@@ -177,12 +186,14 @@ class Frontend:
         await self.bus.subscribe(s.load_reports, self._on_load_report)
         await self.bus.subscribe(s.install_events, self.installs.on_event)
         await self.response_homes.open()
+        await self.prefixes.open()
 
     def run_loops(self) -> None:
         """Start the background loops: in-flight reports, last-used flushes, resyncs, the
         reconciler and any extra loop."""
         loops: list[tuple[str, Callable[[], Awaitable[None]], float]] = [
             ("report-load", self._report_load, self.settings.load_report_interval),
+            ("share-prefixes", self.prefixes.publish, self.settings.prefix_share_interval),
             ("flush-last-used", self._flush_last_used, self.settings.last_used_flush_interval),
             ("resync", self.refresh, self.settings.resync_interval),
             ("flush-usage", self.usage.flush, self.settings.usage_flush_interval),

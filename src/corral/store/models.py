@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from corral.domain.autoscale import ScalingTarget, Signal
 from corral.domain.entities import ModelSpec, Rollout, RolloutStrategy, Scheduling
+from corral.domain.routing_weights import DEFAULT_WEIGHTS, weights_from_row, weights_to_row
 from corral.store.tables import models
 
 
@@ -146,6 +147,7 @@ def spec_to_row(spec: ModelSpec) -> dict[str, Any]:
         "spec_hash": spec.config_revision,
         "rollout": rollout_to_row(spec.rollout),
         "capabilities": None if spec.capabilities is None else list(spec.capabilities),
+        "routing": None if spec.routing == DEFAULT_WEIGHTS else weights_to_row(spec.routing),
         **scheduling_to_row(spec.scheduling),
     }
 
@@ -185,4 +187,5 @@ def row_to_spec(row: Mapping[Any, Any]) -> ModelSpec:
             newest_only=bool(rollout.get("newest_only", True)),
         ),
         capabilities=None if row["capabilities"] is None else tuple(row["capabilities"]),
+        routing=weights_from_row(row.get("routing")),
     )

@@ -74,6 +74,8 @@ models = Table(
     Column("deadline", Double),  # seconds a request may wait for a slot; null: server default
     # the endpoints the model may serve, narrowing its backend's (a list); null: all of them
     Column("capabilities", JSONB(none_as_null=True)),
+    # routing weights (`RoutingWeights` as JSON); null: the defaults
+    Column("routing", JSONB(none_as_null=True)),
     Column("source", Text, nullable=False, server_default="api"),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),

@@ -27,32 +27,10 @@ prefix or session cannot pile work on one replica while others idle.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from corral.errors import ConfigError
+from corral.domain.routing_weights import DEFAULT_WEIGHTS, RoutingWeights
 
-
-@dataclass(frozen=True, slots=True)
-class RoutingWeights:
-    """How much each scorer counts for one model (the model file's `routing:` section)."""
-
-    load: float = 1.0
-    prefix: float = 1.0
-    session: float = 1.0
-    speed: float = 0.0
-    affinity_slack: float = 0.5  # x concurrency: extra load an affinity may add to a replica
-    concurrency: int = 8  # the load scale when the model declares no max_concurrency
-
-    def __post_init__(self) -> None:
-        for name in ("load", "prefix", "session", "speed", "affinity_slack"):
-            value = getattr(self, name)
-            if not value >= 0:  # also rejects NaN
-                raise ConfigError(f"must be >= 0, got {value}", field=f"routing.{name}")
-        if self.concurrency < 1:
-            raise ConfigError(f"must be >= 1, got {self.concurrency}", field="routing.concurrency")
-
-
-DEFAULT_WEIGHTS = RoutingWeights()
+__all__ = ["DEFAULT_WEIGHTS", "RoutingWeights", "load_score", "load_scores", "within_guard"]
 
 
 def load_scores(loads: Sequence[int], concurrency: float, weight: float = 1.0) -> list[float]:

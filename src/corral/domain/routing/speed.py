@@ -18,12 +18,18 @@ forever, splitting 30 sequential requests 9/20/1 over three equal replicas):
   so an old verdict fades;
 - exploration: a replica without a sample for `explore_after` seconds counts as fast (ratio 1)
   until it gets one, so it takes its turn and is measured again;
-- dead zone: the ratio is `max(1, estimate / fastest - (tolerance - 1))`, so replicas within
-  `tolerance` of the fastest are exactly equal (ties rotate evenly) and the ratio grows
-  continuously past it (no cliff at the boundary): 3x slower is 2.75 with the default 1.25.
+- dead zone: the ratio is `max(1, (estimate + floor) / (fastest + floor) - (tolerance - 1))`,
+  so replicas within `tolerance` of the fastest are exactly equal (ties rotate evenly) and the
+  ratio grows continuously past it (no cliff at the boundary): 3x slower is 2.75 with the
+  default 1.25. `floor` (seconds, default 0) is an absolute allowance: the frontend sets a few
+  milliseconds, so replicas answering in 1 ms are not told apart by a GC pause or a connection
+  set up (at concurrency 1 any ratio above 1 loses every tie until exploration).
 
-Samples are folded into an exponential moving average (`alpha` per sample) after decaying the
-old estimate to `now`.
+Samples are folded into an exponential moving average (`alpha` per sample, `alpha_up` for a
+sample above the estimate when set) after decaying the old estimate to `now`. With
+`min_samples` > 1 a replica's estimate is the fastest of its first `min_samples` samples and it
+gets no ratio before then: timing noise is upward (a GC pause, a busy core, a connection set
+up), so one unlucky early sample cannot make an equal replica lose every tie.
 """
 
 from __future__ import annotations
@@ -47,12 +53,19 @@ class SpeedTracker:
         explore_after: float = 10.0,
         tolerance: float = 1.25,
         refresh: float = 1.0,
+        floor: float = 0.0,
+        alpha_up: float | None = None,
+        min_samples: int = 1,
     ) -> None:
         self.alpha = alpha
         self.half_life = half_life
         self.explore_after = explore_after
         self.tolerance = tolerance
         self.refresh = refresh
+        self.floor = floor
+        self.alpha_up = alpha if alpha_up is None else alpha_up
+        self.min_samples = min_samples
+        self._samples: dict[ReplicaKey, int] = {}
         self._estimate: dict[ReplicaKey, float] = {}
         self._sampled: dict[ReplicaKey, float] = {}
         self._sum = 0.0  # of the estimates: the mean in O(1)
@@ -66,11 +79,19 @@ class SpeedTracker:
         if seconds < 0:
             return
         old = self.estimate(replica, now)
-        new = seconds if old is None else old + self.alpha * (seconds - old)
+        count = self._samples[replica] = self._samples.get(replica, 0) + 1
+        if old is None:
+            new = seconds
+        elif count <= self.min_samples:
+            new = min(old, seconds)
+        else:
+            new = old + (self.alpha if seconds <= old else self.alpha_up) * (seconds - old)
         self._sum += new - self._estimate.get(replica, 0.0)
         self._estimate[replica] = new
         self._sampled[replica] = now
-        if self._dirty or not 0 < self._fastest < new:
+        if count < self.min_samples:
+            self._ratios.pop(replica, None)
+        elif count == self.min_samples or self._dirty or not 0 < self._fastest < new:
             self._dirty = True  # a new fastest moves every ratio: recompute them all
         else:
             self._set_ratio(replica, new)
@@ -81,6 +102,7 @@ class SpeedTracker:
         if est is not None:
             self._sum -= est
         self._sampled.pop(replica, None)
+        self._samples.pop(replica, None)
         self._dirty = True
 
     def estimate(self, replica: ReplicaKey, now: float) -> float | None:
@@ -101,8 +123,12 @@ class SpeedTracker:
         self._dirty = False
         self._computed = now
         mean = self._mean()
+        enough = self.min_samples
+        samples = self._samples
         current = {
-            k: self._decayed(e, self._sampled[k], now, mean) for k, e in self._estimate.items()
+            k: self._decayed(e, self._sampled[k], now, mean)
+            for k, e in self._estimate.items()
+            if samples[k] >= enough
         }
         self._fastest = min((e for e in current.values() if e > 0), default=0.0)
         self._ratios.clear()
@@ -113,7 +139,8 @@ class SpeedTracker:
         return self._ratios
 
     def _set_ratio(self, replica: ReplicaKey, estimate: float) -> None:
-        ratio = estimate / self._fastest - (self.tolerance - 1.0)
+        floor = self.floor
+        ratio = (estimate + floor) / (self._fastest + floor) - (self.tolerance - 1.0)
         if ratio > 1.0:
             self._ratios[replica] = ratio
         else:
