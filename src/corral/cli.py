@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from pydantic import ValidationError
 
 from corral import __version__
 from corral.config import FrontendSettings, WorkerSettings, default_data_dir, parse_labels
+from corral.ctl import cluster as ctl_cluster
+from corral.ctl import ops as ctl_ops
+from corral.ctl.flags import settings_flags
 from corral.errors import ConfigError, EmbeddedError, ListenError
-from corral.keyfile import default_admin_key
+from corral.logs import setup_logging
 
 app = typer.Typer(
     name="corral",
@@ -28,32 +27,24 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-backends_app = typer.Typer(help="Backend installs on worker nodes.", no_args_is_help=True)
-app.add_typer(backends_app, name="backends")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")]
-AdminUrl = Annotated[
+LogFormatOption = Annotated[
     str,
-    typer.Option("--url", envvar="CORRAL_URL", help="A frontend's URL"),
-]
-ApiKey = Annotated[
-    str | None,
     typer.Option(
-        "--api-key",
-        envvar="CORRAL_API_KEY",
-        help="Admin API key (default: the admin.key file in $CORRAL_DATA_DIR or the per-user"
-        " data directory, which corral serve and corral up create)",
+        "--log-format",
+        envvar="CORRAL_LOG_FORMAT",
+        help="text, or json: one JSON object per line with a request_id on the lines of a"
+        " request (CORRAL_LOG_FORMAT)",
     ),
 ]
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def _logging(level: str, fmt: str) -> None:
+    if fmt not in ("text", "json"):
+        typer.echo(f"error: --log-format {fmt!r}: give text or json", err=True)
+        raise typer.Exit(2)
+    setup_logging(level, "json" if fmt == "json" else "text")
 
 
 @contextlib.contextmanager
@@ -102,12 +93,13 @@ def up(
         ),
     ] = True,
     log_level: LogLevel = "WARNING",
+    log_format: LogFormatOption = "text",
 ) -> None:
     """Run a whole cluster on this machine: PostgreSQL, NATS, a frontend and a worker."""
     from corral.runner import run_async
     from corral.up import up as run_up
 
-    _logging(log_level)
+    _logging(log_level, log_format)
     directory = data_dir or default_data_dir()
     directory.mkdir(parents=True, exist_ok=True)
     with _one_line_errors():
@@ -124,6 +116,7 @@ def up(
 
 
 @app.command()
+@settings_flags(FrontendSettings)
 def serve(
     database_url: Annotated[str | None, typer.Option(help="postgresql://...")] = None,
     nats_url: Annotated[str | None, typer.Option(help="nats://...")] = None,
@@ -290,6 +283,7 @@ def serve(
         float | None, typer.Option(help="The most the load backoff grows to, seconds (300)")
     ] = None,
     log_level: LogLevel = "INFO",
+    log_format: LogFormatOption = "text",
 ) -> None:
     """Run a frontend against an existing PostgreSQL and NATS.
 
@@ -298,7 +292,7 @@ def serve(
     """
     from corral.runner import install_stop_handler, run_async, serve_frontend
 
-    _logging(log_level)
+    _logging(log_level, log_format)
     settings: FrontendSettings = _settings(
         FrontendSettings,
         database_url=database_url,
@@ -361,6 +355,7 @@ def serve(
 
 
 @app.command()
+@settings_flags(WorkerSettings)
 def worker(
     join: Annotated[str | None, typer.Option(help="URL of a frontend")] = None,
     token: Annotated[str | None, typer.Option(envvar="CORRAL_TOKEN", help="Cluster token")] = None,
@@ -380,11 +375,12 @@ def worker(
     max_replicas_per_model: Annotated[int | None, typer.Option()] = None,
     backends_dir: Annotated[Path | None, typer.Option(help="Extra backend entries")] = None,
     log_level: LogLevel = "INFO",
+    log_format: LogFormatOption = "text",
 ) -> None:
     """Join a cluster and run backends for it."""
     from corral.runner import install_stop_handler, make_agent, run_async, serve_worker
 
-    _logging(log_level)
+    _logging(log_level, log_format)
     try:
         parsed_labels = parse_labels(labels) if labels else None
     except ValueError as exc:
@@ -430,123 +426,30 @@ def sim(ctx: typer.Context) -> None:
     sim_main(list(ctx.args))
 
 
-# --- operator commands ------------------------------------------------------------------
+# --- operator commands (corral.ctl) -----------------------------------------------------
+ctl_cluster.register(app)
+ctl_ops.register(app)
 
 
-def _admin(method: str, url: str, path: str, api_key: str | None, **kw: Any) -> Any:
-    api_key = api_key or default_admin_key()
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        response = httpx.request(
-            method, url.rstrip("/") + path, headers=headers, timeout=kw.pop("timeout", 30), **kw
-        )
-    except httpx.HTTPError as exc:
-        typer.echo(f"error: {url} unreachable: {exc}", err=True)
-        raise typer.Exit(1) from None
-    data = response.json() if response.content else {}
-    if response.status_code >= 400:
-        message = data.get("error", {}).get("message", response.text)
-        typer.echo(f"error ({response.status_code}): {message}", err=True)
-        raise typer.Exit(1)
-    return data
-
-
-@app.command()
-def nodes(url: AdminUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
-    """List the nodes of the cluster."""
-    for n in _admin("GET", url, "/api/nodes", api_key)["nodes"]:
-        labels = ",".join(f"{k}={v}" for k, v in n["labels"].items())
-        typer.echo(f"{n['id']}  {n['name']:<16} {n['status']:<10} {n['address']:<16} {labels}")
-
-
-@app.command()
-def models(url: AdminUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
-    """List the declared models, their revision and rollout (a halted one says why), and the
-    errors of broken model files."""
-    data = _admin("GET", url, "/api/models", api_key)
-    for m in data["models"]:
-        s = m["scheduling"]
-        rollout = m.get("rollout", {})
-        phase = rollout.get("phase", "")
-        if phase == "rolling":
-            phase = f"rolling ({rollout['old']} old, {rollout['current']} new)"
-        typer.echo(
-            f"{m['name']:<24} {m['backend']:<12} min={s['min_replicas']} max={s['max_replicas']}"
-            f"  rev={m.get('revision', '')}  {phase}"
-        )
-        if rollout.get("phase") == "halted" and rollout.get("last_error"):
-            typer.echo(f"    halted: {rollout['last_error'].strip().splitlines()[-1]}")
-    errors = data.get("errors") or []
-    if errors:
-        typer.echo(f"\n{len(errors)} model file error(s):")
-        for e in errors:
-            typer.echo(f"  {e['message']}")
-
-
-@app.command()
-def drain(
-    node: Annotated[str, typer.Argument(help="Node id")],
-    url: AdminUrl = "http://127.0.0.1:8000",
-    api_key: ApiKey = None,
-) -> None:
-    """Move every replica off a node, then stop them there."""
-    data = _admin("POST", url, f"/api/nodes/{node}/drain", api_key, timeout=600)
-    typer.echo(json.dumps(data))
-
-
-@backends_app.command("list")
-def backends_list(
-    node: Annotated[str, typer.Argument(help="Node id")],
-    url: AdminUrl = "http://127.0.0.1:8000",
-    api_key: ApiKey = None,
-) -> None:
-    """Show the backends of a node and their install state."""
-    data = _admin("GET", url, f"/api/nodes/{node}/backends", api_key)
-    for name, b in data["backends"].items():
-        pct = f"{b['percent']:.0f}%" if b.get("percent") is not None else ""
-        error = f"  {b['error'].splitlines()[-1]}" if b.get("error") else ""
-        typer.echo(f"{name:<14} {b['state']:<12} {pct:>5}{error}")
-
-
-@backends_app.command("install")
-def backends_install(
-    node: Annotated[str, typer.Argument(help="Node id")],
-    name: Annotated[str, typer.Argument(help="Backend name, e.g. llama-cpp")],
-    force: Annotated[bool, typer.Option(help="Reinstall even when installed")] = False,
-    upgrade: Annotated[
-        bool, typer.Option(help="Stop the backend's replicas and reinstall it")
-    ] = False,
-    wait: Annotated[float, typer.Option(help="Seconds to follow the progress")] = 3600,
-    url: AdminUrl = "http://127.0.0.1:8000",
-    api_key: ApiKey = None,
-) -> None:
-    """Install (or upgrade) a backend on a node, with a progress bar."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    query = f"?force={str(force).lower()}&upgrade={str(upgrade).lower()}"
-    _admin("POST", url, f"/api/nodes/{node}/backends/{name}/install{query}", api_key)
-    deadline = time.monotonic() + wait
-    state: dict[str, Any] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"))
-    with Progress(*columns, TimeElapsedColumn()) as bar:
-        task = bar.add_task(f"{name} on {node[:12]}", total=100, state="installing")
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            backends = _admin("GET", url, f"/api/nodes/{node}/backends", api_key)["backends"]
-            state = backends.get(name, {})
-            bar.update(task, completed=state.get("percent") or 0, state=state.get("state", "?"))
-            if state.get("state") in ("installed", "failed", "builtin"):
-                if state.get("state") != "failed":
-                    bar.update(task, completed=100)
-                break
-    if state.get("state") == "failed":
-        typer.echo(f"install failed: {state.get('error')}", err=True)
-        raise typer.Exit(1)
-    if state.get("state") not in ("installed", "builtin"):
-        typer.echo(f"still {state.get('state', 'installing')} after {wait:g}s", err=True)
-        raise typer.Exit(1)
+#: click's usage-error base class, whichever click typer uses (its own copy or the package)
+_CLICK_ERROR: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+)
 
 
 def main() -> None:
+    """Run the command line; a usage error is one line (`error: ...`, exit 2), like the rest."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except _CLICK_ERROR as exc:
+        message = exc.format_message()  # type: ignore[attr-defined]
+        if message:
+            typer.echo(f"error: {message}", err=True)
+        else:  # no command given: the help
+            exc.show()  # type: ignore[attr-defined]
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -27,6 +27,7 @@ import orjson
 from pydantic import SecretStr
 
 from corral.config import FrontendSettings
+from corral.logs import current_format, setup_logging
 from corral.proc import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def settings_payload(settings: FrontendSettings, log_level: int) -> bytes:
         elif isinstance(value, Path):
             value = str(value)
         data[name] = value
-    return orjson.dumps({"settings": data, "log_level": log_level})
+    return orjson.dumps({"settings": data, "log_level": log_level, "log_format": current_format()})
 
 
 class _Child:
@@ -202,11 +203,7 @@ def main() -> None:
     from corral.runner import run_async
 
     payload = orjson.loads(sys.stdin.buffer.read())
-    logging.basicConfig(
-        level=payload["log_level"],
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(payload["log_level"], payload.get("log_format", "text"))
     settings = FrontendSettings(**payload["settings"])
     run_async(lambda: _child(settings))
 

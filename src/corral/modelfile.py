@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,22 @@ def parse_model(data: Any, *, path: str = "<api>") -> ModelSpec:
         raise ConfigError("a model must be a mapping with at least name and backend", path=path)
     try:
         return ModelDecl.model_validate(data).to_domain()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        raise ConfigError(first["msg"], path=path, field=field) from None
+
+
+def patch_scheduling(current: Mapping[str, Any], changes: Mapping[str, Any]) -> Scheduling:
+    """The scheduling block `current` (as the store writes it) with only the fields in
+    `changes` replaced (`scaling: null` removes the scaling target), validated as a whole;
+    ConfigError names the first bad field."""
+    path = "PATCH scheduling"
+    unknown = sorted(set(changes) - set(SchedulingDecl.model_fields))
+    if unknown:
+        raise ConfigError("unknown field", path=path, field=unknown[0])
+    try:
+        return SchedulingDecl.model_validate({**current, **changes}).to_domain()
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or None

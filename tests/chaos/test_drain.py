@@ -28,7 +28,10 @@ def test_drain_under_load_moves_replicas_without_a_failed_request(cluster: Clust
         traffic.wait_for_successes(5)
         began = time.monotonic()
         out = subprocess.run(
-            [sys.executable, "-m", "corral", "drain", drained, "--url", cluster.url()],
+            [
+                *(sys.executable, "-m", "corral", "drain", drained, "--json"),
+                *("--url", cluster.url(), "--api-key", cluster.admin_key),
+            ],
             capture_output=True,
             text=True,
             timeout=120,
@@ -40,6 +43,7 @@ def test_drain_under_load_moves_replicas_without_a_failed_request(cluster: Clust
 
     assert json.loads(out.stdout) == {
         "node_id": drained,
+        "name": next(n["name"] for n in cluster.nodes() if n["id"] == drained),
         "status": "drained",
         "stopped_replicas": 1,
     }

@@ -134,7 +134,10 @@ def test_a_broken_revision_halts_and_a_fixed_one_finishes(cluster: Cluster) -> N
         assert "unrecognized arguments: --no-such-flag" in rollout["last_error"]
         assert (rollout["old"], rollout["revision"]) == (2, broken["revision"])
         listed = subprocess.run(
-            [sys.executable, "-m", "corral", "models", "--url", cluster.url()],
+            [
+                *(sys.executable, "-m", "corral", "models"),
+                *("--url", cluster.url(), "--api-key", cluster.admin_key),
+            ],
             capture_output=True,
             text=True,
             timeout=60,

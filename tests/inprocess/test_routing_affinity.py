@@ -141,7 +141,10 @@ async def test_prompt_families_hit_the_cache_through_two_frontends_with_even_loa
         counters = fe.router.counters["aff"]
         assert counters.prefix_followed > 0.8 * counters.decisions
         assert fe.router.counters["ll"].prefix_matched == 0
-        assert b'corral_route_prefix_followed_total{model="aff"}' in render(fe.metrics_registry)
+        assert (
+            'corral_route_prefix_followed_total{model="aff"}'
+            in render(fe.metrics_registry).decode()
+        )
 
 
 async def test_equal_replicas_rotate_and_a_burst_spreads(cluster: InProcessCluster) -> None:

@@ -186,6 +186,14 @@ class SetNodeLabels:
 
 
 @dataclass(frozen=True, slots=True)
+class PatchNodeLabels:
+    """Set the labels given a value and remove those given None; the others stay."""
+
+    node_id: str
+    changes: Mapping[str, str | None]
+
+
+@dataclass(frozen=True, slots=True)
 class DrainNode:
     """Mark a node draining: it takes no new replicas (the drainer moves its replicas away)."""
 
@@ -223,6 +231,14 @@ class SetScheduling:
 
     model: str
     scheduling: Scheduling
+
+
+@dataclass(frozen=True, slots=True)
+class PatchScheduling:
+    """Change only the named scheduling fields of a model; the result is validated whole."""
+
+    model: str
+    changes: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,11 +342,12 @@ NodeAction = (
     | RecordHeartbeat
     | MarkNode
     | SetNodeLabels
+    | PatchNodeLabels
     | DrainNode
     | UndrainNode
     | DeregisterNode
 )
-ModelAction = UpsertModel | SetScheduling | RemoveModel
+ModelAction = UpsertModel | SetScheduling | PatchScheduling | RemoveModel
 Report = (
     ReportLoad
     | SetCooldown

@@ -148,11 +148,12 @@ def place(
 
     if fits:
         return PlacementDecision(min(fits)[4], rejections, tuple(memory_only))
+    named = {n.id: n.name for n in nodes}
     return PlacementDecision(
         None,
         rejections,
         tuple(memory_only),
-        _summary(spec, healthy, matching, eligible, rejections),
+        _summary(spec, healthy, matching, eligible, rejections, named),
         healthy,
         eligible,
     )
@@ -173,16 +174,29 @@ def _selector(spec: ModelSpec) -> str:
 
 
 def _summary(
-    spec: ModelSpec, healthy: int, matching: int, eligible: int, rejections: Mapping[str, str]
+    spec: ModelSpec,
+    healthy: int,
+    matching: int,
+    eligible: int,
+    rejections: Mapping[str, str],
+    names: Mapping[str, str],
 ) -> str:
     if healthy == 0:
-        return "no healthy node: " + _join(rejections)
+        return "no healthy node: " + _join(rejections, names)
     if matching == 0:
         return f"selector {_selector(spec)} matches no healthy node"
     if eligible == 0:
-        return f"no healthy node runs backend {spec.backend}: " + _join(rejections)
-    return f"no node fits {spec.name}: " + _join(rejections)
+        return f"no healthy node runs backend {spec.backend}: " + _join(rejections, names)
+    return f"no node fits {spec.name}: " + _join(rejections, names)
 
 
-def _join(rejections: Mapping[str, str]) -> str:
-    return "; ".join(f"{node_id}: {why}" for node_id, why in rejections.items())
+def _join(rejections: Mapping[str, str], names: Mapping[str, str]) -> str:
+    """Each rejected node as "name (id): why" (just "id: why" where the name is the id)."""
+    return "; ".join(
+        f"{_who(node_id, names.get(node_id, node_id))}: {why}"
+        for node_id, why in rejections.items()
+    )
+
+
+def _who(node_id: str, name: str) -> str:
+    return node_id if name == node_id else f"{name} ({node_id})"

@@ -27,6 +27,8 @@ from corral.domain.actions import (
     DropReplica,
     MarkNode,
     MarkUnloading,
+    PatchNodeLabels,
+    PatchScheduling,
     RecordHeartbeat,
     RecordUse,
     RegisterNode,
@@ -50,13 +52,14 @@ from corral.domain.actions import (
     UndrainNode,
     UpsertModel,
 )
-from corral.domain.entities import NodeStatus, Replica, spec_revision
+from corral.domain.entities import NodeStatus, Replica, Scheduling, spec_revision
 from corral.errors import CorralError, NotFound
 from corral.frontend.announce import Announcer
 from corral.frontend.node_client import NodeClient
 from corral.frontend.node_writes import NodeWrites
 from corral.frontend.replica_writes import ReplicaWrites
 from corral.frontend.view import ClusterView
+from corral.modelfile import patch_scheduling
 from corral.store.models import scheduling_to_row
 from corral.store.registry import Registry
 
@@ -102,6 +105,10 @@ class Actuator:
     @overload
     async def apply(self, action: RecordHeartbeat) -> NodeStatus: ...
     @overload
+    async def apply(self, action: PatchNodeLabels) -> dict[str, str]: ...
+    @overload
+    async def apply(self, action: PatchScheduling) -> Scheduling: ...
+    @overload
     async def apply(self, action: Action) -> object: ...
 
     async def apply(self, action: Action) -> object:
@@ -133,6 +140,8 @@ class Actuator:
                 return await self.node_writes.mark(action)
             case SetNodeLabels():
                 await self.node_writes.set_labels(action)
+            case PatchNodeLabels():
+                return await self.node_writes.patch_labels(action)
             case DrainNode():
                 await self.node_writes.drain(action)
             case UndrainNode():
@@ -143,6 +152,8 @@ class Actuator:
                 return await self._upsert_model(action)
             case SetScheduling():
                 await self._set_scheduling(action)
+            case PatchScheduling():
+                return await self._patch_scheduling(action)
             case RemoveModel():
                 await self._remove_model(action)
             case ReportLoad():
@@ -163,7 +174,7 @@ class Actuator:
                 log.info("model %s %s", action.model, text)
                 await self.announce.audit("model.scaled", text, action.model)
             case ReportDrained():
-                text = f"{action.node_id}: {action.moved} replicas moved"
+                text = f"{self.announce.node_name(action.node_id)}: {action.moved} replicas moved"
                 await self.announce.audit("node.drained", text, action.node_id)
             case ReportLeader():
                 log.info("this frontend leads the reconciler")
@@ -235,6 +246,19 @@ class Actuator:
         await self.announce.model(action.model)
         text = f"{action.model}: {scheduling_to_row(action.scheduling)}"
         await self.announce.audit("model.scheduling", text, action.model)
+
+    async def _patch_scheduling(self, action: PatchScheduling) -> Scheduling:
+        """The model's scheduling with only `changes` applied (atomic with other patches)."""
+        after = await self.registry.models.update_scheduling(
+            action.model,
+            lambda current: patch_scheduling(scheduling_to_row(current), action.changes),
+        )
+        if after is None:
+            raise NotFound(f"model {action.model!r} not found", param="name")
+        await self.announce.model(action.model)
+        text = f"{action.model}: {dict(action.changes)}"
+        await self.announce.audit("model.scheduling", text, action.model)
+        return after
 
     async def _remove_model(self, action: RemoveModel) -> None:
         for replica in await self.registry.replicas.all(action.model):

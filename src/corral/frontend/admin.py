@@ -13,6 +13,8 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from corral.domain.access import Role
 from corral.domain.actions import (
+    PatchNodeLabels,
+    PatchScheduling,
     RemoveModel,
     SetNodeLabels,
     SetScheduling,
@@ -20,9 +22,9 @@ from corral.domain.actions import (
     UndrainNode,
     UpsertModel,
 )
-from corral.domain.entities import ModelSpec, Node
+from corral.domain.entities import ModelSpec, Node, NodeStatus
 from corral.domain.sizes import INT32_MAX
-from corral.errors import BadRequest, NotFound
+from corral.errors import BadRequest, Conflict, NotFound
 from corral.frontend.model_view import model_detail, model_json, models_json, replica_json
 from corral.frontend.nodes_api import frontend_of
 from corral.frontend.service import Frontend
@@ -47,7 +49,17 @@ Label = Annotated[str, StringConstraints(max_length=255)]
 
 
 class LabelsBody(BaseModel):
+    """PUT: the node's labels, all of them."""
+
     labels: dict[Annotated[Label, StringConstraints(min_length=1)], Label] = Field(
+        default_factory=dict, max_length=1000
+    )
+
+
+class LabelsPatch(BaseModel):
+    """PATCH: labels to set, and to remove (a null value); the others stay."""
+
+    labels: dict[Annotated[Label, StringConstraints(min_length=1)], Label | None] = Field(
         default_factory=dict, max_length=1000
     )
 
@@ -109,6 +121,13 @@ def admin_router() -> APIRouter:
         await fe.actuator.apply(SetScheduling(name, body.to_domain()))
         return scheduling_json(await _model(fe, name))
 
+    @router.patch("/models/{name:path}/scheduling")
+    async def patch_scheduling(name: str, body: dict[str, Any], request: Request) -> dict[str, Any]:
+        """Change only the fields given; the others keep their values."""
+        fe = frontend_of(request)
+        await fe.actuator.apply(PatchScheduling(name, body))
+        return scheduling_json(await _model(fe, name))
+
     @router.get("/models/{name:path}")
     async def get_model(name: str, request: Request) -> dict[str, Any]:
         fe = frontend_of(request)
@@ -159,59 +178,69 @@ def admin_router() -> APIRouter:
         fe = frontend_of(request)
         return {"nodes": [node_json(n) for n in await fe.registry.nodes.all()]}
 
-    @router.get("/nodes/{node_id}")
-    async def get_node(node_id: str, request: Request) -> dict[str, Any]:
+    @router.get("/nodes/{ref}")
+    async def get_node(ref: str, request: Request) -> dict[str, Any]:
         fe = frontend_of(request)
-        node = await fe.registry.nodes.get(node_id)
-        if node is None:
-            raise NotFound(f"node {node_id} not found")
+        node = await find_node(fe, ref)
         out = node_json(node)
         out["replicas"] = [
-            replica_json(r, fe) for r in await fe.registry.replicas.all() if r.node_id == node_id
+            replica_json(r, fe) for r in await fe.registry.replicas.all() if r.node_id == node.id
         ]
-        out["processes"] = await fe.registry.nodes.processes(node_id)
+        out["processes"] = await fe.registry.nodes.processes(node.id)
         return out
 
-    @router.put("/nodes/{node_id}/labels")
-    async def put_labels(node_id: str, body: LabelsBody, request: Request) -> dict[str, Any]:
-        await frontend_of(request).actuator.apply(SetNodeLabels(node_id, body.labels))
-        return {"node_id": node_id, "labels": body.labels}
+    @router.put("/nodes/{ref}/labels")
+    async def put_labels(ref: str, body: LabelsBody, request: Request) -> dict[str, Any]:
+        """Replace all of the node's labels."""
+        fe = frontend_of(request)
+        node = await find_node(fe, ref)
+        await fe.actuator.apply(SetNodeLabels(node.id, body.labels))
+        return {"node_id": node.id, "name": node.name, "labels": body.labels}
 
-    @router.post("/nodes/{node_id}/drain")
-    async def drain_node(node_id: str, request: Request, wait: bool = True) -> dict[str, Any]:
-        reply = await frontend_of(request).drainer.request(node_id, wait=wait)
-        return reply.model_dump(exclude_none=True)
+    @router.patch("/nodes/{ref}/labels")
+    async def patch_labels(ref: str, body: LabelsPatch, request: Request) -> dict[str, Any]:
+        """Set the labels given a value, remove those given null; the others stay."""
+        fe = frontend_of(request)
+        node = await find_node(fe, ref)
+        labels = await fe.actuator.apply(PatchNodeLabels(node.id, body.labels))
+        return {"node_id": node.id, "name": node.name, "labels": labels}
 
-    @router.post("/nodes/{node_id}/undrain")
-    async def undrain_node(node_id: str, request: Request) -> dict[str, Any]:
-        await frontend_of(request).actuator.apply(UndrainNode(node_id))
-        return {"node_id": node_id, "status": "healthy"}
+    @router.post("/nodes/{ref}/drain")
+    async def drain_node(ref: str, request: Request, wait: bool = True) -> dict[str, Any]:
+        fe = frontend_of(request)
+        node = await find_node(fe, ref)
+        reply = await fe.drainer.request(node.id, wait=wait)
+        return {**reply.model_dump(exclude_none=True), "name": node.name}
+
+    @router.post("/nodes/{ref}/undrain")
+    async def undrain_node(ref: str, request: Request) -> dict[str, Any]:
+        fe = frontend_of(request)
+        node = await find_node(fe, ref)
+        await fe.actuator.apply(UndrainNode(node.id))
+        return {"node_id": node.id, "name": node.name, "status": "healthy"}
 
     # --- backend installs ---------------------------------------------------------------
-    @router.get("/nodes/{node_id}/backends")
-    async def node_backends(node_id: str, request: Request) -> dict[str, Any]:
+    @router.get("/nodes/{ref}/backends")
+    async def node_backends(ref: str, request: Request) -> dict[str, Any]:
         fe = frontend_of(request)
-        node = await fe.registry.nodes.get(node_id)
-        if node is None:
-            raise NotFound(f"node {node_id} not found")
+        node = await find_node(fe, ref)
         return {
-            "node_id": node_id,
-            "backends": await fe.installs.status(node_id, sorted(node.backends)),
+            "node_id": node.id,
+            "name": node.name,
+            "backends": await fe.installs.status(node.id, sorted(node.backends)),
         }
 
-    @router.post("/nodes/{node_id}/backends/{backend}/install")
+    @router.post("/nodes/{ref}/backends/{backend}/install")
     async def install_backend(
-        node_id: str, backend: str, request: Request, force: bool = False, upgrade: bool = False
+        ref: str, backend: str, request: Request, force: bool = False, upgrade: bool = False
     ) -> dict[str, Any]:
         fe = frontend_of(request)
-        node = await fe.registry.nodes.get(node_id)
-        if node is None:
-            raise NotFound(f"node {node_id} not found")
+        node = await find_node(fe, ref)
         started = fe.installs.request(node, backend, force=force, upgrade=upgrade)
         await fe.registry.audit.add(
             "backend.upgrade" if upgrade else "backend.install",
-            f"{backend} on {node_id}",
-            subject=node_id,
+            f"{backend} on {node.name} ({node.id})",
+            subject=node.id,
         )
         return started
 
@@ -275,9 +304,15 @@ def admin_router() -> APIRouter:
         return {"deleted": key_id}
 
     @router.get("/events")
-    async def list_events(request: Request, limit: int = 100) -> dict[str, Any]:
+    async def list_events(
+        request: Request, limit: int = 100, after: int | None = None
+    ) -> dict[str, Any]:
+        """The newest events first; with `after` (an event id), those after it, oldest first."""
         fe = frontend_of(request)
-        return {"events": await fe.registry.audit.recent(min(max(limit, 1), 1000))}
+        limit = min(max(limit, 1), 1000)
+        if after is not None:
+            return {"events": await fe.registry.audit.after(after, limit)}
+        return {"events": await fe.registry.audit.recent(limit)}
 
     return router
 
@@ -287,3 +322,19 @@ async def _model(fe: Frontend, name: str) -> ModelSpec:
     if spec is None:
         raise NotFound(f"model {name!r} not found", param="name")
     return spec
+
+
+async def find_node(fe: Frontend, ref: str) -> Node:
+    """The node whose id, or else whose name, is `ref`. A name shared by several nodes picks
+    the one not offline; if that is still more than one, Conflict lists their ids."""
+    found = await fe.registry.nodes.find(ref)
+    for node in found:
+        if node.id == ref:
+            return node
+    if not found:
+        raise NotFound(f"node {ref!r} not found (neither a node id nor a node name)")
+    live = [n for n in found if n.status != NodeStatus.OFFLINE]
+    if len(found) == 1 or len(live) == 1:
+        return live[0] if live else found[0]
+    ids = ", ".join(n.id for n in (live or found))
+    raise Conflict(f"node name {ref!r} is shared by nodes {ids}: give a node id")

@@ -84,6 +84,12 @@ class Announcer:
         self.view.progress[action.model] = message
         await self.bus.publish(self.bus.subjects.load_events(action.model), message)
 
+    def node_name(self, node_id: str) -> str:
+        """How messages name a node: "name (id)" when this view knows a name other than the
+        id, else the id."""
+        node = self.view.nodes.get(node_id)
+        return f"{node.name} ({node_id})" if node is not None and node.name != node_id else node_id
+
     async def audit(self, kind: str, message: str, subject: str) -> None:
         await self.registry.audit.add(kind, message, subject=subject)
 

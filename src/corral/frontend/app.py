@@ -100,7 +100,10 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
     api.state.frontend = frontend
 
     @api.exception_handler(CorralError)
-    async def corral_error(_: Request, exc: CorralError) -> JSONResponse:
+    async def corral_error(request: Request, exc: CorralError) -> JSONResponse:
+        status = describe(exc).status
+        level = logging.WARNING if status >= 500 else logging.INFO
+        log.log(level, "%s %s: %d %s", request.method, request.url.path, status, exc.message)
         return error_response(exc)
 
     @api.exception_handler(RequestValidationError)

@@ -15,6 +15,7 @@ from corral.domain.actions import (
     DeregisterNode,
     DrainNode,
     MarkNode,
+    PatchNodeLabels,
     RecordHeartbeat,
     RegisterNode,
     SetNodeLabels,
@@ -76,7 +77,7 @@ class NodeWrites:
         ):
             return False
         log.info("node %s: %s -> %s", action.node_id, action.previous, action.status)
-        text = f"{action.node_id}: {action.previous} -> {action.status}"
+        text = f"{self.announce.node_name(action.node_id)}: {action.previous} -> {action.status}"
         await self.announce.audit("node.status", text, action.node_id)
         await self.announce.node(action.node_id, "status")
         return True
@@ -85,27 +86,44 @@ class NodeWrites:
         if not await self.registry.nodes.set_labels(action.node_id, action.labels):
             raise NotFound(f"node {action.node_id} not found")
         await self.announce.node(action.node_id, "labels")
-        text = f"{action.node_id}: {dict(action.labels)}"
+        text = f"{self.announce.node_name(action.node_id)}: {dict(action.labels)}"
         await self.announce.audit("node.labels", text, action.node_id)
+
+    async def patch_labels(self, action: PatchNodeLabels) -> dict[str, str]:
+        """Merge the changes into the node's labels; returns its labels after."""
+        after = await self.registry.nodes.patch_labels(action.node_id, action.changes)
+        if after is None:
+            raise NotFound(f"node {action.node_id} not found")
+        await self.announce.node(action.node_id, "labels")
+        changed = ", ".join(
+            f"{k}={v}" if v is not None else f"{k}-" for k, v in action.changes.items()
+        )
+        text = f"{self.announce.node_name(action.node_id)}: {changed}"
+        await self.announce.audit("node.labels", text, action.node_id)
+        return after
 
     async def drain(self, action: DrainNode) -> None:
         if not await self.registry.nodes.set_status(action.node_id, NodeStatus.DRAINING):
             raise NotFound(f"node {action.node_id} not found")
         await self.announce.node(action.node_id, "status")
-        await self.announce.audit("node.draining", action.node_id, action.node_id)
+        who = self.announce.node_name(action.node_id)
+        await self.announce.audit("node.draining", who, action.node_id)
 
     async def undrain(self, action: UndrainNode) -> None:
         if not await self.registry.nodes.set_status(
             action.node_id, NodeStatus.HEALTHY, only_from=[NodeStatus.DRAINING]
         ):
-            raise NotFound(f"node {action.node_id} is not draining")
+            who = self.announce.node_name(action.node_id)
+            raise NotFound(f"node {who} is not draining")
         await self.announce.node(action.node_id, "status")
-        await self.announce.audit("node.undrained", action.node_id, action.node_id)
+        who = self.announce.node_name(action.node_id)
+        await self.announce.audit("node.undrained", who, action.node_id)
 
     async def deregister(self, action: DeregisterNode) -> int:
         """Offline now, its replica rows gone; returns how many there were."""
         await self.registry.nodes.set_status(action.node_id, NodeStatus.OFFLINE)
         removed = await self.replicas.remove_on_node(action.node_id, "node deregistered")
-        await self.announce.audit("node.deregistered", action.node_id, action.node_id)
+        who = self.announce.node_name(action.node_id)
+        await self.announce.audit("node.deregistered", who, action.node_id)
         await self.announce.node(action.node_id, "status")
         return removed

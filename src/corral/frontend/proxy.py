@@ -41,6 +41,8 @@ from corral.frontend.asgi import AsgiExchange, ClientGone, Receive, Scope, Send,
 from corral.frontend.auth import Authorizer
 from corral.frontend.headers import HeaderFilter
 from corral.frontend.http.exchange import Exchange, Headers, respond_error
+from corral.frontend.http.request_id import HEADER as REQUEST_ID_HEADER
+from corral.frontend.http.request_id import Origin
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.metering import Metering
 from corral.frontend.metrics import FrontendMetrics
@@ -188,6 +190,11 @@ class OpenAIProxy:
                 await respond_error(exchange, exc)
             return
         headers = self.forward_headers(exchange.headers)
+        origin = getattr(exchange, "request_id_origin", Origin.CLIENT)  # native server only
+        if origin:  # the backend logs the id the client is told (a client's own passes as is)
+            if origin == Origin.REPLACED:
+                headers = [h for h in headers if h[0] != REQUEST_ID_HEADER]
+            headers.append((REQUEST_ID_HEADER, exchange.request_id))  # type: ignore[attr-defined]
         if endpoint.body == "json":  # the usual case: nothing spooled to free
             headers.append(JSON_TYPE)
             await self._route(spec, request, headers, exchange, home)

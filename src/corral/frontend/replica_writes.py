@@ -131,9 +131,10 @@ class ReplicaWrites:
         )
         await self.announce.replica_put(loaded, "loaded")
         await self.announce.load(ReportLoad(spec.name, "loaded", action.node_id, loaded.index))
+        on = self.announce.node_name(action.node_id)
         await self.announce.audit(
             "replica.loaded",
-            f"{spec.name}#{loaded.index} loaded on {action.node_id} at {reply.address} "
+            f"{spec.name}#{loaded.index} loaded on {on} at {reply.address} "
             f"in {now - started:.2f}s (revision {loaded.revision})",
             spec.name,
         )
@@ -187,7 +188,8 @@ class ReplicaWrites:
         if marked is None:
             return False
         if action.reason:
-            text = f"{action.model}#{action.index} on {action.node_id}: {action.reason}"
+            on = self.announce.node_name(action.node_id)
+            text = f"{action.model}#{action.index} on {on}: {action.reason}"
             await self.announce.audit("replica.unloading", text, action.model)
         return True
 
@@ -198,9 +200,10 @@ class ReplicaWrites:
         if adopted is None:
             return False
         log.warning("adopted %s#%d at %s", action.model, action.index, action.address)
+        on = self.announce.node_name(action.node_id)
         await self.announce.audit(
             "replica.adopted",
-            f"{action.model}#{action.index} on {action.node_id} at {action.address}: "
+            f"{action.model}#{action.index} on {on} at {action.address}: "
             "its start outlived the frontend that began it",
             action.model,
         )
@@ -211,7 +214,10 @@ class ReplicaWrites:
         if isinstance(action, ReplicaExited):
             address: str | None = action.address
             reason = f"process exited with {action.returncode}: {action.log_tail[-500:]}"
-            kind, text = "replica.exited", f"{action.model}#{action.index} on {action.node_id}"
+            kind, text = (
+                "replica.exited",
+                f"{action.model}#{action.index} on {self.announce.node_name(action.node_id)}",
+            )
         else:
             address, reason = None, action.reason
             kind, text = "replica.gone", f"{action.model}#{action.index}"
@@ -227,7 +233,8 @@ class ReplicaWrites:
     async def stop_orphan(self, action: StopOrphan) -> bool:
         if not await self.nodes.stop(action.node_id, action.model, action.index, action.address):
             return False  # a report from before its row went: that process was already stopped
-        where = f"{action.model}#{action.index} on {action.node_id} at {action.address}"
+        on = self.announce.node_name(action.node_id)
+        where = f"{action.model}#{action.index} on {on} at {action.address}"
         log.info("stopped orphan %s", where)
         await self.announce.audit("replica.orphan", where, action.model)
         return True
@@ -247,7 +254,7 @@ class ReplicaWrites:
         )
         await self.announce.replica_gone(replica, kind, reason)
         if removed is not None:
-            where = f"{replica.model}#{replica.index} on {replica.node_id}"
+            where = f"{replica.model}#{replica.index} on {self.announce.node_name(replica.node_id)}"
             await self.announce.audit(f"replica.{kind}", f"{where}: {reason}", replica.model)
 
     async def _spec(self, name: str) -> ModelSpec:

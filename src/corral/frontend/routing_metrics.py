@@ -1,5 +1,5 @@
-"""Routing's per-scorer counters and the shared prefix index as Prometheus metric families
-(kept apart from the router, which only counts)."""
+"""Metric families of routing's per-scorer counters and the shared prefix index (kept apart so
+the router knows nothing of prometheus-client)."""
 
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ HOP_BY_HOP = frozenset(
         b"proxy-connection",
         b"date",
         b"server",
+        b"x-request-id",  # the frontend answers with the request's own id
     }
 )
 

@@ -56,6 +56,13 @@ class AuditStore:
             rows = (await conn.execute(query)).all()
         return [dict(r._mapping) for r in rows]
 
+    async def after(self, event_id: int, limit: int = 100) -> list[dict[str, Any]]:
+        """The entries newer than `event_id`, oldest first (for following the log)."""
+        query = select(events).where(events.c.id > event_id).order_by(events.c.id).limit(limit)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [dict(r._mapping) for r in rows]
+
     async def create_api_key(
         self, name: str, role: Role = Role.INFERENCE, models: list[str] | None = None
     ) -> tuple[str, str]:

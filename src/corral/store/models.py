@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -75,6 +75,30 @@ class ModelStore:
                 )
             )
             return bool(result.rowcount)
+
+    async def update_scheduling(
+        self, name: str, change: Callable[[Scheduling], Scheduling]
+    ) -> Scheduling | None:
+        """Replace a model's scheduling by `change(current)` with the row locked, so that
+        concurrent partial updates all count; None for an unknown model. An exception from
+        `change` leaves the row as it was."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(select(models).where(models.c.name == name).with_for_update())
+            ).first()
+            if row is None:
+                return None
+            scheduling = change(row_to_spec(row._mapping).scheduling)
+            await conn.execute(
+                update(models)
+                .where(models.c.name == name)
+                .values(
+                    revision=models.c.revision + 1,
+                    updated_at=func.now(),
+                    **scheduling_to_row(scheduling),
+                )
+            )
+            return scheduling
 
     async def delete(self, name: str) -> bool:
         async with self.engine.begin() as conn:

@@ -162,6 +162,45 @@ class NodeStore:
             await _write_labels(conn, node_id, labels)
             return True
 
+    async def patch_labels(
+        self, node_id: str, changes: Mapping[str, str | None]
+    ) -> dict[str, str] | None:
+        """Set the labels given a value and remove those given None, in one transaction;
+        returns the node's labels after it (None for an unknown node)."""
+        async with self.engine.begin() as conn:
+            found = await conn.execute(
+                select(nodes.c.id).where(nodes.c.id == node_id).with_for_update()
+            )
+            if found.scalar_one_or_none() is None:
+                return None
+            if changes:
+                await conn.execute(
+                    delete(node_labels)
+                    .where(node_labels.c.node_id == node_id)
+                    .where(node_labels.c.key.in_(list(changes)))
+                )
+            kept = [
+                {"node_id": node_id, "key": k, "value": v}
+                for k, v in changes.items()
+                if v is not None
+            ]
+            if kept:
+                await conn.execute(insert(node_labels), kept)
+            rows = await conn.execute(
+                select(node_labels.c.key, node_labels.c.value).where(
+                    node_labels.c.node_id == node_id
+                )
+            )
+            return {r.key: r.value for r in rows}
+
+    async def find(self, ref: str) -> list[Node]:
+        """The nodes whose id or name is `ref` (a name may be shared, e.g. by a node that
+        rejoined with a new identity)."""
+        ids = select(nodes.c.id).where((nodes.c.id == ref) | (nodes.c.name == ref))
+        async with self.engine.connect() as conn:
+            found = [row.id for row in await conn.execute(ids)]
+        return [n for node_id in found for n in await self._load(node_id)]
+
     async def delete(self, node_id: str) -> bool:
         async with self.engine.begin() as conn:
             result = await conn.execute(delete(nodes).where(nodes.c.id == node_id))

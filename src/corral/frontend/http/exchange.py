@@ -7,11 +7,15 @@ or granian (the bench compares them) and in tests.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from corral.errors import CorralError
+from corral.frontend.errors_http import describe
 from corral.frontend.http.wire import error_response
+
+log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -55,5 +59,16 @@ class Exchange(Protocol):
 
 
 async def respond_error(exchange: Exchange, exc: CorralError) -> None:
-    """Answer with the OpenAI-style error JSON for `exc`."""
-    await exchange.respond(*error_response(exc))
+    """Answer with the OpenAI-style error JSON for `exc`, and log it (a server-side failure as
+    a warning), with the request's id."""
+    status, headers, body = error_response(exc)
+    log.log(
+        logging.WARNING if status >= 500 else logging.INFO,
+        "%s %s: %d %s: %s",
+        exchange.method.decode("latin-1"),
+        exchange.path.decode("latin-1"),
+        status,
+        describe(exc).code or "error",
+        exc.message,
+    )
+    await exchange.respond(status, headers, body)

@@ -17,6 +17,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Coroutine
+from contextvars import copy_context
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -24,6 +25,7 @@ import httptools
 from corral.errors import BadRequest, CorralError, HeadersTooLarge, RequestTimeout
 from corral.frontend.http.request import Request
 from corral.frontend.http.wire import CLOSE, CRLF, Headers, error_response, status_line
+from corral.logs import REQUEST_ID
 
 if TYPE_CHECKING:
     from corral.frontend.http.server import HttpServer
@@ -65,6 +67,7 @@ class HttpConnection(asyncio.Protocol):
         self._length: bytes | None = None
         self._chunked_in = False
         self._expect = False
+        self._request_id: bytes | None = None  # the client's x-request-id
         self._error: CorralError | None = None
         self.phase = _HEAD
         self.deadline = math.inf
@@ -121,6 +124,7 @@ class HttpConnection(asyncio.Protocol):
         self._length = None
         self._chunked_in = False
         self._expect = False
+        self._request_id = None
         if self.phase != _HEAD:
             self.phase = _HEAD
             self.deadline = self.loop.time() + self.limits.header_timeout
@@ -145,6 +149,8 @@ class HttpConnection(asyncio.Protocol):
             self._chunked_in = True
         elif name == b"expect" and value.lower() == b"100-continue":
             self._expect = True
+        elif name == b"x-request-id" and self._request_id is None:
+            self._request_id = value
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -165,6 +171,7 @@ class HttpConnection(asyncio.Protocol):
             length,
             self._expect,
         )
+        req.sent_request_id = self._request_id
         self.current = req
         if length != 0 and (length is not None or self._chunked_in):
             now = self.loop.time()
@@ -204,7 +211,11 @@ class HttpConnection(asyncio.Protocol):
     def _begin(self, req: Request) -> None:
         self.active = req
         handler = self.server.route(req)
-        task = self.loop.create_task(handler(req))
+        rid, req.request_id_origin = self.server.request_ids.pick(req.sent_request_id)
+        req.request_id = rid
+        context = copy_context()  # the handler's task (and what it spawns) logs with the id
+        context.run(REQUEST_ID.set, rid)
+        task = self.loop.create_task(handler(req), context=context)
         req.task = task
         task.add_done_callback(req.handler_done)
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from corral.errors import CorralError, PayloadTooLarge
 from corral.frontend.asgi import ClientGone
+from corral.frontend.http.request_id import Origin
 from corral.frontend.http.wire import (
     CHUNKED,
     CLOSE,
@@ -56,6 +57,9 @@ class Request:
         "path",
         "query",
         "raw_path",
+        "request_id",
+        "request_id_origin",
+        "sent_request_id",
         "started",
         "task",
         "version",
@@ -95,6 +99,9 @@ class Request:
         self._chunked = False
         self._raw = False
         self.task: asyncio.Task[None] | None = None
+        self.request_id = b""  # set when its handler starts; sent back as x-request-id
+        self.request_id_origin = Origin.CLIENT
+        self.sent_request_id: bytes | None = None  # the client's x-request-id header
 
     # --- reading the body -----------------------------------------------------------------
     async def body(self, limit: int) -> bytes:
@@ -200,6 +207,8 @@ class Request:
         parts = [status_line(status)]
         for name, value in headers:
             parts += (name, b": ", value, CRLF)
+        if self.request_id:
+            parts += (b"x-request-id: ", self.request_id, CRLF)
         if more and length < 0:
             if self.http11:
                 self._chunked = True

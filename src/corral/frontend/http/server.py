@@ -18,6 +18,7 @@ from corral.frontend.asgi import Scope
 from corral.frontend.http.asgi_bridge import AsgiApp, AsgiBridge, Lifespan
 from corral.frontend.http.protocol import Handler, HttpConnection
 from corral.frontend.http.request import Request
+from corral.frontend.http.request_id import RequestIds
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class HttpServer:
         self.limits = limits or HttpLimits()
         self.ssl_context = ssl_context
         self.max_body_bytes = max_body_bytes
+        self.request_ids = RequestIds()  # the id of each request (x-request-id)
         self.connections: set[HttpConnection] = set()
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()

@@ -1,0 +1,1 @@
+"""The operator side of the `corral` command: admin API client, tables, commands, flags."""
