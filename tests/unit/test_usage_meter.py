@@ -8,10 +8,10 @@ from typing import Any, cast
 
 import pytest
 
-from corral.domain.access import Grant, Role
+from corral.domain.access import ADMIN, Grant, Role
 from corral.domain.usage import Limits, Usage
 from corral.errors import RateLimited
-from corral.frontend.usage import UsageMeter
+from corral.frontend.usage import NO_KEY, STATIC_KEY, UsageMeter
 from corral.store.usage import NO_LIMITS, Counts, KeyInfo
 
 NOW = 1_800_000_000.0 + 10  # 10 s into a minute
@@ -95,3 +95,11 @@ async def test_other_frontends_count_once_they_flushed() -> None:
     with pytest.raises(RateLimited) as refused:
         here.admit(KEY, "chat")
     assert refused.value.retry_after == pytest.approx(86400 - NOW % 86400)
+
+
+def test_who_a_request_is_counted_for() -> None:
+    m = meter(TableInMemory())
+    assert m.key(None) is NO_KEY  # /v1 open
+    assert m.key(ADMIN) is STATIC_KEY  # --api-keys, admin.key: not stored
+    assert m.key(KEY).name == "team"
+    assert m.key(Grant(Role.INFERENCE, key_id="key-new")) == KeyInfo("key-new", "")

@@ -35,6 +35,8 @@ HELP: dict[str, str] = {
     "load_report_interval": "Seconds between in-flight reports to other frontends",
     "resync_interval": "Seconds between full snapshot refreshes from PostgreSQL",
     "last_used_flush_interval": "Seconds between writes of replicas' last-used times",
+    "usage_flush_interval": "Seconds between usage flushes to PostgreSQL; per-key limits hold"
+    " across frontends within one interval",
     "heartbeat_interval": "Seconds between worker heartbeats (told to workers)",
     "unhealthy_after": "Heartbeat intervals missed before a node is unhealthy",
     "offline_after": "Seconds without a heartbeat before a node is offline",

@@ -21,7 +21,8 @@ from corral.store.usage import KeyInfo, UsageStore
 log = logging.getLogger(__name__)
 
 NO_KEY = KeyInfo("", "")  # /v1 is open: usage of nobody in particular
-STATIC_KEY = KeyInfo("static", "--api-keys")  # a key from the settings (not stored: no id)
+#: a key that is not stored (--api-keys, the data dir's admin.key): no id of its own
+STATIC_KEY = KeyInfo("static", "static keys")
 
 
 class KeyCount:

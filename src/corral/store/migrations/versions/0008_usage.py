@@ -1,7 +1,7 @@
 """usage per API key, model and minute; per-key limits on api_keys
 
 Revision ID: 0008
-Revises: 0009 (the head on main when this was merged with it; re-chain to the head when merging)
+Revises: 0010 (the head on main when this was merged with it; re-chain to the head when merging)
 
 `usage` rows are added to by every frontend's batched flush (INSERT ... ON CONFLICT DO
 UPDATE); `api_keys.requests_per_minute` and `tokens_per_day` are null for no limit.
