@@ -91,6 +91,9 @@ class FrontendSettings(BaseSettings):
     prefix_ttl: float = Field(default=300.0, gt=0)  # seconds a routed prefix counts as cached
     resync_interval: float = 10.0  # seconds between full snapshot refreshes from PostgreSQL
     last_used_flush_interval: float = 2.0
+    # seconds between usage flushes to PostgreSQL; per-key limits hold across frontends
+    # within one interval of the other frontends' traffic
+    usage_flush_interval: float = Field(default=2.0, gt=0)
 
     # control loops
     heartbeat_interval: float = 5.0  # told to workers at registration

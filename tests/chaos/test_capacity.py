@@ -34,4 +34,4 @@ def test_minimum_above_capacity_is_capped_then_resumed(cluster: Cluster) -> None
 def tick_count(cluster: Cluster) -> int:
     text = httpx.get(cluster.url() + "/metrics", timeout=5).text
     line = next(x for x in text.splitlines() if x.startswith("corral_reconcile_ticks_total "))
-    return int(line.split()[1])
+    return int(float(line.split()[1]))

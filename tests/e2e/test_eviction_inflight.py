@@ -83,7 +83,7 @@ def test_inflight_returns_to_zero_on_every_path(cluster: Cluster) -> None:
     def inflight() -> int:
         text = httpx.get(cluster.url() + "/metrics").text
         return sum(
-            int(line.rsplit(" ", 1)[1])
+            int(float(line.rsplit(" ", 1)[1]))
             for line in text.splitlines()
             if line.startswith("corral_inflight{")
         )

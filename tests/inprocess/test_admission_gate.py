@@ -127,6 +127,9 @@ async def test_high_priority_requests_queued_after_low_ones_go_first(
             await queued(fe, "m", 4 + i)
         await asyncio.gather(blocker, *tasks)
     assert done == ["first", "high0", "high1", "high2", "low0", "low1", "low2"]
+    # corral_queue_wait_seconds: the six that queued, and the first (it waited for the load)
+    waited = fe.metrics.queue_wait["m"]
+    assert waited.count == 7 and waited.sum > 0
 
 
 async def test_a_heavy_key_does_not_starve_a_light_one(cluster: InProcessCluster) -> None:

@@ -18,7 +18,7 @@ from harness import FakeWorker, InProcessCluster, client, declare
 
 from corral.domain.actions import StartReplica
 from corral.domain.routing_weights import RoutingWeights
-from corral.frontend.metrics import render_metrics
+from corral.frontend.metrics import render
 from corral.frontend.model_view import model_json
 from corral.frontend.service import Frontend
 from factories import MB, model
@@ -141,7 +141,10 @@ async def test_prompt_families_hit_the_cache_through_two_frontends_with_even_loa
         counters = fe.router.counters["aff"]
         assert counters.prefix_followed > 0.8 * counters.decisions
         assert fe.router.counters["ll"].prefix_matched == 0
-        assert 'corral_route_prefix_followed_total{model="aff"}' in render_metrics(fe, 0.0)
+        assert (
+            'corral_route_prefix_followed_total{model="aff"}'
+            in render(fe.metrics_registry).decode()
+        )
 
 
 async def test_equal_replicas_rotate_and_a_burst_spreads(cluster: InProcessCluster) -> None:

@@ -47,6 +47,7 @@ class Bus:
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self.errors = 0  # connection errors and failed publishes, requests, replies (metrics)
 
     @property
     def nc(self) -> NatsClient:
@@ -62,11 +63,13 @@ class Bus:
         """Connect, reconnecting forever after a connection loss."""
 
         async def on_error(exc: Exception) -> None:
+            self.errors += 1
             log.warning("NATS %s: %s", self.name, exc)
 
         async def on_disconnect() -> None:
             if self._closing:
                 return
+            self.errors += 1
             log.warning("NATS %s: disconnected", self.name)
 
         async def on_reconnect() -> None:
@@ -108,6 +111,7 @@ class Bus:
         try:
             await self.nc.publish(subject, message.model_dump_json().encode())
         except nats.errors.Error as exc:
+            self.errors += 1
             log.warning("publish %s failed: %s", subject, exc)
 
     async def flush(self, timeout: float = 2.0) -> None:
@@ -128,12 +132,14 @@ class Bus:
                 return reply_type.model_validate_json(msg.data)
             except nats.errors.NoRespondersError:
                 if attempt == 2:
+                    self.errors += 1
                     raise NodeUnreachable(
                         f"no responder on {subject}", no_responders=True
                     ) from None
                 # a subscription made a moment ago may not have reached the server yet
                 await asyncio.sleep(0.05 * (attempt + 1))
             except nats.errors.TimeoutError:
+                self.errors += 1
                 raise NodeUnreachable(
                     f"no reply on {subject} within {timeout:g}s", timed_out=True
                 ) from None
@@ -185,6 +191,7 @@ class Bus:
                 try:
                     await msg.respond(reply.model_dump_json().encode())
                 except nats.errors.Error as exc:
+                    self.errors += 1
                     log.warning("reply on %s failed: %s", msg.subject, exc)
 
         async def cb(msg: Msg) -> None:

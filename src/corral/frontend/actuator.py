@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any, assert_never, overload
 
 from corral.bus.client import Bus
@@ -79,9 +80,11 @@ class Actuator:
         view: ClusterView,
         nodes: NodeClient,
         frontend_id: str,
+        on_load: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.registry = registry
         self.nodes = nodes
+        self.on_load = on_load  # (model, "loaded" | "failed", seconds) of each start (metrics)
         self.announce = Announcer(registry=registry, bus=bus, view=view, frontend_id=frontend_id)
         self.replicas = ReplicaWrites(
             registry=registry, view=view, nodes=nodes, announce=self.announce, spawn=self._spawn
@@ -114,7 +117,7 @@ class Actuator:
         for an unknown node or model."""
         match action:
             case StartReplica():
-                return await self.replicas.start(action)
+                return await self._start(action)
             case StopReplica():
                 return await self.replicas.stop(action)
             case DropReplica():
@@ -181,6 +184,17 @@ class Actuator:
             case _:
                 assert_never(action)
         return None
+
+    async def _start(self, action: StartReplica) -> Replica:
+        started = time.monotonic()
+        outcome = "failed"
+        try:
+            replica = await self.replicas.start(action)
+            outcome = "loaded"
+            return replica
+        finally:
+            if self.on_load is not None:
+                self.on_load(action.model, outcome, time.monotonic() - started)
 
     def submit(self, action: Background) -> asyncio.Task[Any] | None:
         """Apply `action` in a background task unless its replica is already being acted on

@@ -86,6 +86,7 @@ class AdmissionGate:
         key_priorities: Mapping[str, str] | None = None,
         poll: float = POLL,
         clock: Callable[[], float] = time.monotonic,
+        on_wait: Callable[[str, float], None] | None = None,
     ) -> None:
         self.view = view
         self.inflight = inflight
@@ -99,6 +100,7 @@ class AdmissionGate:
         self.key_priorities = {digest(k): Priority(v) for k, v in (key_priorities or {}).items()}
         self.poll = poll
         self.clock = clock
+        self.on_wait = on_wait  # (model, seconds) of each request that waited for a slot
         self._models: dict[str, _Model] = {}
         self._limits: dict[str, tuple[ModelSpec, int]] = {}
         self._ids = itertools.count(1)
@@ -207,6 +209,8 @@ class AdmissionGate:
         try:
             await waiter.future
             taken = True
+            if self.on_wait is not None:
+                self.on_wait(name, self.clock() - now)
         except asyncio.CancelledError:
             if state.queue.cancel(entry_id):
                 self.abandoned += 1

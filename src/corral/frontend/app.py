@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,12 +28,13 @@ from corral.frontend.artifacts_api import artifact_router
 from corral.frontend.asgi import Message, Receive, Scope, Send, error_headers, error_payload
 from corral.frontend.errors_http import describe
 from corral.frontend.http.protocol import Handler
-from corral.frontend.metrics import render_metrics
+from corral.frontend.metrics import CONTENT_TYPE, render
 from corral.frontend.model_cards import model_card, model_list
 from corral.frontend.nodes_api import node_router, require_node
 from corral.frontend.request import BY_ID, ENDPOINTS, endpoint_for
 from corral.frontend.service import Frontend
 from corral.frontend.ui import dashboard_router
+from corral.frontend.usage_api import usage_router
 from corral.store.db import DB_ERRORS, RECONCILER_LOCK, input_error
 
 log = logging.getLogger(__name__)
@@ -181,9 +181,9 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
         return model_card(frontend.view, spec, frontend.catalog.capabilities_of)
 
     @api.get("/metrics")
-    async def metrics(request: Request) -> PlainTextResponse:
+    async def metrics(request: Request) -> Response:
         frontend.authorizer.metrics(request.scope)
-        return PlainTextResponse(render_metrics(frontend, time.time()))
+        return Response(render(frontend.metrics_registry), media_type=CONTENT_TYPE)
 
     if frontend.artifacts is not None:  # workers fetch model-store files, with their credential
         api.include_router(
@@ -191,6 +191,7 @@ def build_api(frontend: Frontend, *, manage_lifecycle: bool = True) -> FastAPI:
         )
     api.include_router(node_router())
     api.include_router(admin_router())
+    api.include_router(usage_router())
     api.include_router(dashboard_router())
     return api
 

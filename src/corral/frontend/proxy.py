@@ -20,6 +20,7 @@ import orjson
 from corral.domain.actions import DropReplica
 from corral.domain.entities import ModelSpec, Replica, ReplicaState
 from corral.domain.routing.candidates import supports
+from corral.domain.usage import StreamTail, usage_of
 from corral.errors import (
     CorralError,
     MethodNotAllowed,
@@ -43,6 +44,8 @@ from corral.frontend.http.exchange import Exchange, Headers, respond_error
 from corral.frontend.http.request_id import HEADER as REQUEST_ID_HEADER
 from corral.frontend.http.request_id import Origin
 from corral.frontend.inflight import InflightTracker
+from corral.frontend.metering import Metering
+from corral.frontend.metrics import FrontendMetrics
 from corral.frontend.probe import ProbeCache
 from corral.frontend.request import (
     ENDPOINTS,
@@ -60,6 +63,7 @@ from corral.frontend.responses_map import (
     id_of_body,
 )
 from corral.frontend.router import SCORES_HEADER, Router, replica_headers
+from corral.frontend.tally import Tally
 from corral.frontend.upstream import UpstreamPool, UpstreamResponse
 from corral.frontend.view import ClusterView
 
@@ -72,6 +76,8 @@ STORED_MARKERS = (b"response_not_found", b"response with id")
 #: Whole answers up to this size go out in one write; larger or unsized ones stream.
 WHOLE_LIMIT = 1024 * 1024
 SPOOL_MEMORY = 1024 * 1024
+#: Endpoints whose answers carry the backend's token `usage`.
+TOKEN_CAPABILITIES = frozenset({"chat", "completions", "embeddings", "responses"})
 
 
 Tried = tuple[str, int, str | None]
@@ -105,6 +111,7 @@ class OpenAIProxy:
         spool_memory_bytes: int = SPOOL_MEMORY,
         admission: AdmissionGate | None = None,
         router: Router | None = None,
+        metering: Metering | None = None,
     ) -> None:
         self.view = view
         self.inflight = inflight
@@ -125,6 +132,7 @@ class OpenAIProxy:
             view, inflight, limit_of=_unlimited, ensure_replica=_within(ensure_replica)
         )
         self.router = router or Router(inflight.view())
+        self.metering = metering or Metering(FrontendMetrics(), inflight)
         #: per model: the spec its capabilities were read for, and them
         self._served: dict[str, tuple[ModelSpec, Collection[str] | None]] = {}
         #: per replica: its node and the x-corral-replica / x-corral-node response headers
@@ -136,17 +144,26 @@ class OpenAIProxy:
         await self.handle(AsgiExchange(scope, receive, send))
 
     async def handle(self, exchange: Exchange) -> None:
-        """Answer one request to an inference path."""
+        """Answer one request to an inference path; the metering learns how it went."""
+        tally = Tally(exchange, time.perf_counter())
+        try:
+            await self._handle(tally)
+        finally:
+            tally.close()
+            self.metering.done(tally)
+
+    async def _handle(self, exchange: Tally) -> None:
         request: ParsedRequest | None = None
         try:
             endpoint = ENDPOINTS.get(exchange.path) or endpoint_for(exchange.path)
             if endpoint is None:
                 raise NotFound("no such endpoint")
+            exchange.endpoint = endpoint.path
             if exchange.method not in endpoint.methods:
                 method = exchange.method.decode("latin-1")
                 allowed = "/".join(m.decode() for m in sorted(endpoint.methods))
                 raise MethodNotAllowed(f"{method} is not allowed here; use {allowed}")
-            grant = self.authorizer.inference(exchange.headers)
+            grant = exchange.grant = self.authorizer.inference(exchange.headers)
             if self.max_inflight and self.inflight.local_total() >= self.max_inflight:
                 raise RateLimited("too many requests in flight on this frontend", retry_after=1)
             if endpoint.body == "json":  # the usual case, without a coroutine more
@@ -164,6 +181,8 @@ class OpenAIProxy:
                 raise ModelNotAllowed(
                     f"this API key may not use the model '{spec.name}'", param="model"
                 )
+            exchange.model = spec.name
+            self.metering.admit(exchange)
         except (ClientGone, CorralError) as exc:
             if request is not None:
                 request.close()
@@ -228,7 +247,7 @@ class OpenAIProxy:
         spec: ModelSpec,
         request: ParsedRequest,
         headers: Headers,
-        exchange: Exchange,
+        exchange: Tally,
         home: Home | None = None,
     ) -> None:
         with AbortOnDisconnect(exchange):  # a client that leaves frees its slot at once
@@ -252,7 +271,7 @@ class OpenAIProxy:
         spec: ModelSpec,
         request: ParsedRequest,
         headers: Headers,
-        exchange: Exchange,
+        exchange: Tally,
         home: Home | None,
     ) -> bool:
         """Send the request until a replica answers; False when every try found its replica
@@ -370,7 +389,7 @@ class OpenAIProxy:
         replica: Replica,
         response: UpstreamResponse | _Buffered,
         request: ParsedRequest,
-        exchange: Exchange,
+        exchange: Tally,
     ) -> None:
         assert replica.address is not None
         if (
@@ -384,6 +403,8 @@ class OpenAIProxy:
             await exchange.respond(response.status, out_headers, body)
             if response.status < 500:
                 self.probes.mark_ok(replica.node_id, replica.address)
+            if response.status == 200 and _counts_tokens(request):
+                exchange.usage = usage_of(body)
             endpoint = request.endpoint
             if response.status == 200 and endpoint is not None and endpoint.stateful:
                 await self._stored(request, replica, body)
@@ -395,13 +416,18 @@ class OpenAIProxy:
         await exchange.start(response.status, out, first)
         exchange.on_disconnect = response.abort
         scanner = StreamIdScanner() if _records_ids(request) else None
+        tail = StreamTail() if response.status == 200 and _counts_tokens(request) else None
         try:
             if exchange.gone:
                 response.abort()
             if scanner is not None:
                 await self._scan(scanner, first, replica)
+            if tail is not None:
+                tail.feed(first)
             async for chunk in response.iter_body():
                 await exchange.write(chunk)
+                if tail is not None:
+                    tail.feed(chunk)
                 if scanner is not None and not scanner.done:
                     await self._scan(scanner, chunk, replica)
         except CorralError as exc:
@@ -413,6 +439,8 @@ class OpenAIProxy:
         finally:
             exchange.on_disconnect = None
         await exchange.end()
+        if tail is not None:  # after the last bytes went out: they wait for nothing
+            exchange.usage = tail.usage()
         self.probes.mark_ok(replica.node_id, replica.address)
 
     def _decision(self, replica: Replica, request: ParsedRequest) -> list[tuple[bytes, bytes]]:
@@ -476,6 +504,10 @@ def _size(request: ParsedRequest) -> int:
 
 def _undeclared(_: ModelSpec) -> None:
     return None  # capabilities unknown: every endpoint may be tried
+
+
+def _counts_tokens(request: ParsedRequest) -> bool:
+    return request.endpoint is not None and request.endpoint.capability in TOKEN_CAPABILITIES
 
 
 def _records_ids(request: ParsedRequest) -> bool:

@@ -92,6 +92,7 @@ class Reconciler:
         self.leader = False
         self.leader_since = 0.0
         self.ticks = 0
+        self.actions: dict[str, int] = {}  # actions handed out, by kind (metrics)
         self.cooldowns: dict[str, float] = {}
         self.reported: set[str] = set()  # models reported as waiting for a backend
         self.short: set[str] = set()  # models whose capacity shortage was reported
@@ -252,6 +253,8 @@ class Reconciler:
         self.last_plan = decided
         self.ticks += 1
         for action in decided.actions:
+            kind = type(action).__name__
+            self.actions[kind] = self.actions.get(kind, 0) + 1
             try:
                 await self._hand_out(action)
             except CorralError as exc:

@@ -12,7 +12,8 @@ the same way every time, so requests sharing a system prompt share their first b
 
 Replicas that leave the candidates (stopped, reloaded at a new address, filtered out) are
 forgotten by the index, the session table and the speed trackers, so a new process under an old
-index inherits no warm cache. Counters per model feed `/metrics` (`routing_metrics`).
+index inherits no warm cache. Counters per model feed `/metrics`
+(`routing_metrics.routing_families`).
 """
 
 from __future__ import annotations

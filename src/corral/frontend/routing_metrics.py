@@ -1,7 +1,11 @@
-"""Prometheus text of routing's per-scorer counters and the shared prefix index (one function,
-kept apart so the metrics move to prometheus-client without touching the router)."""
+"""Metric families of routing's per-scorer counters and the shared prefix index (kept apart so
+the router knows nothing of prometheus-client)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from corral.frontend.prefix_share import PrefixShare
 from corral.frontend.router import ModelCounters, Router
@@ -17,30 +21,32 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def routing_metrics(router: Router, share: PrefixShare | None = None) -> str:
+def routing_families(router: Router, share: PrefixShare | None = None) -> Iterator[Metric]:
     """`corral_route_<counter>_total{model}` per scorer, and the index's and table's sizes."""
-    lines: list[str] = []
     counters: list[tuple[str, ModelCounters]] = sorted(router.counters.items())
     for suffix, field, text in COUNTERS:
-        name = f"corral_route_{suffix}_total"
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+        family = CounterMetricFamily(f"corral_route_{suffix}", text, labels=["model"])
         for model, c in counters:
-            lines.append(f'{name}{{model="{model}"}} {getattr(c, field)}')
-    lines += [
-        "# HELP corral_route_prefix_entries Prompt-prefix hashes in the routing index.",
-        "# TYPE corral_route_prefix_entries gauge",
-        f"corral_route_prefix_entries {len(router.index)}",
-        "# HELP corral_route_sessions Sessions remembered for session affinity.",
-        "# TYPE corral_route_sessions gauge",
-        f"corral_route_sessions {len(router.sessions)}",
-    ]
+            family.add_metric([model], getattr(c, field))
+        yield family
+    yield GaugeMetricFamily(
+        "corral_route_prefix_entries",
+        "Prompt-prefix hashes in the routing index.",
+        value=len(router.index),
+    )
+    yield GaugeMetricFamily(
+        "corral_route_sessions",
+        "Sessions remembered for session affinity.",
+        value=len(router.sessions),
+    )
     if share is not None:
-        lines += [
-            "# HELP corral_route_prefix_batches_sent_total Prefix batches sent to frontends.",
-            "# TYPE corral_route_prefix_batches_sent_total counter",
-            f"corral_route_prefix_batches_sent_total {share.sent}",
-            "# HELP corral_route_prefix_batches_merged_total Prefix batches merged from others.",
-            "# TYPE corral_route_prefix_batches_merged_total counter",
-            f"corral_route_prefix_batches_merged_total {share.merged}",
-        ]
-    return "\n".join(lines) + "\n"
+        yield CounterMetricFamily(
+            "corral_route_prefix_batches_sent",
+            "Prefix batches sent to frontends.",
+            value=share.sent,
+        )
+        yield CounterMetricFamily(
+            "corral_route_prefix_batches_merged",
+            "Prefix batches merged from others.",
+            value=share.merged,
+        )

@@ -23,6 +23,8 @@ from corral.frontend.headers import HeaderFilter
 from corral.frontend.health import ReplicaHealth
 from corral.frontend.inflight import InflightTracker
 from corral.frontend.installs import InstallController
+from corral.frontend.metering import Metering
+from corral.frontend.metrics import FrontendMetrics, metrics_registry
 from corral.frontend.models_dir import ModelsDir
 from corral.frontend.node_client import NodeClient
 from corral.frontend.parts import Parts
@@ -34,6 +36,7 @@ from corral.frontend.responses_map import ResponseHomes, SharedHomes
 from corral.frontend.router import Router
 from corral.frontend.signals import LoadSignals
 from corral.frontend.upstream import UpstreamPool
+from corral.frontend.usage import UsageMeter
 from corral.frontend.view import ClusterView
 from corral.keyfile import read_or_create_admin_key
 from corral.store.registry import Registry
@@ -55,6 +58,8 @@ class Frontend:
             self.id, stale_after=max(2.0, settings.load_report_interval * 10)
         )
         self.pool = UpstreamPool()
+        self.metrics = FrontendMetrics()
+        self.usage = UsageMeter(self.registry.usage)
         self.probes = ProbeCache(self.pool, ttl=settings.health_ttl)
         self.authorizer = Authorizer(
             static=[digest(k.get_secret_value()) for k in settings.api_keys],
@@ -72,6 +77,7 @@ class Frontend:
             view=self.view,
             nodes=self.nodes,
             frontend_id=self.id,
+            on_load=self.metrics.observe_load,
         )
         self.installs = InstallController(
             registry=self.registry, bus=self.bus, catalog=self.catalog
@@ -122,6 +128,7 @@ class Frontend:
             default_deadline=settings.wait_budget,
             max_deadline=settings.max_deadline,
             key_priorities=settings.key_priorities,
+            on_wait=self.metrics.observe_queue_wait,
         )
         self.router = Router(
             self.inflight.view(),
@@ -145,7 +152,9 @@ class Frontend:
             spool_memory_bytes=settings.spool_memory_bytes,
             admission=self.admission,
             router=self.router,
+            metering=Metering(self.metrics, self.inflight, self.usage),
         )
+        self.metrics_registry = metrics_registry(self)
         self.started = False
         self.extra_loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -187,6 +196,7 @@ class Frontend:
             ("share-prefixes", self.prefixes.publish, self.settings.prefix_share_interval),
             ("flush-last-used", self._flush_last_used, self.settings.last_used_flush_interval),
             ("resync", self.refresh, self.settings.resync_interval),
+            ("flush-usage", self.usage.flush, self.settings.usage_flush_interval),
         ]
         for name, step, interval in loops:
             self._tasks.append(asyncio.create_task(self._every(name, step, interval), name=name))
@@ -213,6 +223,10 @@ class Frontend:
             await self._flush_last_used()
         except Exception:
             log.exception("final last-used flush failed")
+        try:
+            await self.usage.flush()
+        except Exception:
+            log.exception("final usage flush failed")
         await self.actuator.close()
         await self.bus.close()
         await self.pool.close()
@@ -233,6 +247,7 @@ class Frontend:
         """Resync the view and API keys from PostgreSQL (repairs missed events)."""
         await self.view.resync(self.registry)
         self.authorizer.update(await self.registry.audit.api_key_grants())
+        await self.usage.load_keys()
         self.inflight.expire()
 
     # --- event handlers -------------------------------------------------------------------

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg.exceptions
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, event, text
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -59,6 +61,15 @@ def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
         pool_pre_ping=True,
         pool_recycle=1800,
     )
+
+
+def on_error(engine: AsyncEngine, callback: Callable[[], None]) -> None:
+    """Call `callback` on every error the database driver raises (connecting included)."""
+
+    def handle_error(_: ExceptionContext) -> None:
+        callback()
+
+    event.listen(engine.sync_engine, "handle_error", handle_error)
 
 
 def alembic_config() -> Config:

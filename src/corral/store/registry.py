@@ -12,12 +12,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from corral.domain.entities import ModelSpec, Node, Replica
 from corral.domain.reconcile import ReportedProcess
 from corral.store.audit import AuditStore
-from corral.store.db import create_engine, migrate
+from corral.store.db import create_engine, migrate, on_error
 from corral.store.installs import InstallStore
 from corral.store.jobs import LoadJobStore
 from corral.store.models import ModelStore
 from corral.store.nodes import NodeStore
 from corral.store.replicas import LoadInfo, ReplicaStore
+from corral.store.usage import UsageStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +62,17 @@ class Registry:
         self.jobs = LoadJobStore(engine)
         self.audit = AuditStore(engine)
         self.installs = InstallStore(engine)
+        self.usage = UsageStore(engine)
+        self.errors = 0  # errors PostgreSQL (or the way to it) raised (metrics)
 
     @classmethod
     def from_url(cls, database_url: str, *, pool_size: int = 10) -> Registry:
-        return cls(create_engine(database_url, pool_size=pool_size))
+        registry = cls(create_engine(database_url, pool_size=pool_size))
+        on_error(registry.engine, registry._count_error)
+        return registry
+
+    def _count_error(self) -> None:
+        self.errors += 1
 
     async def migrate(self) -> None:
         await migrate(self.engine)

@@ -13,6 +13,7 @@ from sqlalchemy import (
     DateTime,
     Double,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     PrimaryKeyConstraint,
@@ -157,7 +158,26 @@ api_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("role", String(16), nullable=False, server_default="inference"),  # admin|inference
     Column("models", JSONB),  # model names an inference key may use; null: every model
+    Column("requests_per_minute", Integer, nullable=True),  # null: no limit (0008)
+    Column("tokens_per_day", BigInteger, nullable=True),  # null: no limit (0008)
 )
+
+#: Requests and tokens per API key, model and minute, flushed in batches by each frontend.
+usage = Table(
+    "usage",
+    metadata,
+    Column("key_id", String(64), nullable=False),  # "" when the API is open
+    Column("model", String(255), nullable=False),
+    Column("bucket", Double, nullable=False),  # the minute's start, seconds since the epoch
+    Column("key_name", String(255), nullable=False, server_default=""),
+    Column("requests", BigInteger, nullable=False, server_default="0"),
+    Column("errors", BigInteger, nullable=False, server_default="0"),  # answered 4xx/5xx
+    Column("limited", BigInteger, nullable=False, server_default="0"),  # refused: over a limit
+    Column("prompt_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("completion_tokens", BigInteger, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("key_id", "model", "bucket"),
+)
+Index("usage_bucket", usage.c.bucket)
 
 events = Table(
     "events",
