@@ -132,7 +132,10 @@ def usage(
     model: Annotated[str | None, typer.Option(help="Only this model")] = None,
     since: Annotated[str, typer.Option(help="Start: epoch seconds or an age (24h, 7d)")] = "24h",
     until: Annotated[str | None, typer.Option(help="End: epoch seconds or an age")] = None,
-    group_by: Annotated[str, typer.Option(help="key, model or key,model")] = "key,model",
+    group_by: Annotated[
+        str,
+        typer.Option(help="Comma-separated: key, model, and at most one of minute, hour, day"),
+    ] = "key,model",
     url: AdminUrl = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
@@ -150,19 +153,25 @@ def usage(
         params={k: int(v) if isinstance(v, float) else v for k, v in params.items()},
         missing=f"{url} has no usage API (GET /api/usage): this frontend does not count usage",
     )
-    rows = [
-        (
-            u.get("key_name") or u.get("key_id") or ("" if "key_id" in u else "no key"),
+    found = data.get("usage") or []
+    timed = any("bucket" in u for u in found)
+    headers = ["key", "model", "requests", "errors", "limited", "prompt", "completion", "total"]
+    rows = []
+    for u in found:
+        named = u.get("key_name") or u.get("key_id") or "no key"
+        key_cell = named if "key_id" in u else ""  # "": not grouped by key
+        row = [
+            key_cell,
             u.get("model", ""),
             u.get("requests"),
             u.get("errors"),
+            u.get("limited"),
             u.get("prompt_tokens"),
             u.get("completion_tokens"),
             u.get("total_tokens"),
-        )
-        for u in data.get("usage") or []
-    ]
-    show(("key", "model", "requests", "errors", "prompt", "completion", "total"), rows)
+        ]
+        rows.append([clock(u["bucket"]) if "bucket" in u else "", *row] if timed else row)
+    show(["time", *headers] if timed else headers, rows)
 
 
 @backends_app.command("list")
