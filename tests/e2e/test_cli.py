@@ -245,6 +245,15 @@ def test_keys_create_list_revoke(shared: Cluster, tmp_path: Path) -> None:
     code, _, err = corral(shared, "keys", "create", "ops", "--role", "admin", "--models", "chat")
     assert code == 1 and "an admin key cannot be limited to models" in err
 
+    limits = ok(shared, "keys", "limits", key_id, "--requests-per-minute", "60")
+    assert limits[0].split() == ["ID", "REQUESTS/MINUTE", "TOKENS/DAY"]
+    assert rows(limits) == [[key_id, "60", "none"]]
+    both = ok(shared, "keys", "limits", key_id, "--tokens-per-day", "1000")
+    assert rows(both) == [[key_id, "60", "1000"]], "the other limit stays"
+    assert rows(ok(shared, "keys", "limits", key_id, "--clear")) == [[key_id, "none", "none"]]
+    code, _, err = corral(shared, "keys", "limits", "key-nope")
+    assert code == 1 and "API key key-nope not found (HTTP 404)" in err
+
     assert ok(shared, "keys", "revoke", key_id) == [f"revoked {key_id}"]
     assert key_id not in "\n".join(ok(shared, "keys", "list"))
 

@@ -114,6 +114,42 @@ def keys_revoke(
     typer.echo(f"revoked {key_id}")
 
 
+@keys_app.command("limits")
+def keys_limits(
+    key_id: Annotated[str, typer.Argument(help="The key's id (see `corral keys list`)")],
+    requests_per_minute: Annotated[
+        int | None, typer.Option(min=1, help="Set the requests-per-minute limit")
+    ] = None,
+    tokens_per_day: Annotated[
+        int | None, typer.Option(min=1, help="Set the tokens-per-day limit (UTC days)")
+    ] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove both limits")] = False,
+    url: AdminUrl = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Show an API key's limits, or change the ones given (the other stays); past a limit
+    the key gets 429 rate_limited."""
+    admin = Admin(url, api_key)
+    path = f"/api/keys/{seg(key_id)}/limits"
+    limits = admin.call("GET", path)
+    if clear or requests_per_minute is not None or tokens_per_day is not None:
+        body = {
+            "requests_per_minute": None if clear else limits.get("requests_per_minute"),
+            "tokens_per_day": None if clear else limits.get("tokens_per_day"),
+        }
+        if requests_per_minute is not None:
+            body["requests_per_minute"] = requests_per_minute
+        if tokens_per_day is not None:
+            body["tokens_per_day"] = tokens_per_day
+        limits = admin.call("PUT", path, json=body)
+    row = (
+        key_id,
+        limits.get("requests_per_minute") or "none",
+        limits.get("tokens_per_day") or "none",
+    )
+    show(("id", "requests/minute", "tokens/day"), [row])
+
+
 def _when(text: str | None, option: str) -> float | None:
     """Epoch seconds from "1700000000" or from an age like "90m", "24h", "7d"."""
     if text is None:
