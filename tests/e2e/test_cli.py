@@ -180,14 +180,30 @@ def test_events_name_nodes_and_follow_prints_new_ones(shared: Cluster) -> None:
     ok(shared, "label", "w1", "followed-")
 
 
-def test_usage_prints_a_table_or_says_the_api_is_missing(shared: Cluster) -> None:
-    code, out, err = corral(shared, "usage", "--since", "1h")
-    if code == 0:
-        assert out.splitlines()[0].split()[:3] == ["KEY", "MODEL", "REQUESTS"]
-    else:
-        assert code == 1
-        assert err.strip().count("\n") == 0, "one line"
-        assert "has no usage API (GET /api/usage)" in err
+def test_usage_per_key_and_model(shared: Cluster) -> None:
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    answer = httpx.post(shared.url() + "/v1/chat/completions", json=chat, timeout=30)
+    assert answer.status_code == 200, answer.text
+    tokens = answer.json()["usage"]
+
+    lines = ok(shared, "usage", "--since", "1h", "--model", "chat")
+    assert lines[0].split() == [
+        "KEY",
+        "MODEL",
+        "REQUESTS",
+        "ERRORS",
+        "LIMITED",
+        "PROMPT",
+        "COMPLETION",
+        "TOTAL",
+    ]
+    (row,) = rows(lines)
+    assert row[:3] == ["no", "key", "chat"], "the API is open: requests without a key"
+    assert int(row[3]) >= 1 and int(row[-1]) >= tokens["total_tokens"]
+
+    timed = ok(shared, "usage", "--since", "1h", "--group-by", "model,hour")
+    assert timed[0].split()[:3] == ["TIME", "KEY", "MODEL"]
+    assert any("chat" in r for r in rows(timed))
 
 
 def test_errors_are_one_line_and_exit_non_zero(shared: Cluster, tmp_path: Path) -> None:
@@ -228,6 +244,15 @@ def test_keys_create_list_revoke(shared: Cluster, tmp_path: Path) -> None:
 
     code, _, err = corral(shared, "keys", "create", "ops", "--role", "admin", "--models", "chat")
     assert code == 1 and "an admin key cannot be limited to models" in err
+
+    limits = ok(shared, "keys", "limits", key_id, "--requests-per-minute", "60")
+    assert limits[0].split() == ["ID", "REQUESTS/MINUTE", "TOKENS/DAY"]
+    assert rows(limits) == [[key_id, "60", "none"]]
+    both = ok(shared, "keys", "limits", key_id, "--tokens-per-day", "1000")
+    assert rows(both) == [[key_id, "60", "1000"]], "the other limit stays"
+    assert rows(ok(shared, "keys", "limits", key_id, "--clear")) == [[key_id, "none", "none"]]
+    code, _, err = corral(shared, "keys", "limits", "key-nope")
+    assert code == 1 and "API key key-nope not found (HTTP 404)" in err
 
     assert ok(shared, "keys", "revoke", key_id) == [f"revoked {key_id}"]
     assert key_id not in "\n".join(ok(shared, "keys", "list"))

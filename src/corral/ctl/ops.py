@@ -114,6 +114,42 @@ def keys_revoke(
     typer.echo(f"revoked {key_id}")
 
 
+@keys_app.command("limits")
+def keys_limits(
+    key_id: Annotated[str, typer.Argument(help="The key's id (see `corral keys list`)")],
+    requests_per_minute: Annotated[
+        int | None, typer.Option(min=1, help="Set the requests-per-minute limit")
+    ] = None,
+    tokens_per_day: Annotated[
+        int | None, typer.Option(min=1, help="Set the tokens-per-day limit (UTC days)")
+    ] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove both limits")] = False,
+    url: AdminUrl = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Show an API key's limits, or change the ones given (the other stays); past a limit
+    the key gets 429 rate_limited."""
+    admin = Admin(url, api_key)
+    path = f"/api/keys/{seg(key_id)}/limits"
+    limits = admin.call("GET", path)
+    if clear or requests_per_minute is not None or tokens_per_day is not None:
+        body = {
+            "requests_per_minute": None if clear else limits.get("requests_per_minute"),
+            "tokens_per_day": None if clear else limits.get("tokens_per_day"),
+        }
+        if requests_per_minute is not None:
+            body["requests_per_minute"] = requests_per_minute
+        if tokens_per_day is not None:
+            body["tokens_per_day"] = tokens_per_day
+        limits = admin.call("PUT", path, json=body)
+    row = (
+        key_id,
+        limits.get("requests_per_minute") or "none",
+        limits.get("tokens_per_day") or "none",
+    )
+    show(("id", "requests/minute", "tokens/day"), [row])
+
+
 def _when(text: str | None, option: str) -> float | None:
     """Epoch seconds from "1700000000" or from an age like "90m", "24h", "7d"."""
     if text is None:
@@ -132,7 +168,10 @@ def usage(
     model: Annotated[str | None, typer.Option(help="Only this model")] = None,
     since: Annotated[str, typer.Option(help="Start: epoch seconds or an age (24h, 7d)")] = "24h",
     until: Annotated[str | None, typer.Option(help="End: epoch seconds or an age")] = None,
-    group_by: Annotated[str, typer.Option(help="key, model or key,model")] = "key,model",
+    group_by: Annotated[
+        str,
+        typer.Option(help="Comma-separated: key, model, and at most one of minute, hour, day"),
+    ] = "key,model",
     url: AdminUrl = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
@@ -150,19 +189,25 @@ def usage(
         params={k: int(v) if isinstance(v, float) else v for k, v in params.items()},
         missing=f"{url} has no usage API (GET /api/usage): this frontend does not count usage",
     )
-    rows = [
-        (
-            u.get("key_name") or u.get("key_id") or ("" if "key_id" in u else "no key"),
+    found = data.get("usage") or []
+    timed = any("bucket" in u for u in found)
+    headers = ["key", "model", "requests", "errors", "limited", "prompt", "completion", "total"]
+    rows = []
+    for u in found:
+        named = u.get("key_name") or u.get("key_id") or "no key"
+        key_cell = named if "key_id" in u else ""  # "": not grouped by key
+        row = [
+            key_cell,
             u.get("model", ""),
             u.get("requests"),
             u.get("errors"),
+            u.get("limited"),
             u.get("prompt_tokens"),
             u.get("completion_tokens"),
             u.get("total_tokens"),
-        )
-        for u in data.get("usage") or []
-    ]
-    show(("key", "model", "requests", "errors", "prompt", "completion", "total"), rows)
+        ]
+        rows.append([clock(u["bucket"]) if "bucket" in u else "", *row] if timed else row)
+    show(["time", *headers] if timed else headers, rows)
 
 
 @backends_app.command("list")
