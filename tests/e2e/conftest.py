@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+import infra
 from cluster import Cluster, running_cluster
 
 
@@ -16,3 +17,13 @@ def cluster(
 ) -> Iterator[Cluster]:
     with running_cluster(database_url, nats_url, nats_prefix, tmp_path) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+async def module_database(pg_server_url: str) -> AsyncIterator[str]:
+    """A database of its own for a module's shared cluster, dropped after the module."""
+    url = await infra.create_database(pg_server_url)
+    try:
+        yield url
+    finally:
+        await infra.drop_database(pg_server_url, url)

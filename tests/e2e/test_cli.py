@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,15 +20,6 @@ from cluster import Cluster, running_cluster, wait_for
 from corral.cli import app
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-async def module_database(pg_server_url: str) -> AsyncIterator[str]:
-    url = await infra.create_database(pg_server_url)
-    try:
-        yield url
-    finally:
-        await infra.drop_database(pg_server_url, url)
 
 
 @pytest.fixture(scope="module")

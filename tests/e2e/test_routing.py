@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,6 @@ from cluster import Cluster, running_cluster, wait_for
 pytestmark = pytest.mark.slow
 
 CHAT = {"messages": [{"role": "user", "content": "route me"}]}
-
-
-@pytest.fixture(scope="module")
-async def module_database(pg_server_url: str) -> AsyncIterator[str]:
-    url = await infra.create_database(pg_server_url)
-    try:
-        yield url
-    finally:
-        await infra.drop_database(pg_server_url, url)
 
 
 @pytest.fixture(scope="module")
