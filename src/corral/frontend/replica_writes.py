@@ -147,7 +147,12 @@ class ReplicaWrites:
         await self.registry.replicas.record_load_failure(failed)
 
     async def stop(self, action: StopReplica) -> bool:
-        """Out of routing, stopped on its node, row deleted; True when a process stopped."""
+        """Out of routing, stopped on its node, row deleted; True when a process stopped.
+        A stop planned from a row that is gone since (another stop of it finished between
+        the plan's observation and now) does nothing: the replica was stopped already."""
+        row = await self.registry.replicas.get(action.model, action.index)
+        if row is None or (row.node_id, row.address) != (action.node_id, action.address):
+            return False
         self.view.drop_replica(action.model, action.index)
         stopped = await self.nodes.stop(action.node_id, action.model, action.index, action.address)
         await self._forget(_named(action), action.reason, kind="removed")
