@@ -18,6 +18,7 @@ import yaml
 
 from corral.embedded import free_port
 from infra import poll_until
+from natsauth_infra import AuthNats
 
 TOKEN = "test-cluster-token"
 
@@ -278,9 +279,12 @@ class Cluster:
 
 @contextlib.contextmanager
 def running_cluster(
-    database_url: str, nats_url: str, nats_prefix: str, root: Path, **env: str
+    database_url: str, nats: AuthNats, nats_prefix: str, root: Path, **env: str
 ) -> Iterator[Cluster]:
-    cluster = Cluster(database_url, nats_url, nats_prefix, root, **env)
+    """A cluster on `nats`, with Corral's NATS authentication on (as `corral up` runs it)."""
+    cluster = Cluster(
+        database_url, nats.url, nats_prefix, root, CORRAL_NATS_AUTH_DIR=str(nats.auth_dir), **env
+    )
     try:
         yield cluster
     finally:

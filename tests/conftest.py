@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 import infra
+from natsauth_infra import AuthNats, auth_nats_server
 
 # === infrastructure: PostgreSQL and NATS (helpers in tests/infra.py) ========================
 # Set CORRAL_TEST_DATABASE_URL / CORRAL_TEST_NATS_URL to use running servers instead of
@@ -35,6 +36,14 @@ def nats_url() -> Iterator[str]:
     """URL of the session's NATS server (JetStream enabled)."""
     with infra.nats_server() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def cluster_nats() -> Iterator[AuthNats]:
+    """The NATS server of the process clusters (tests/e2e, tests/chaos): always a private one
+    with Corral's NATS authentication on, as `corral up` runs it (tests/natsauth_infra.py)."""
+    with auth_nats_server(auth_timeout=2.0) as server:
+        yield server
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import typer
 from pydantic import ValidationError
 
 from corral import __version__
+from corral.bus.natsjwt import NatsAuthError
 from corral.config import FrontendSettings, WorkerSettings, default_data_dir, parse_labels
 from corral.ctl import cluster as ctl_cluster
 from corral.ctl import ops as ctl_ops
@@ -52,7 +53,7 @@ def _one_line_errors() -> Iterator[None]:
     """Starting failed for a reason the user can act on: say it in one line, exit 1."""
     try:
         yield
-    except (ListenError, EmbeddedError) as exc:
+    except (ListenError, EmbeddedError, NatsAuthError) as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from None
 
@@ -424,6 +425,29 @@ def sim(ctx: typer.Context) -> None:
     from corral.backends.sim.__main__ import main as sim_main
 
     sim_main(list(ctx.args))
+
+
+@app.command("nats-config")
+def nats_config(
+    nats_auth_dir: Annotated[
+        Path,
+        typer.Option(
+            envvar="CORRAL_NATS_AUTH_DIR",
+            help="Directory of the cluster's NATS keys, as given to `corral serve`; created"
+            " when missing (CORRAL_NATS_AUTH_DIR)",
+        ),
+    ],
+) -> None:
+    """Print the nats-server configuration that turns on Corral's NATS authentication.
+
+    It holds only public keys: add it to every server of the cluster's NATS, and start every
+    frontend with the same --nats-auth-dir (docs/architecture.md, Security).
+    """
+    from corral.bus.natsauth import NatsAuthDir, auth_config
+
+    with _one_line_errors():
+        keys = NatsAuthDir(nats_auth_dir).load_or_create()
+    typer.echo(auth_config(keys, jetstream=True), nl=False)
 
 
 # --- operator commands (corral.ctl) -----------------------------------------------------

@@ -32,6 +32,10 @@ class FrontendSettings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     public_nats_url: str | None = None  # the NATS URL told to workers; defaults to nats_url
     nats_prefix: str = "corral"  # subject prefix; lets several clusters share one NATS
+    # NATS authentication (docs/architecture.md, Security): the directory of the cluster's
+    # NATS keys (created on first start); every frontend of a cluster gets the same one
+    nats_auth_dir: Path | None = None
+    nats_ca_file: Path | None = None  # PEM CA a tls:// NATS server is checked against
     host: str = "127.0.0.1"
     port: int = 8000
     models_dir: Path | None = None
@@ -159,6 +163,8 @@ class WorkerSettings(BaseSettings):
     bind_host: str | None = None
     data_dir: Path = Field(default_factory=lambda: default_data_dir() / "worker")
     nats_url: str | None = None  # overrides the URL the frontend tells us
+    nats_ca_file: Path | None = None  # PEM CA a tls:// NATS server is checked against
+    # (default: --ca-file, else the system's trust store)
     ca_file: Path | None = None  # PEM CA bundle an https:// frontend's certificate is checked
     # against (default: the system's trust store)
     memory_budget: str = "80%"

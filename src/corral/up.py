@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from corral.bus.natsauth import NatsAuthDir, auth_config
 from corral.config import ADMIN_KEY_FILE, FrontendSettings, WorkerSettings
 from corral.embedded import PG_SYSTEM_USER, EmbeddedNats, EmbeddedPostgres
 from corral.embedded.privileges import user_exists
@@ -81,8 +82,10 @@ async def up(
     if notice:
         print(notice, file=sys.stderr, flush=True)
     pg = EmbeddedPostgres(data_dir / "postgres", create_user=create_user)
-    nats = EmbeddedNats(data_dir / "nats")
+    nats_auth = NatsAuthDir(data_dir / "nats-auth")
+    nats = EmbeddedNats(data_dir / "nats", config=nats_auth.server_config_path)
     try:
+        nats_auth.write_server_config(auth_config(nats_auth.load_or_create(), jetstream=True))
         database_url = pg.start()
         nats_url = nats.start()
         token = read_or_create_token(data_dir / "token")
@@ -90,6 +93,7 @@ async def up(
         fsettings = FrontendSettings(
             database_url=database_url,
             nats_url=nats_url,
+            nats_auth_dir=nats_auth.path,
             host=host,
             port=port,
             models_dir=models,

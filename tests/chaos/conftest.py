@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from cluster import Cluster, running_cluster
+from natsauth_infra import AuthNats
 
 
 @pytest.fixture
 def cluster(
-    database_url: str, nats_url: str, nats_prefix: str, tmp_path: Path
+    database_url: str, cluster_nats: AuthNats, nats_prefix: str, tmp_path: Path
 ) -> Iterator[Cluster]:
-    with running_cluster(database_url, nats_url, nats_prefix, tmp_path) as c:
+    with running_cluster(database_url, cluster_nats, nats_prefix, tmp_path) as c:
         yield c

@@ -18,16 +18,17 @@ from typer.testing import CliRunner
 import infra
 from cluster import Cluster, running_cluster, wait_for
 from corral.cli import app
+from natsauth_infra import AuthNats
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def shared(
-    module_database: str, nats_url: str, tmp_path_factory: pytest.TempPathFactory
+    module_database: str, cluster_nats: AuthNats, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cli-cluster")
-    with running_cluster(module_database, nats_url, infra.unique_prefix(), root) as c:
+    with running_cluster(module_database, cluster_nats, infra.unique_prefix(), root) as c:
         c.write_model("chat", options={"tokens": 4}, scheduling={"min_replicas": 1})
         c.write_model(
             "emb",

@@ -17,6 +17,7 @@ import pytest
 
 import infra
 from cluster import Cluster, running_cluster, wait_for
+from natsauth_infra import AuthNats
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +26,10 @@ CHAT = {"messages": [{"role": "user", "content": "route me"}]}
 
 @pytest.fixture(scope="module")
 def big(
-    module_database: str, nats_url: str, tmp_path_factory: pytest.TempPathFactory
+    module_database: str, cluster_nats: AuthNats, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     root: Path = tmp_path_factory.mktemp("routing")
-    with running_cluster(module_database, nats_url, infra.unique_prefix(), root) as c:
+    with running_cluster(module_database, cluster_nats, infra.unique_prefix(), root) as c:
         c.start_frontend()
         c.start_frontend()
         c.start_worker("w1", labels="zone=a,pool=mixed")

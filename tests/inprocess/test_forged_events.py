@@ -72,7 +72,7 @@ async def test_a_forged_loaded_event_routes_none_of_200_requests(
 async def test_a_frontend_on_a_nats_without_authentication_warns_at_start(
     cluster: InProcessCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="corral.frontend.service"):
+    with caplog.at_level(logging.WARNING, logger="corral.frontend.nats_trust"):
         await cluster.frontend()
     (warning,) = [r for r in caplog.records if "requires no authentication" in r.getMessage()]
     assert warning.levelno == logging.WARNING

@@ -171,6 +171,27 @@ class Bus:
         self._subs.append(sub)
         return sub
 
+    async def subscribe_progress(
+        self, subject: str, handler: Callable[[str, bytes], Awaitable[None]]
+    ) -> Subscription:
+        """`subscribe` for the per-node progress subjects (`Subjects.all_*_progress`): calls
+        `handler(node_id, payload)` with the node id of the subject, which NATS permissions
+        bind to the sender, never the one a payload claims."""
+        head = f"{self.subjects.prefix}.progress."
+
+        async def cb(msg: Msg) -> None:
+            node_id = msg.subject[len(head) :].partition(".")[0]
+            if not msg.subject.startswith(head) or not node_id:
+                return
+            try:
+                await handler(node_id, msg.data)
+            except Exception:
+                log.exception("handler for %s failed", msg.subject)
+
+        sub = await self.nc.subscribe(subject, cb=cb)
+        self._subs.append(sub)
+        return sub
+
     async def serve(
         self,
         subject: str,

@@ -33,6 +33,9 @@ class RegisterRequest(BaseModel):
 class RegisterReply(BaseModel):
     node_id: str
     credential: str | None = None  # only when a new credential was issued
+    # the node's NATS password (user `<prefix>.node.<node id>`), new at every registration;
+    # None when the cluster's NATS checks no credentials
+    nats_credential: str | None = None
     nats_url: str
     nats_prefix: str
     heartbeat_interval: float

@@ -1,7 +1,7 @@
 """NATS credentials per role: keys, server configuration, worker credentials, client options.
 
-Mechanism: nats-server auth callout (see docs/nats-auth.md). Three nkeys, kept as seed files
-(mode 0600) in one directory that every frontend of a cluster shares:
+Mechanism: nats-server auth callout (docs/architecture.md, Security). Three nkeys, kept as
+seed files (mode 0600) in one directory that every frontend of a cluster shares:
 
 * `frontend.nk`: the user nkey every frontend connects with; account CORRAL, no subject
   restriction; listed in `auth_users`, so it bypasses the callout;

@@ -71,10 +71,6 @@ class Subjects:
         return f"{self.prefix}.events.load.>"
 
     @property
-    def install_events(self) -> str:
-        return f"{self.prefix}.events.install"
-
-    @property
     def load_reports(self) -> str:
         return f"{self.prefix}.frontend.load"
 

@@ -255,6 +255,14 @@ def undrain(node: NodeRef, url: AdminUrl = DEFAULT_URL, api_key: ApiKey = None) 
     show(("node", "id", "status"), [(data["name"], data["node_id"], data["status"])])
 
 
+def delete_node(node: NodeRef, url: AdminUrl = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Forget a node: its credentials (HTTP and NATS) stop working at once and its replica
+    rows go (drain it first to move them); its worker may join again with the cluster token."""
+    data = Admin(url, api_key).call("DELETE", f"/api/nodes/{seg(node)}")
+    show(("node", "id", "deleted"), [(data["name"], data["deleted"], "yes")])
+
+
 def register(app: typer.Typer) -> None:
     for command in (nodes, models, ps, label, scale, drain, undrain):
         app.command()(command)
+    app.command("delete-node")(delete_node)

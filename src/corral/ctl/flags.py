@@ -26,6 +26,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Help of the settings that have no hand-written option in the commands.
 HELP: dict[str, str] = {
     # frontend
+    "nats_auth_dir": "Directory of the cluster's NATS keys (created on first start; the same"
+    " for every frontend): turns per-role NATS credentials on (`corral nats-config` prints"
+    " the server configuration)",
+    "nats_ca_file": "PEM CA a tls:// NATS server's certificate is checked against",
     "frontend_id": "This frontend's id in events and the reconciler lease (default: random)",
     "start_timeout": "Seconds a replica start may take on its node",
     "load_job_ttl": "Seconds a load job's claim lives without renewal",

@@ -152,6 +152,9 @@ class RegisterNode:
     memory_budget: str
     max_replicas_per_model: int
     backends: Sequence[str]
+    # the digest of the worker's new NATS secret (None: NATS authentication is off); the one
+    # it replaces is revoked
+    nats_credential_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +213,14 @@ class UndrainNode:
 @dataclass(frozen=True, slots=True)
 class DeregisterNode:
     """A worker leaves cleanly: its node is offline now and its replica rows are gone."""
+
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveNode:
+    """An operator deletes a node: its row, labels and replica rows go, and its credentials
+    (HTTP and NATS) stop working; its worker may join again only with the cluster token."""
 
     node_id: str
 
@@ -346,6 +357,7 @@ NodeAction = (
     | DrainNode
     | UndrainNode
     | DeregisterNode
+    | RemoveNode
 )
 ModelAction = UpsertModel | SetScheduling | PatchScheduling | RemoveModel
 Report = (

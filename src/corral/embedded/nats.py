@@ -72,8 +72,10 @@ class EmbeddedNats(EmbeddedServer):
         host: str = "127.0.0.1",
         port: int | None = None,
         start_timeout: float = 30.0,
+        config: Path | None = None,
     ) -> None:
         super().__init__(data_dir, host=host, port=port, start_timeout=start_timeout)
+        self.config = config  # a configuration file (`natsauth.auth_config`): authentication
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, SIGKILL after `timeout`; wait for the exit."""
@@ -87,6 +89,8 @@ class EmbeddedNats(EmbeddedServer):
 
     def _argv(self, port: int) -> list[str]:
         argv = [nats_server_binary(), "-a", self.host, "-p", str(port), "-n", self.server_name]
+        if self.config is not None:  # the flags override what the file says of the same
+            argv += ["-c", str(self.config)]
         return [*argv, "-js", "-sd", str(self._root / "jetstream")]
 
     def _is_ready(self, proc: subprocess.Popen[bytes], port: int) -> bool:

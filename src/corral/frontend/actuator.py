@@ -33,6 +33,7 @@ from corral.domain.actions import (
     RecordUse,
     RegisterNode,
     RemoveModel,
+    RemoveNode,
     RemoveNodeReplicas,
     RemoveReplicaRow,
     ReplicaChange,
@@ -99,7 +100,7 @@ class Actuator:
     @overload
     async def apply(self, action: StartReplica) -> Replica: ...
     @overload
-    async def apply(self, action: ReplicaChange | MarkNode | UpsertModel) -> bool: ...
+    async def apply(self, action: ReplicaChange | MarkNode | UpsertModel | RemoveNode) -> bool: ...
     @overload
     async def apply(self, action: RemoveNodeReplicas | DeregisterNode) -> int: ...
     @overload
@@ -148,6 +149,8 @@ class Actuator:
                 await self.node_writes.undrain(action)
             case DeregisterNode():
                 return await self.node_writes.deregister(action)
+            case RemoveNode():
+                return await self.node_writes.remove(action)
             case UpsertModel():
                 return await self._upsert_model(action)
             case SetScheduling():

@@ -16,6 +16,7 @@ from corral.domain.actions import (
     PatchNodeLabels,
     PatchScheduling,
     RemoveModel,
+    RemoveNode,
     SetNodeLabels,
     SetScheduling,
     StopReplica,
@@ -204,6 +205,17 @@ def admin_router() -> APIRouter:
         node = await find_node(fe, ref)
         labels = await fe.actuator.apply(PatchNodeLabels(node.id, body.labels))
         return {"node_id": node.id, "name": node.name, "labels": labels}
+
+    @router.delete("/nodes/{ref}")
+    async def delete_node(ref: str, request: Request) -> dict[str, Any]:
+        """Forget the node: its row and replica rows go, its HTTP and NATS credentials stop
+        working at once (its NATS connections are cut). Drain it first to move its replicas;
+        a worker still running there can join again only with the cluster token."""
+        fe = frontend_of(request)
+        node = await find_node(fe, ref)
+        if not await fe.actuator.apply(RemoveNode(node.id)):
+            raise NotFound(f"node {ref!r} not found")
+        return {"deleted": node.id, "name": node.name}
 
     @router.post("/nodes/{ref}/drain")
     async def drain_node(ref: str, request: Request, wait: bool = True) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from corral.frontend.view import ClusterView
 from corral.store.registry import Registry
 
 ReplicaEventKind = Literal["loaded", "removed", "failed", "updated"]
-NodeEventKind = Literal["joined", "status", "labels"]
+NodeEventKind = Literal["joined", "status", "labels", "removed"]
 
 
 class Announcer:

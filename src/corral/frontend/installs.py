@@ -35,10 +35,12 @@ class InstallController:
         self.outcome: dict[tuple[str, str], dict[str, Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def on_event(self, payload: bytes) -> None:
+    async def on_progress(self, node_id: str, payload: bytes) -> None:
+        """A worker's install progress; the node is the one its subject names."""
         event = decode(payload, InstallProgress)
-        if event is not None and event.node_id:
-            self.live[(event.node_id, event.backend)] = event
+        if event is not None:
+            event = event.model_copy(update={"node_id": node_id})
+            self.live[(node_id, event.backend)] = event
 
     def request(self, node: Node, backend: str, *, force: bool, upgrade: bool) -> dict[str, Any]:
         """Send the install (or upgrade) command in the background; return at once.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from corral.domain.actions import (
@@ -18,6 +18,7 @@ from corral.domain.actions import (
     PatchNodeLabels,
     RecordHeartbeat,
     RegisterNode,
+    RemoveNode,
     SetNodeLabels,
     UndrainNode,
 )
@@ -29,6 +30,9 @@ from corral.store.registry import Registry
 
 log = logging.getLogger(__name__)
 
+#: `revoke(node_id, credential_digest)`: cut the NATS connections made with that credential.
+Revoke = Callable[[str, str], Awaitable[object]]
+
 
 class NodeWrites:
     """Node rows, with their announcements."""
@@ -37,14 +41,41 @@ class NodeWrites:
         self.registry = registry
         self.announce = announce
         self.replicas = replicas
+        self.revoke: Revoke | None = None  # set when NATS authentication is on
         self._installs: dict[str, Mapping[str, Any]] = {}  # install states last written per node
 
     async def register(self, action: RegisterNode) -> None:
-        """Create the node or update what its worker declares (its fields are the row's)."""
-        await self.registry.nodes.upsert(**dataclasses.asdict(action))
+        """Create the node or update what its worker declares (its fields are the row's); a
+        new NATS credential replaces the old one, whose connections are cut."""
+        replaced = await self.registry.nodes.upsert(**dataclasses.asdict(action))
         text = f"{action.name} ({action.node_id}) at {action.address}"
         await self.announce.audit("node.registered", text, action.node_id)
         await self.announce.node(action.node_id, "joined")
+        if replaced and replaced != action.nats_credential_hash:
+            await self._revoke(action.node_id, replaced)
+
+    async def remove(self, action: RemoveNode) -> bool:
+        """The node's replica rows, then its row, go; its credentials stop working (the NATS
+        connections made with them are cut). False when there was no such node."""
+        who = self.announce.node_name(action.node_id)
+        await self.replicas.remove_on_node(action.node_id, "node deleted")
+        nats_digest = await self.registry.nodes.remove(action.node_id)
+        if nats_digest is None:
+            return False
+        self._installs.pop(action.node_id, None)
+        await self.announce.audit("node.removed", who, action.node_id)
+        await self.announce.node(action.node_id, "removed")
+        if nats_digest:
+            await self._revoke(action.node_id, nats_digest)
+        return True
+
+    async def _revoke(self, node_id: str, credential_digest: str) -> None:
+        if self.revoke is None:
+            return
+        try:
+            await self.revoke(node_id, credential_digest)
+        except Exception:  # the digest is gone: new connections are refused all the same
+            log.exception("cutting the NATS connections of node %s failed", node_id)
 
     async def heartbeat(self, action: RecordHeartbeat) -> NodeStatus:
         """Record a heartbeat; returns the node's status after it (NotFound when unknown)."""

@@ -73,6 +73,7 @@ def node_router() -> APIRouter:
             node_id = uuid.uuid4().hex
             issued = secrets.token_urlsafe(32)
             token_hash = digest(issued)
+        nats = fe.nats.issue()  # a new NATS secret at every registration: the old one is revoked
         await fe.actuator.apply(
             RegisterNode(
                 node_id=node_id,
@@ -83,11 +84,13 @@ def node_router() -> APIRouter:
                 memory_budget=body.memory_budget,
                 max_replicas_per_model=body.max_replicas_per_model,
                 backends=body.backends,
+                nats_credential_hash=nats[1] if nats else None,
             )
         )
         return RegisterReply(
             node_id=node_id,
             credential=issued,
+            nats_credential=nats[0] if nats else None,
             nats_url=fe.settings.public_nats_url or fe.settings.nats_url,
             nats_prefix=fe.settings.nats_prefix,
             heartbeat_interval=fe.settings.heartbeat_interval,

@@ -33,6 +33,7 @@ from corral.frontend.installs import InstallController
 from corral.frontend.metering import Metering
 from corral.frontend.metrics import FrontendMetrics, metrics_registry
 from corral.frontend.models_dir import ModelsDir
+from corral.frontend.nats_trust import NatsTrust
 from corral.frontend.node_client import NodeClient
 from corral.frontend.parts import Parts
 from corral.frontend.prefix_share import PrefixShare
@@ -59,6 +60,12 @@ class Frontend:
         self.id = settings.frontend_id
         self.registry = Registry.from_url(settings.database_url)
         self.bus = Bus(settings.nats_url, prefix=settings.nats_prefix, name=f"corral-{self.id}")
+        self.nats = NatsTrust(
+            self.bus,
+            self.registry,
+            auth_dir=settings.nats_auth_dir,
+            ca_file=settings.nats_ca_file,
+        )
         self.catalog = Catalog.builtin()
         self.view = ClusterView()
         self.inflight = InflightTracker(
@@ -181,15 +188,8 @@ class Frontend:
         if key_file is not None:
             self.authorizer.set_admin([digest(read_or_create_admin_key(key_file))])
             log.info("admin key: %s", key_file)
-        await self.bus.connect()
-        if not self.bus.auth_required:
-            log.warning(
-                "NATS at %s requires no authentication: whoever reaches it may publish and "
-                "subscribe on the cluster's subjects (replica events are still checked against "
-                "PostgreSQL before they route anything); put NATS where only the cluster "
-                "reaches it (docs/architecture.md, Security)",
-                self.settings.nats_url.rpartition("@")[2],
-            )
+        await self.nats.connect()
+        self.actuator.node_writes.revoke = self.nats.revoke
         if self.models_dir is not None:
             await self.models_dir.sync()
         await self.refresh()
@@ -200,7 +200,8 @@ class Frontend:
         await self.bus.subscribe(s.key_events, self._on_key_event)
         await self.bus.subscribe(s.all_load_events, self._on_load_event)
         await self.bus.subscribe(s.load_reports, self._on_load_report)
-        await self.bus.subscribe(s.install_events, self.installs.on_event)
+        await self.bus.subscribe_progress(s.all_load_progress, self._on_load_progress)
+        await self.bus.subscribe_progress(s.all_install_progress, self.installs.on_progress)
         await self.response_homes.open()
         await self.prefixes.open()
 
@@ -244,6 +245,7 @@ class Frontend:
         except Exception:
             log.exception("final usage flush failed")
         await self.actuator.close()
+        await self.nats.close()
         await self.bus.close()
         await self.pool.close()
         await self.registry.close()
@@ -337,10 +339,18 @@ class Frontend:
         else:
             self.view.put_model(spec)
 
+    async def _on_load_progress(self, node_id: str, payload: bytes) -> None:
+        """A worker's progress on a load: the node is the one the subject names."""
+        event = decode(payload, LoadProgress)
+        if event is not None:
+            await self._take_load_event(event.model_copy(update={"node_id": node_id}))
+
     async def _on_load_event(self, payload: bytes) -> None:
         event = decode(payload, LoadProgress)
-        if event is None or event.origin == self.id:
-            return
+        if event is not None and event.origin != self.id:
+            await self._take_load_event(event)
+
+    async def _take_load_event(self, event: LoadProgress) -> None:
         self.view.progress[event.model] = event
         if event.state == "failed" and event.error:
             self.cold.load_failed_elsewhere(event.model, event.error)

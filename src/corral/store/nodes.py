@@ -34,10 +34,13 @@ class NodeStore:
         memory_budget: str,
         max_replicas_per_model: int,
         backends: Sequence[str],
-    ) -> None:
+        nats_credential_hash: str | None = None,
+    ) -> str | None:
         """Create the node or update what its worker declares; status becomes pending.
 
         A node an operator drains stays draining across worker restarts (`undrain` ends it).
+        `nats_credential_hash` replaces the node's NATS credential digest when given; the
+        digest it replaced is returned (None when there was none), for revoking.
         """
         values: dict[str, Any] = {
             "name": name,
@@ -48,7 +51,16 @@ class NodeStore:
             "backends": list(backends),
             "status": NodeStatus.PENDING.value,
         }
+        if nats_credential_hash is not None:
+            values["nats_credential_hash"] = nats_credential_hash
         async with self.engine.begin() as conn:
+            before = (
+                await conn.execute(
+                    select(nodes.c.nats_credential_hash)
+                    .where(nodes.c.id == node_id)
+                    .with_for_update()
+                )
+            ).scalar_one_or_none()
             await conn.execute(
                 insert(nodes)
                 .values(id=node_id, **values)
@@ -64,6 +76,30 @@ class NodeStore:
                 )
             )
             await _write_labels(conn, node_id, labels)
+        return before if nats_credential_hash is not None else None
+
+    async def nats_credential_hash(self, node_id: str) -> str | None:
+        """The digest of the node's current NATS secret (None: unknown node or none issued)."""
+        async with self.engine.connect() as conn:
+            row = await conn.execute(
+                select(nodes.c.nats_credential_hash).where(nodes.c.id == node_id)
+            )
+            return row.scalar_one_or_none()
+
+    async def remove(self, node_id: str) -> str | None:
+        """Delete the node's row (labels, installs and replica rows go with it); returns its
+        NATS credential digest ("" when it had none), None when there was no such node."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    delete(nodes)
+                    .where(nodes.c.id == node_id)
+                    .returning(nodes.c.nats_credential_hash)
+                )
+            ).first()
+        if row is None:
+            return None
+        return row.nats_credential_hash or ""
 
     async def token_hash(self, node_id: str) -> str | None:
         async with self.engine.connect() as conn:

@@ -34,6 +34,7 @@ nodes = Table(
     Column("status", String(16), nullable=False),
     Column("address", String(255), nullable=False),
     Column("token_hash", String(128), nullable=False),
+    Column("nats_credential_hash", String(128), nullable=True),  # digest of its NATS secret
     Column("resources", JSONB, nullable=False, server_default="{}"),
     Column("memory_budget", String(32), nullable=False, server_default="80%"),
     Column("max_replicas_per_model", Integer, nullable=False, server_default="0"),

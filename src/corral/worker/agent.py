@@ -25,6 +25,7 @@ from corral.bus.contracts import (
     RegisterRequest,
 )
 from corral.bus.messages import InstallProgress, resources_to_wire
+from corral.bus.natsauth import NatsCredentials, worker_credentials
 from corral.config import WorkerSettings
 from corral.domain.entities import Resources
 from corral.errors import CorralError, Forbidden, FrontendUnreachable, NotFound, Unauthorized
@@ -99,16 +100,7 @@ class Agent:
         resources = await asyncio.to_thread(self.probe, self.settings.data_dir)
         self.has_gpu = bool(resources.gpus)
         reply = await self._register_until_done()
-        bus = Bus(
-            self.settings.nats_url or reply.nats_url,
-            prefix=reply.nats_prefix,
-            name=f"corral-worker-{self.node_id[:8]}",
-        )
-        await bus.connect()
-        self.bus = bus
-        assert self.identity is not None
-        await self.commands.serve(bus, self.identity, has_gpu=self.has_gpu)
-        await bus.flush()
+        await self._connect_bus(reply)
         await self.heartbeat_once()
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
         log.info(
@@ -118,6 +110,35 @@ class Agent:
             self.node_id,
             self.advertise_host,
         )
+
+    async def _connect_bus(self, reply: RegisterReply) -> None:
+        """Connect to NATS as this node, with the credential the registration just issued,
+        and serve its command subjects; close the previous connection (its credential was
+        revoked by the new registration)."""
+        assert self.identity is not None
+        url = self.settings.nats_url or reply.nats_url
+        ca = self.settings.nats_ca_file or (
+            self.settings.ca_file if url.startswith("tls://") else None
+        )
+        credentials: NatsCredentials | None = None
+        if reply.nats_credential:
+            credentials = worker_credentials(
+                reply.nats_prefix, self.node_id, reply.nats_credential, ca_file=ca
+            )
+        elif ca is not None:
+            credentials = NatsCredentials(ca_file=ca)
+        bus = Bus(
+            url,
+            prefix=reply.nats_prefix,
+            name=f"corral-worker-{self.node_id[:8]}",
+            credentials=credentials,
+        )
+        await bus.connect()
+        await self.commands.serve(bus, self.identity, has_gpu=self.has_gpu)
+        await bus.flush()
+        old, self.bus = self.bus, bus
+        if old is not None:
+            await old.close()
 
     async def stop(self, *, drain: bool = True) -> None:
         """Leave the cluster: drain (bounded), stop every backend, deregister, disconnect.
@@ -218,7 +239,8 @@ class Agent:
             return await self.control.heartbeat(self.node_id, self.identity.credential, body)
         except NotFound:
             log.warning("the frontend forgot this node; registering again")
-            await self.register()
+            reply = await self.register()
+            await self._connect_bus(reply)
             return await self.control.heartbeat(self.node_id, self.identity.credential, body)
 
     async def _heartbeat_loop(self) -> None:
@@ -240,7 +262,7 @@ class Agent:
     async def _publish_install(self, event: InstallProgress) -> None:
         if self.bus is not None and self.identity is not None:
             event = event.model_copy(update={"node_id": self.node_id})
-            await self.bus.publish(self.bus.subjects.install_events, event)
+            await self.bus.publish(self.bus.subjects.install_progress(self.node_id), event)
 
     async def _on_exit(self, process: RunningProcess, returncode: int) -> None:
         """A backend died on its own: tell the frontend now rather than at the next tick."""

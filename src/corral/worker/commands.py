@@ -151,7 +151,7 @@ class NodeCommands:
                 error=event.error,
                 origin=node_id,
             )
-            await self.bus.publish(self.bus.subjects.load_events(cmd.model), message)
+            await self.bus.publish(self.bus.subjects.load_progress(node_id, cmd.model), message)
 
         path = await self.stager.stage(
             cmd.artifact,
