@@ -127,7 +127,7 @@ def test_decode_rejects_tampering_and_wrong_issuer_role() -> None:
             {
                 "pub": {"allow": ["a.>"]},
                 "sub": {"allow": ["b.>", "c"]},
-                "resp": {"max": 1, "ttl": 0},
+                "resp": {"max": 1, "ttl": 24 * 3600 * 10**9},
             },
         ),
         (Permissions(publish=[], subscribe=None), {"pub": {"deny": [">"]}}),

@@ -171,18 +171,25 @@ def decode(token: str, *, issuer_role: int | None = None) -> dict[str, Any]:
 # --- claims ----------------------------------------------------------------------------------
 
 
+RESPONSE_TTL = 24 * 3600.0
+"""Seconds a worker may take to answer a request (starts and installs can take long)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Permissions:
     """Subjects a NATS user may publish and subscribe to (allow lists; all else denied).
 
     `responses` lets the user publish that many replies to the reply subject of each request
     it receives (NATS `allow_responses`), so a worker answers requests without being allowed
-    to publish on inboxes in general. `None` for an unrestricted direction.
+    to publish on inboxes in general; for `response_ttl` seconds after the request. Its zero
+    does not mean "forever": nats-server then allows two minutes, and a replica start or a
+    backend install answers much later than that. `None` for an unrestricted direction.
     """
 
     publish: Sequence[str] | None
     subscribe: Sequence[str] | None
     responses: int = 0
+    response_ttl: float = RESPONSE_TTL
 
     def claims(self) -> dict[str, Any]:
         """The `pub`/`sub`/`resp` fields of a user JWT's `nats` object."""
@@ -192,7 +199,7 @@ class Permissions:
         if self.subscribe is not None:
             out["sub"] = {"allow": list(self.subscribe)} if self.subscribe else {"deny": [">"]}
         if self.responses:
-            out["resp"] = {"max": self.responses, "ttl": 0}
+            out["resp"] = {"max": self.responses, "ttl": int(self.response_ttl * 1e9)}  # ns
         return out
 
 
