@@ -160,16 +160,7 @@ class Bus:
         queue: str = "",
     ) -> Subscription:
         """Call `handler(payload)` for each message, one at a time, logging its exceptions."""
-
-        async def cb(msg: Msg) -> None:
-            try:
-                await handler(msg.data)
-            except Exception:
-                log.exception("handler for %s failed", msg.subject)
-
-        sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
-        self._subs.append(sub)
-        return sub
+        return await self._subscribe(subject, lambda msg: handler(msg.data), queue=queue)
 
     async def subscribe_progress(
         self, subject: str, handler: Callable[[str, bytes], Awaitable[None]]
@@ -179,16 +170,23 @@ class Bus:
         bind to the sender, never the one a payload claims."""
         head = f"{self.subjects.prefix}.progress."
 
-        async def cb(msg: Msg) -> None:
-            node_id = msg.subject[len(head) :].partition(".")[0]
-            if not msg.subject.startswith(head) or not node_id:
-                return
-            try:
+        async def take(msg: Msg) -> None:
+            node_id = msg.subject.removeprefix(head).partition(".")[0]
+            if msg.subject.startswith(head) and node_id:
                 await handler(node_id, msg.data)
+
+        return await self._subscribe(subject, take)
+
+    async def _subscribe(
+        self, subject: str, handler: Callable[[Msg], Awaitable[None]], *, queue: str = ""
+    ) -> Subscription:
+        async def cb(msg: Msg) -> None:
+            try:
+                await handler(msg)
             except Exception:
                 log.exception("handler for %s failed", msg.subject)
 
-        sub = await self.nc.subscribe(subject, cb=cb)
+        sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
         self._subs.append(sub)
         return sub
 
